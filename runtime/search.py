@@ -1,0 +1,218 @@
+"""Token search shared by the PyTorch reference and the runtime: greedy, sampling, beam search.
+
+Numpy only. A decoder is anything with `prefill() -> logits [B, V]`, `expand(n)` (repeat each
+row n times, for beams) and `step(tokens [N], reorder [N] | None) -> logits [N, V]`; the search
+never knows whether it drives PyTorch, onnxruntime or TensorRT. Beam search reproduces
+transformers' BeamSearchScorer: scores are sums of log-softmax over the full vocabulary
+(before the min-length EOS mask) divided by generated_length ** length_penalty.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import numpy as np
+
+
+class Decoder(Protocol):
+    """What a search drives: one generation request's model state."""
+
+    def prefill(self) -> np.ndarray: ...
+
+    def expand(self, n: int) -> None: ...
+
+    def step(self, tokens: np.ndarray, reorder: np.ndarray | None) -> np.ndarray: ...
+
+
+@dataclass
+class SearchConfig:
+    """Decoding options, named and defaulted as transformers' GenerationConfig."""
+
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError for options that cannot work together."""
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.do_sample and self.num_beams > 1:
+            raise ValueError("beam sampling is not supported: use num_beams=1 with do_sample=True")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError("temperature must be > 0 when sampling")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+
+
+@dataclass
+class SearchResult:
+    """New tokens [B, n] (padded with pad_token_id after EOS) and one score per row."""
+
+    tokens: np.ndarray
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float32."""
+    x = x.astype(np.float32, copy=False)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def _process(logits: np.ndarray, history: list[np.ndarray], n_new: int, cfg: SearchConfig) -> np.ndarray:
+    """transformers' logits processors in their order: repetition penalty, then min-length EOS mask."""
+    if cfg.repetition_penalty != 1.0 and history:
+        hist = np.stack(history, 1)  # (N, n)
+        rows = np.arange(logits.shape[0])[:, None]
+        picked = logits[rows, hist]
+        logits[rows, hist] = np.where(picked < 0, picked * cfg.repetition_penalty, picked / cfg.repetition_penalty)
+    if n_new < cfg.min_new_tokens:
+        logits[:, cfg.eos_token_id] = -np.inf
+    return logits
+
+
+def _warp_and_sample(logits: np.ndarray, cfg: SearchConfig, rng: np.random.Generator) -> np.ndarray:
+    """Temperature, top-k, top-p (transformers' warper order), then one multinomial draw per row."""
+    x = logits / cfg.temperature
+    if 0 < cfg.top_k < x.shape[-1]:
+        kth = np.partition(x, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]
+        x = np.where(x < kth, -np.inf, x)
+    if cfg.top_p < 1.0:
+        order = np.argsort(x, axis=-1)  # ascending, as transformers
+        sorted_x = np.take_along_axis(x, order, -1)
+        p = np.exp(log_softmax(sorted_x))
+        remove = np.cumsum(p, -1) <= 1 - cfg.top_p
+        remove[:, -1] = False  # keep at least one
+        x = x.copy()
+        np.put_along_axis(x, order, np.where(remove, -np.inf, sorted_x), -1)
+    p = np.exp(log_softmax(x)).astype(np.float64)
+    p /= p.sum(-1, keepdims=True)
+    return np.array([rng.choice(p.shape[-1], p=row) for row in p], dtype=np.int64)
+
+
+def iter_tokens(decoder: Decoder, cfg: SearchConfig) -> Iterator[np.ndarray]:
+    """Greedy or sampled decoding, yielding each step's tokens [B] as they arrive (pad after EOS)."""
+    cfg.validate()
+    rng = np.random.default_rng(cfg.seed)
+    logits = decoder.prefill()
+    done = np.zeros(logits.shape[0], bool)
+    history: list[np.ndarray] = []
+    for i in range(cfg.max_new_tokens):
+        scores = _process(logits.astype(np.float32, copy=True), history, i, cfg)
+        tok = _warp_and_sample(scores, cfg, rng) if cfg.do_sample else scores.argmax(-1).astype(np.int64)
+        tok = np.where(done, cfg.pad_token_id, tok)
+        history.append(tok)
+        done |= tok == cfg.eos_token_id
+        yield tok
+        if done.all() or i + 1 == cfg.max_new_tokens:
+            return
+        logits = decoder.step(tok, None)
+
+
+class _Hypotheses:
+    """Finished beams of one row, kept as transformers' BeamHypotheses (early_stopping=False)."""
+
+    def __init__(self, num_beams: int, length_penalty: float):
+        self.num_beams, self.lp = num_beams, length_penalty
+        self.beams: list[tuple[float, list[int]]] = []
+        self.worst = 1e9
+
+    def add(self, tokens: list[int], sum_logprobs: float, length: int) -> None:
+        score = sum_logprobs / (length ** self.lp)
+        if len(self.beams) < self.num_beams or score > self.worst:
+            self.beams.append((score, tokens))
+            if len(self.beams) > self.num_beams:
+                ranked = sorted((s, i) for i, (s, _) in enumerate(self.beams))
+                del self.beams[ranked[0][1]]
+                self.worst = ranked[1][0]
+            else:
+                self.worst = min(score, self.worst)
+
+    def is_done(self, best_sum_logprobs: float, length: int) -> bool:
+        if len(self.beams) < self.num_beams:
+            return False
+        return self.worst >= best_sum_logprobs / (length ** self.lp)
+
+
+def beam_search(decoder: Decoder, cfg: SearchConfig) -> SearchResult:
+    """Beam search as transformers' `beam_search` + BeamSearchScorer, for a batch of B rows."""
+    cfg.validate()
+    K = cfg.num_beams
+    first = decoder.prefill()  # (B, V)
+    B, V = first.shape
+    decoder.expand(K)
+    logits = np.repeat(first, K, axis=0)  # (B*K, V)
+    beam_scores = np.zeros((B, K), np.float32)
+    beam_scores[:, 1:] = -1e9
+    beam_scores = beam_scores.reshape(-1)
+    seqs: list[list[int]] = [[] for _ in range(B * K)]
+    hyps = [_Hypotheses(K, cfg.length_penalty) for _ in range(B)]
+    done = [False] * B
+    for step in range(cfg.max_new_tokens):
+        history = [np.array([s[j] for s in seqs]) for j in range(step)] if cfg.repetition_penalty != 1.0 else []
+        scores = _process(log_softmax(logits), history, step, cfg) + beam_scores[:, None]
+        flat = scores.reshape(B, K * V)
+        top = np.argsort(-flat, axis=1, kind="stable")[:, : 2 * K]  # (B, 2K)
+        top_scores = np.take_along_axis(flat, top, 1)
+        next_scores = np.zeros(B * K, np.float32)
+        next_tokens = np.zeros(B * K, np.int64)
+        next_src = np.zeros(B * K, np.int64)
+        length = step + 1
+        for b in range(B):
+            if done[b]:
+                next_tokens[b * K:(b + 1) * K] = cfg.pad_token_id
+                next_src[b * K:(b + 1) * K] = b * K
+                continue
+            n = 0
+            for rank, (idx, sc) in enumerate(zip(top[b], top_scores[b])):
+                src, tok = b * K + idx // V, idx % V
+                if tok == cfg.eos_token_id:
+                    if rank < K:
+                        hyps[b].add(seqs[src] + [int(tok)], float(sc), length)
+                    continue
+                next_scores[b * K + n], next_tokens[b * K + n], next_src[b * K + n] = sc, tok, src
+                n += 1
+                if n == K:
+                    break
+            done[b] = done[b] or hyps[b].is_done(float(top_scores[b].max()), length)
+        seqs = [seqs[s] + [int(t)] for s, t in zip(next_src, next_tokens)]
+        beam_scores = next_scores
+        if all(done) or step + 1 == cfg.max_new_tokens:
+            break
+        logits = decoder.step(next_tokens, next_src)
+    tokens, best_scores = [], []
+    for b in range(B):
+        if not done[b]:
+            for k in range(K):
+                hyps[b].add(seqs[b * K + k], float(beam_scores[b * K + k]), len(seqs[b * K + k]))
+        score, best = max(hyps[b].beams, key=lambda h: h[0])
+        tokens.append(best)
+        best_scores.append(score)
+    width = max(len(t) for t in tokens)
+    out = np.full((B, width), cfg.pad_token_id, np.int64)
+    for b, t in enumerate(tokens):
+        out[b, : len(t)] = t
+    return SearchResult(out, np.array(best_scores, np.float32))
+
+
+def search(decoder: Decoder, cfg: SearchConfig) -> SearchResult:
+    """Run the search `cfg` asks for and return all new tokens."""
+    if cfg.num_beams > 1:
+        return beam_search(decoder, cfg)
+    steps = list(iter_tokens(decoder, cfg))
+    return SearchResult(np.stack(steps, 1), np.zeros(len(steps[0]), np.float32))
