@@ -1,0 +1,68 @@
+"""Turn the LLaMA SentencePiece model (`tokenizer.model`) into a fast `tokenizer.json`.
+
+Built directly with the `tokenizers` library the way transformers' LlamaConverter (legacy mode)
+does: BPE with byte fallback, merges recovered from the piece scores, `▁` prepended and
+spaces replaced, `<s>` added in front. The runtime then needs neither sentencepiece nor
+transformers, and its ids equal the original slow LlamaTokenizer's (tested token for token).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be found or converted."""
+
+
+def convert_sentencepiece(model_file: Path):
+    """Return a `tokenizers.Tokenizer` equal to LlamaTokenizer(legacy=True, add_bos_token=True)."""
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    except Exception as e:  # sentencepiece raises OSError/RuntimeError for bad files
+        raise TokenizerError(f"{model_file} is not a SentencePiece model: {e}") from e
+    n = sp.get_piece_size()
+    vocab = {sp.id_to_piece(i): i for i in range(n)}
+    scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(n)}
+    merges = []
+    for piece, score in sorted(scores.items(), key=lambda kv: -kv[1]):
+        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece))
+                 if piece[:k] in vocab and piece[k:] in vocab]
+        merges.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
+    merges = [(a, b) for a, b, _ in sorted(merges, key=lambda m: -m[2])]
+    unk = sp.id_to_piece(sp.unk_id())
+    tok = Tokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = [sp.id_to_piece(i) for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
+    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in specials])
+    bos = sp.id_to_piece(sp.bos_id())
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, sp.bos_id())])
+    return tok
+
+
+def write_tokenizer(checkpoint: Path | None, tokenizer_dir: Path | None, out_dir: Path) -> str | None:
+    """Put `tokenizer.json` into the bundle from --tokenizer DIR or the checkpoint; None if neither has one."""
+    for src in (tokenizer_dir, checkpoint):
+        if src is None:
+            continue
+        src = Path(src)
+        if (src / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            try:
+                Tokenizer.from_file(str(src / "tokenizer.json")).save(str(out_dir / "tokenizer.json"))
+            except Exception as e:
+                raise TokenizerError(f"{src / 'tokenizer.json'} cannot be read by `tokenizers`: {e}") from e
+            return "tokenizer.json"
+        if (src / "tokenizer.model").is_file():
+            convert_sentencepiece(src / "tokenizer.model").save(str(out_dir / "tokenizer.json"))
+            return "tokenizer.json"
+        if src is tokenizer_dir:
+            raise TokenizerError(f"--tokenizer {src} holds neither tokenizer.json nor tokenizer.model")
+    return None

@@ -1,0 +1,89 @@
+"""Reading a bundle's manifest: the only contract between exporter and runtime."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "bridge-export-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, corrupt or from an incompatible exporter: the message says what to do."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """A parsed, checked manifest and the directory it lives in."""
+
+    root: Path
+    data: dict
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+    def get(self, key, default=None):
+        return self.data.get(key, default)
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def graph_path(self, name: str) -> Path:
+        if name not in self.data["graphs"]:
+            raise BundleError(f"bundle {self.root} has no graph {name!r} (has {sorted(self.data['graphs'])})")
+        return self.root / self.data["graphs"][name]["file"]
+
+    def host_tensor(self, name: str) -> np.ndarray:
+        return np.load(self.root / self.data["host_tensors"][name], allow_pickle=False)
+
+    @property
+    def model(self) -> dict:
+        return self.data["model"]
+
+
+def read_manifest(bundle, verify_checksums: bool = True) -> Manifest:
+    """Open `bundle/manifest.json`, check format, version, files and (optionally) every sha256."""
+    root = Path(bundle)
+    mpath = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"{root} is not a directory: give the bundle directory `bridge-export onnx` wrote")
+    if not mpath.is_file():
+        raise BundleError(f"{root} has no {MANIFEST}: not a bundle, or an export that did not finish; re-export it")
+    try:
+        data = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{mpath} is not valid JSON ({e}): re-export the bundle") from e
+    if data.get("format") != FORMAT:
+        raise BundleError(f"{mpath} is not a {FORMAT} manifest")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise BundleError(
+            f"{root} was written in bundle format {version}, newer than this runtime reads ({FORMAT_VERSION}): "
+            "upgrade bridge-export"
+        )
+    missing = [f for f in data.get("files", {}) if not (root / f).is_file()]
+    if missing:
+        raise BundleError(f"{root} is incomplete: missing {missing}; copy the whole bundle or re-export it")
+    if verify_checksums:
+        for rel, digest in data["files"].items():
+            got = sha256_file(root / rel)
+            if got != digest:
+                raise BundleError(
+                    f"{root / rel} is corrupt: sha256 {got[:12]}... differs from the manifest's {digest[:12]}...; "
+                    "re-copy or re-export the bundle"
+                )
+    return Manifest(root, data)

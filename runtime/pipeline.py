@@ -1,0 +1,219 @@
+"""The runtime pipeline: array-level calls mirroring the reference, and user-level calls over them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .kv_cache import CachedDecoder, KVCache
+from .manifest import Manifest
+from .preprocess import preprocess
+from .search import SearchConfig, iter_tokens, search
+from .sessions import Session
+from .text import TextCodec
+
+MODES = {"C": "InternVL-C", "G": "InternVL-G", "InternVL-C": "InternVL-C", "InternVL-G": "InternVL-G"}
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@dataclass
+class Caption:
+    """One caption: its text, the new token ids (EOS and padding dropped) and the sequence score."""
+
+    text: str
+    tokens: list[int]
+    score: float
+
+
+class Pipeline:
+    """Runs a bundle. Build it with `runtime.load(bundle)`."""
+
+    def __init__(self, manifest: Manifest, sessions: dict[str, Session], codec: TextCodec):
+        self.manifest, self.sessions, self.codec = manifest, sessions, codec
+        m = manifest.model
+        self.num_query = m["num_query_token"]
+        self.max_positions = m["qllama_config"]["max_position_embeddings"]
+        self.special = manifest["special_tokens"]
+        self.preprocessing = manifest["preprocessing"]
+        self.text_projection = manifest.host_tensor("text_projection")
+        self.logit_scale = float(manifest.host_tensor("logit_scale"))
+        L = m["qllama_config"]["num_hidden_layers"]
+        self.kv_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                          f"present.{i}.key", f"present.{i}.value") for i in range(L)]
+        self.prefix_names = [f"prefix.{i}.{k}" for i in range(L) for k in ("key", "value")]
+        dec = sessions["text_decoder"]
+        self._empty_past = {n: np.zeros((0,) + (dec.inputs[n].shape[1], 0, dec.inputs[n].shape[3]), np.float32)
+                            for names in self.kv_names for n in names[:2]}
+
+    def close(self) -> None:
+        """Release every backend session."""
+        for s in self.sessions.values():
+            s.close()
+
+    # -- array level (numpy in, numpy out; mirrors reference_model call for call) ---------------
+    def _pixels(self, pixel_values) -> np.ndarray:
+        x = np.asarray(pixel_values, dtype=np.float32)
+        s = self.preprocessing["image_size"]
+        if x.ndim != 4 or x.shape[1:] != (3, s, s):
+            raise ValueError(f"pixel_values must be [B, 3, {s}, {s}], got {list(x.shape)}: resize images to "
+                             f"{s}x{s} (embed_images/caption do it for you)")
+        if x.shape[0] == 0:
+            raise ValueError("empty batch: pass at least one image")
+        return np.ascontiguousarray(x)
+
+    def vision(self, pixel_values) -> tuple[np.ndarray, np.ndarray]:
+        """vision_hidden [B,Nv,Dv] and the InternVL-C embedding [B,E]."""
+        out = self.sessions["vision_encoder"].run({"pixel_values": self._pixels(pixel_values)})
+        return out["vision_hidden"], out["image_embeds_c"]
+
+    def bridge(self, vision_hidden: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """clip_projector2 output [B,E] and the visual prefix (per layer K, V [B,H,Q,Dh])."""
+        out = self.sessions["query_bridge"].run({"vision_hidden": vision_hidden})
+        return out["image_embeds_g"], [out[n] for n in self.prefix_names]
+
+    def encode_image(self, pixel_values, mode: str = "InternVL-C") -> np.ndarray:
+        """C: clip_projector(ViT). G: normalize(C) + normalize(G head), as the original."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of InternVL-C / InternVL-G (or C / G), got {mode!r}")
+        hidden, c = self.vision(pixel_values)
+        if MODES[mode] == "InternVL-C":
+            return c
+        g, _ = self.bridge(hidden)
+        return _normalize(c) + _normalize(g)
+
+    def encode_text(self, input_ids) -> np.ndarray:
+        """Last non-pad token's final-norm state @ text_projection (right padding, pad 0)."""
+        ids = np.ascontiguousarray(np.asarray(input_ids, dtype=np.int64))
+        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty [B, T] array, got shape {list(ids.shape)}")
+        if ids.shape[1] > self.max_positions:
+            raise ValueError(f"text of {ids.shape[1]} tokens exceeds max_position_embeddings {self.max_positions}")
+        mask = (ids > 0).astype(np.int64)
+        last = mask.sum(1) - 1
+        if (last < 0).any():
+            raise ValueError("a row of input_ids has no tokens (all pad)")
+        B, T = ids.shape
+        feeds = {"input_ids": ids, "position_ids": np.ascontiguousarray(np.broadcast_to(np.arange(T), (B, T))),
+                 "attention_mask": mask}
+        heads_dim = {n: a.shape for n, a in self._empty_past.items()}
+        feeds.update({n: np.zeros((B, s[1], 0, s[3]), np.float32) for n, s in heads_dim.items()})
+        hidden = self.sessions["text_decoder"].run(feeds)["hidden_states"]
+        return hidden[np.arange(B), last] @ self.text_projection
+
+    def _decoder(self, pixel_values, input_ids, attention_mask, max_new_tokens) -> CachedDecoder:
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty [B, T] prompt, got shape {list(ids.shape)}")
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        need = self.num_query + ids.shape[1] + max_new_tokens
+        if need > self.max_positions:
+            raise ValueError(
+                f"{self.num_query} queries + prompt {ids.shape[1]} + max_new_tokens {max_new_tokens} = {need} "
+                f"positions exceeds max_position_embeddings {self.max_positions}: shorten the prompt or "
+                "lower max_new_tokens"
+            )
+        hidden, _ = self.vision(pixel_values)
+        if hidden.shape[0] != ids.shape[0]:
+            raise ValueError(f"{hidden.shape[0]} images but {ids.shape[0]} prompts: give one prompt per image")
+        _, prefix = self.bridge(hidden)  # once per image, shared by every beam and step
+        cache = KVCache(prefix, capacity=need)
+        return CachedDecoder(self.sessions["text_decoder"], self.kv_names, cache, ids, mask)
+
+    def _search_config(self, **kw) -> SearchConfig:
+        return SearchConfig(eos_token_id=self.special["eos"], pad_token_id=self.special["pad"], **kw)
+
+    def generate(self, pixel_values, input_ids, attention_mask=None, max_new_tokens: int = 20,
+                 min_new_tokens: int = 0, num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 return_scores: bool = False):
+        """New tokens [B, n] (pad after EOS), as reference_model.generate; optionally the scores."""
+        cfg = self._search_config(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                  num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+        cfg.validate()
+        result = search(self._decoder(pixel_values, input_ids, attention_mask, max_new_tokens), cfg)
+        return (result.tokens, result.scores) if return_scores else result.tokens
+
+    def iter_generate(self, pixel_values, input_ids, attention_mask=None, **kw) -> Iterator[np.ndarray]:
+        """Greedy/sampled generation yielding each step's tokens [B] as they arrive."""
+        cfg = self._search_config(**kw)
+        if cfg.num_beams != 1:
+            raise ValueError("streaming yields tokens as they are chosen, which beam search cannot: use num_beams=1")
+        cfg.validate()
+        yield from iter_tokens(self._decoder(pixel_values, input_ids, attention_mask, cfg.max_new_tokens), cfg)
+
+    # -- user level ---------------------------------------------------------------------------
+    def embed_images(self, images, mode: str = "C", batch_size: int = 8, crop: bool = False) -> np.ndarray:
+        """Image embeddings [N, E] (not normalised, as the original) from paths, PIL images or arrays."""
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ValueError("no images given: pass at least one")
+        parts = [self.encode_image(preprocess(images[i:i + batch_size], self.preprocessing, crop), MODES[mode])
+                 for i in range(0, len(images), batch_size)]
+        return np.concatenate(parts)
+
+    def embed_texts(self, texts, batch_size: int = 32) -> np.ndarray:
+        """Text embeddings [N, E]: `summarize:` prefix and EOS added as the original."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError("no texts given: pass at least one")
+        return np.concatenate([self.encode_text(self.codec.embedding_ids(texts[i:i + batch_size]))
+                               for i in range(0, len(texts), batch_size)])
+
+    def similarity(self, images, texts, mode: str = "C") -> np.ndarray:
+        """exp(logit_scale) * normalized image @ normalized text.T, [N_images, N_texts]."""
+        img = _normalize(self.embed_images(images, mode))
+        txt = _normalize(self.embed_texts(texts))
+        return np.exp(self.logit_scale) * img @ txt.T
+
+    def classify(self, images, labels, template: str = "a photo of a {}.", mode: str = "C") -> np.ndarray:
+        """Zero-shot probabilities [N, len(labels)] (images center-cropped, as for classification)."""
+        if not labels:
+            raise ValueError("no labels given")
+        img = _normalize(self.embed_images(images, mode, crop=True))
+        txt = _normalize(self.embed_texts([template.format(lb) for lb in labels]))
+        logits = np.exp(self.logit_scale) * img @ txt.T
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    def captions(self, images, prompt: str = "English caption:", max_new_tokens: int = 30,
+                 min_new_tokens: int = 8, num_beams: int = 5, **kw) -> list[Caption]:
+        """Captions of several images in one batch (one prompt for all)."""
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        pix = preprocess(images, self.preprocessing)
+        ids = np.repeat(self.codec.prompt_ids(prompt), len(images), axis=0)
+        tokens, scores = self.generate(pix, ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                       num_beams=num_beams, return_scores=True, **kw)
+        return [self._caption(t, s) for t, s in zip(tokens, scores)]
+
+    def caption(self, image, prompt: str = "English caption:", max_new_tokens: int = 30, min_new_tokens: int = 8,
+                num_beams: int = 5, **kw) -> Caption:
+        """Caption one image: text, token ids and score (beam search by default, as the original)."""
+        return self.captions([image], prompt, max_new_tokens, min_new_tokens, num_beams, **kw)[0]
+
+    def caption_stream(self, image, prompt: str = "English caption:", max_new_tokens: int = 30,
+                       min_new_tokens: int = 8, **kw) -> Iterator[str]:
+        """Yield the caption's new text as each token arrives (greedy or sampled decoding)."""
+        pix = preprocess([image], self.preprocessing)
+        ids, text = [], ""
+        for tok in self.iter_generate(pix, self.codec.prompt_ids(prompt), max_new_tokens=max_new_tokens,
+                                      min_new_tokens=min_new_tokens, **kw):
+            t = int(tok[0])
+            if t in (self.special["eos"], self.special["pad"]):
+                break
+            ids.append(t)
+            full = self.codec.decode(ids)
+            if full != text and not full.endswith("\ufffd"):  # wait for whole UTF-8 characters
+                yield full[len(text):] if full.startswith(text) else full
+                text = full
+
+    def _caption(self, tokens: np.ndarray, score: float) -> Caption:
+        ids = [int(t) for t in tokens]
+        if self.special["eos"] in ids:
+            ids = ids[: ids.index(self.special["eos"])]
+        ids = [t for t in ids if t != self.special["pad"]]
+        return Caption(self.codec.decode(ids), ids, float(score))

@@ -1,0 +1,106 @@
+"""Backends behind one small session interface: `run(feeds) -> outputs`, input metadata, `close()`.
+
+The generation loop takes a Session and never knows which backend it has. The onnxruntime
+session feeds numpy buffers through I/O binding (the buffer's own memory, no copy), so a
+preallocated KV cache is read in place every step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import BundleError
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+@dataclass
+class TensorMeta:
+    """One graph input: name, numpy dtype, shape (str for a symbolic dim)."""
+
+    name: str
+    dtype: type
+    shape: list
+
+
+class Session:
+    """Base class: checks feeds against the input metadata before the backend runs them."""
+
+    inputs: dict[str, TensorMeta]
+    output_names: list[str]
+    name: str = "graph"
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        """Raise ValueError naming the first missing, extra, mistyped or mis-shaped input."""
+        missing = sorted(set(self.inputs) - set(feeds))
+        extra = sorted(set(feeds) - set(self.inputs))
+        if missing or extra:
+            raise ValueError(f"{self.name}: missing inputs {missing}, unexpected inputs {extra}")
+        for k, meta in self.inputs.items():
+            a = feeds[k]
+            if a.dtype != meta.dtype:
+                raise ValueError(f"{self.name}: input {k} must be {np.dtype(meta.dtype).name}, got {a.dtype}")
+            if a.ndim != len(meta.shape) or any(isinstance(d, int) and d != s for d, s in zip(meta.shape, a.shape)):
+                raise ValueError(f"{self.name}: input {k} must have shape {meta.shape}, got {list(a.shape)}")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class OrtSession(Session):
+    """An onnxruntime InferenceSession over one graph, run through I/O binding."""
+
+    def __init__(self, path: Path, providers=None, threads: int | None = None, check: bool = True):
+        import onnxruntime as ort
+
+        self.name = Path(path).stem
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.sess = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
+            raise BundleError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:300]}; "
+                              "the graph is corrupt or mismatched: re-export the bundle") from e
+        self.inputs = {i.name: TensorMeta(i.name, _ORT_TYPES.get(i.type, np.float32), list(i.shape))
+                       for i in self.sess.get_inputs()}
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+        self.check = check
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Bind every feed's memory (contiguous arrays are not copied) and return all outputs."""
+        if self.check:
+            self.check_feeds(feeds)
+        binding = self.sess.io_binding()
+        keep = []
+        for k, a in feeds.items():
+            if not a.flags.c_contiguous:
+                a = np.ascontiguousarray(a)
+            keep.append(a)
+            binding.bind_input(k, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+        for k in self.output_names:
+            binding.bind_output(k, "cpu")
+        self.sess.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+
+    def close(self) -> None:
+        self.sess = None
+
+
+def open_session(path: Path, backend: str = "onnxruntime", providers=None, threads=None) -> Session:
+    """Open one graph on the named backend ("onnxruntime" or "tensorrt")."""
+    if backend == "onnxruntime":
+        return OrtSession(path, providers=providers, threads=threads)
+    if backend == "tensorrt":
+        from .trt_session import TrtSession
+
+        return TrtSession(path)
+    raise ValueError(f"unknown backend {backend!r}: use 'onnxruntime' or 'tensorrt'")
