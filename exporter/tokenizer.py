@@ -48,10 +48,12 @@ def convert_sentencepiece(model_file: Path):
 
 def write_tokenizer(checkpoint: Path | None, tokenizer_dir: Path | None, out_dir: Path) -> str | None:
     """Put `tokenizer.json` into the bundle from --tokenizer DIR or the checkpoint; None if neither has one."""
-    for src in (tokenizer_dir, checkpoint):
+    for given, src in ((True, tokenizer_dir), (False, checkpoint)):
         if src is None:
             continue
         src = Path(src)
+        if given and not src.is_dir():
+            raise TokenizerError(f"--tokenizer {src} is not a directory")
         if (src / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
 
@@ -63,6 +65,6 @@ def write_tokenizer(checkpoint: Path | None, tokenizer_dir: Path | None, out_dir
         if (src / "tokenizer.model").is_file():
             convert_sentencepiece(src / "tokenizer.model").save(str(out_dir / "tokenizer.json"))
             return "tokenizer.json"
-        if src is tokenizer_dir:
+        if given:
             raise TokenizerError(f"--tokenizer {src} holds neither tokenizer.json nor tokenizer.model")
     return None

@@ -25,6 +25,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return scores.softmax(dim=-1).to(q.dtype) @ v  # (B, H, T, Dh)
 
 
+def attend_with_past(q, past_k, past_v, k, v, mask: torch.Tensor) -> torch.Tensor:
+    """`attend` over [past ; new] keys without concatenating the cache: scores are joined instead.
+
+    Mathematically equal to attend(q, cat(past_k, k), cat(past_v, v), mask); exported graphs thus
+    never copy the whole KV cache per step (only the small score tensor is concatenated).
+    """
+    P = past_k.shape[2]
+    scores = torch.cat([q @ past_k.transpose(-2, -1), q @ k.transpose(-2, -1)], dim=-1) / math.sqrt(q.shape[-1])
+    probs = (scores.float() + mask).softmax(dim=-1).to(q.dtype)  # (B, H, T, P+T)
+    return probs[..., :P] @ past_v + probs[..., P:] @ v
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with RoPE (no bias, no GQA: the original ignores num_key_value_heads)."""
 
@@ -44,8 +56,8 @@ class SelfAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.num_heads, -1).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_heads, -1).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-        out = attend(q, k_all, v_all, mask).transpose(1, 2).reshape(B, T, D)
+        out = attend(q, k, v, mask) if past is None else attend_with_past(q, past[0], past[1], k, v, mask)
+        out = out.transpose(1, 2).reshape(B, T, D)
         return self.o_proj(out), (k, v)
 
 

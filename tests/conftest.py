@@ -36,3 +36,39 @@ def tiny_checkpoint(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("tiny_ckpt")
     tiny_model.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_model):
+    """An fp32 bundle of the tiny preset (seed 0), with the golden-free synthetic path."""
+    from exporter.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    return export_bundle(tiny_model, out, progress=lambda s: None)
+
+
+@pytest.fixture(scope="session")
+def golden_bundle(tmp_path_factory, golden_dir):
+    """The golden checkpoint exported, plus the model (for parity against the original's arrays)."""
+    import reference_model
+    from exporter.bundle import export_bundle
+
+    model = reference_model.load_pretrained(golden_dir)
+    out = tmp_path_factory.mktemp("bundles") / "golden"
+    return export_bundle(model, out, checkpoint=golden_dir, progress=lambda s: None), model
+
+
+@pytest.fixture(scope="session")
+def tiny_text_bundle(tmp_path_factory, tiny_model, tiny_checkpoint):
+    """The tiny preset exported with a word-level tokenizer (so the user-level text API works)."""
+    import sys
+
+    from exporter.bundle import export_bundle
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import word_tokenizer
+
+    tok_dir = tmp_path_factory.mktemp("tok")
+    word_tokenizer(tiny_model.config.qllama.vocab_size, tok_dir / "tokenizer.json")
+    out = tmp_path_factory.mktemp("bundles") / "tiny_text"
+    return export_bundle(tiny_model, out, tokenizer=tok_dir, progress=lambda s: None)
