@@ -40,17 +40,17 @@ def check_graph(path: Path, tensorrt: bool = True) -> dict:
         unsupported = sorted(set(ops) - trt_supported_ops())
         if unsupported:
             raise GraphCheckError(f"{path.name} uses ops outside TensorRT 10's ONNX parser list: {unsupported}")
-        _check_qdq(model, path.name)
+        _check_qdq(model, path)
     return {"ops": ops, "opset": opset}
 
 
-def _check_qdq(model: onnx.ModelProto, name: str) -> None:
+def _check_qdq(model: onnx.ModelProto, path: Path) -> None:
     """TensorRT accepts only symmetric Q/DQ: every zero point must be 0."""
     from onnx import numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
-            zp = numpy_helper.to_array(inits[n.input[2]])
+            zp = numpy_helper.to_array(inits[n.input[2]], base_dir=str(path.parent))
             if zp.any():
-                raise GraphCheckError(f"{name}: {n.name} has a non-zero zero point; TensorRT needs symmetric Q/DQ")
+                raise GraphCheckError(f"{path.name}: {n.name} has a non-zero zero point; TensorRT needs symmetric Q/DQ")

@@ -207,6 +207,14 @@ PRESETS: dict[str, InternVLConfig] = {
                             num_attention_heads=8, max_position_embeddings=2048),
         num_query_token=32, clip_embed_dim=256, attn_pool_num_heads=8, tie_word_embeddings=False,
     ),
+    # The shipped demo model (reference_model.DEMO_CHECKPOINT): 8x8 digits shown at 16 px.
+    "digits": InternVLConfig(
+        vision=VisionConfig(image_size=16, patch_size=4, hidden_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=128),
+        qllama=QLlamaConfig(vocab_size=24, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                            num_attention_heads=4, max_position_embeddings=64),
+        num_query_token=4, clip_embed_dim=32, attn_pool_num_heads=4, tie_word_embeddings=False,
+    ),
 }
 
 

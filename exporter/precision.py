@@ -1,0 +1,214 @@
+"""FP16 and INT8 bundles: precision lives in the ONNX artifact (TensorRT 10, 11 and onnxruntime alike).
+
+* fp16      onnxruntime's float16 converter with a block list: norms, softmax (with its mask and
+            scaling), the RoPE angles and the logits stay fp32; graph inputs/outputs keep fp32.
+* int8      explicit symmetric Q/DQ (zero point 0, per-channel weights) from onnxruntime's static
+            quantizer, calibrated on the user's images (and texts), MatMul/Conv with constant
+            weights only; norms, softmax, logits and the pooling heads left in float by default.
+* int8-cpu  onnxruntime dynamic quantization (MatMulInteger, unsigned weights) for CPUs; not
+            parseable by TensorRT.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import onnx
+
+from runtime.manifest import read_manifest
+
+from .bundle import commit_output, prepare_output, write_manifest
+from .checks import check_graph
+from .onnx_export import relink_weights
+
+MODES = ("fp16", "int8", "int8-cpu")
+# Sensitive ops kept out of INT8 by default: names matched against node names / op types.
+DEFAULT_INT8_EXCLUDE = ["norm", "Softmax", "lm_head", "clip_projector"]
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- plans (pure functions over the graph; tested without running anything) --------------------
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _upstream(model, start: list[onnx.NodeProto], stop) -> set[str]:
+    """Names of `start` and every node above them, not crossing nodes for which stop(node) is true."""
+    prod = _producers(model)
+    seen, todo = set(), list(start)
+    while todo:
+        n = todo.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        for i in n.input:
+            p = prod.get(i)
+            if p is not None and not stop(p):
+                todo.append(p)
+    return seen
+
+
+def fp16_block_list(model: onnx.ModelProto) -> set[str]:
+    """Nodes that must stay fp32: norms, softmax with its scores/mask chain, RoPE angles, logits."""
+    is_matmul = lambda n: n.op_type in ("MatMul", "Gemm", "FusedMatMul", "Conv")  # noqa: E731
+    nodes = list(model.graph.node)
+    block = {n.name for n in nodes if "norm" in n.name.lower() or n.op_type == "LayerNormalization"}
+    block |= _upstream(model, [n for n in nodes if n.op_type == "Softmax"], is_matmul)
+    block |= _upstream(model, [n for n in nodes if n.op_type in ("Cos", "Sin")], lambda n: False)
+    outs = {o.name for o in model.graph.output}
+    logits = [n for n in nodes if "logits" in n.output and "logits" in outs]
+    block |= _upstream(model, logits, lambda n: not ("lm_head" in n.name or n.op_type == "Cast"))
+    return block
+
+
+def int8_nodes(model: onnx.ModelProto, exclude: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """(nodes to quantize, nodes excluded): MatMul/Conv/Gemm with a constant weight, minus `exclude` matches."""
+    exclude = DEFAULT_INT8_EXCLUDE if exclude is None else exclude
+    inits = {t.name for t in model.graph.initializer}
+    quant, skipped = [], []
+    for n in model.graph.node:
+        if n.op_type not in ("MatMul", "Conv", "Gemm") or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        if any(x.lower() in n.name.lower() or x == n.op_type for x in exclude):
+            skipped.append(n.name)
+        else:
+            quant.append(n.name)
+    return quant, skipped
+
+
+def toposort(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Reorder nodes topologically (onnxruntime's float16 converter appends its input Casts last)."""
+    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    pending, ordered = list(model.graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError("graph has a cycle or a dangling input; cannot sort it")
+        ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ids]
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    return model
+
+
+# -- conversions ---------------------------------------------------------------------------------
+def to_fp16(src: Path, dst: Path) -> dict:
+    """Write an fp16 copy of graph `src` to `dst` (fp32 I/O); returns what was kept fp32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src), load_external_data=True)
+    block = fp16_block_list(model)
+    out = convert_float_to_float16(model, keep_io_types=True, node_block_list=sorted(block),
+                                   disable_shape_infer=False)
+    onnx.save_model(toposort(out), str(dst), save_as_external_data=True, location=dst.name + ".data")
+    return {"method": "onnxruntime.transformers.float16 (keep_io_types)", "fp32_nodes": len(block)}
+
+
+def to_int8_qdq(src: Path, dst: Path, feeds: list[dict], method: str, exclude, progress) -> dict:
+    """Static symmetric Q/DQ INT8 of graph `src`, calibrated on recorded `feeds`."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from .calibration import FeedReader
+
+    model = onnx.load(str(src), load_external_data=False)
+    quant, skipped = int8_nodes(model, exclude)
+    methods = {"max": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    quantize_static(str(src), str(dst), FeedReader(feeds, progress, src.stem), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    nodes_to_quantize=quant, use_external_data_format=True, calibrate_method=methods[method],
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                   "CalibMovingAverage": False, "DedicatedQDQPair": False})
+    return {"method": f"onnxruntime.quantization.quantize_static QDQ, symmetric, per-channel weights, "
+                      f"calibration {method}", "quantized_nodes": len(quant), "excluded_nodes": len(skipped),
+            "calibration_batches": len(feeds), "exclude": DEFAULT_INT8_EXCLUDE if exclude is None else exclude}
+
+
+def to_int8_dynamic(src: Path, dst: Path, exclude) -> dict:
+    """Dynamic INT8 MatMuls (unsigned weights) for onnxruntime on CPUs without VNNI."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(src), load_external_data=False)
+    quant, skipped = int8_nodes(model, [e for e in (exclude or ["norm", "clip_projector"])])
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8, nodes_to_quantize=quant,
+                     op_types_to_quantize=["MatMul"], use_external_data_format=True,
+                     extra_options={"MatMulConstBOnly": True})
+    return {"method": "onnxruntime.quantization.quantize_dynamic, MatMulInteger, uint8 weights",
+            "quantized_nodes": len(quant), "excluded_nodes": len(skipped), "tensorrt": False}
+
+
+def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, method: str = "max",
+                          exclude: list[str] | None = None, overwrite: bool = False, progress=_say,
+                          report: bool = True) -> Path:
+    """Write a new bundle at `out` whose graphs are `mode` (fp16 / int8 / int8-cpu), with an accuracy report."""
+    import runtime
+
+    from .accuracy import accuracy_report, format_report
+    from .calibration import read_image_folder, read_texts, record_feeds, synthetic_images
+
+    if mode not in MODES:
+        raise ValueError(f"precision must be one of {MODES}, got {mode!r}")
+    src = read_manifest(bundle)
+    if src["precision"] != "fp32":
+        raise ValueError(f"{bundle} is already {src['precision']}: make precision bundles from an fp32 bundle")
+    if mode == "int8" and calib is None:
+        raise ValueError("--int8 needs --calib IMAGES_DIR: INT8 scales are calibrated on your images")
+    size = src["preprocessing"]["image_size"]
+    images = read_image_folder(calib) if calib else synthetic_images(12, size)
+    texts = read_texts(calib_texts) if calib_texts else None
+    # hold out a quarter of the images (at least one) for the accuracy report
+    n_hold = max(1, len(images) // 4) if len(images) > 1 else 0
+    calib_images, held_out = images[n_hold:] if n_hold else images, images[:n_hold] or images
+    tmp = prepare_output(Path(out), overwrite)
+    try:
+        pipe = runtime.load(bundle)
+        feeds = record_feeds(pipe, calib_images, texts) if mode == "int8" else {}
+        manifest = json.loads((src.root / "manifest.json").read_text())
+        paths = []
+        for name, g in manifest["graphs"].items():
+            t0 = time.perf_counter()
+            progress(f"[precision] {name} -> {mode} ...")
+            srcp, dst = src.graph_path(name), tmp / g["file"]
+            if mode == "fp16":
+                how = to_fp16(srcp, dst)
+            elif mode == "int8":
+                how = to_int8_qdq(srcp, dst, feeds[name], method, exclude, progress)
+            else:
+                how = to_int8_dynamic(srcp, dst, exclude)
+            paths.append(dst)
+            g["precision"], g["how"] = mode, how
+            progress(f"[precision] {name} done in {time.perf_counter() - t0:.1f}s")
+        relink_weights(paths, tmp)
+        for name, g in manifest["graphs"].items():
+            g["checks"] = check_graph(tmp / g["file"], tensorrt=mode != "int8-cpu")
+        for f in ("tokenizer.json", "text_projection.npy", "logit_scale.npy"):
+            if (src.root / f).is_file():
+                (tmp / f).write_bytes((src.root / f).read_bytes())
+        manifest["precision"] = mode
+        manifest["derived_from"] = {"bundle": str(Path(bundle).absolute()), "precision": "fp32",
+                                    "weights_sha256": src["files"]["weights.bin"]}
+        write_manifest(tmp, manifest)
+        if report:
+            progress("[precision] measuring accuracy against fp32 on held-out inputs ...")
+            rep = accuracy_report(pipe, runtime.load(tmp), held_out, texts)
+            progress(format_report(rep, mode))
+            manifest["accuracy"] = rep
+            for name, g in manifest["graphs"].items():
+                g["report"] = rep["graphs"].get(name)
+            write_manifest(tmp, manifest)
+        commit_output(tmp, Path(out))
+        progress(f"[precision] {mode} bundle written to {Path(out).absolute()}")
+        return Path(out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
