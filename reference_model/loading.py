@@ -150,5 +150,6 @@ def save_pretrained(model: nn.Module, directory) -> None:
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     tmp = d / ".model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.chmod(0o644)
     tmp.replace(d / "model.safetensors")
     (d / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))

@@ -132,7 +132,9 @@ def train(steps: int = 600, batch: int = 128, lr: float = 3e-3, seed: int = 0, o
     log(f"[train] test split ({len(test_y)} digits): zero-shot C {metrics['zero_shot_C']:.1%}  "
         f"G {metrics['zero_shot_G']:.1%}  caption {metrics['caption']:.1%}")
     model.save_pretrained(work)
-    np.savez_compressed(work / "test_digits.npz", images=test_x, labels=test_y)
+    # a few training digits ride along for INT8 calibration (never the test split)
+    np.savez_compressed(work / "test_digits.npz", images=test_x, labels=test_y, calib_images=train_x[:64],
+                        calib_labels=train_y[:64])
     (work / "metrics.json").write_text(json.dumps({**metrics, "steps": steps, "seed": seed}, indent=2))
     if out.exists():
         shutil.rmtree(out)

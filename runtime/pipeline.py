@@ -120,8 +120,10 @@ class Pipeline:
         if hidden.shape[0] != ids.shape[0]:
             raise ValueError(f"{hidden.shape[0]} images but {ids.shape[0]} prompts: give one prompt per image")
         _, prefix = self.bridge(hidden)  # once per image, shared by every beam and step
-        cache = KVCache(prefix, capacity=need)
-        return CachedDecoder(self.sessions["text_decoder"], self.kv_names, cache, ids, mask)
+        dec = self.sessions["text_decoder"]
+        make = getattr(dec, "make_kv_cache", None)  # TensorRT keeps the cache on the device
+        cache = make(prefix, need) if make else KVCache(prefix, capacity=need)
+        return CachedDecoder(dec, self.kv_names, cache, ids, mask)
 
     def _search_config(self, **kw) -> SearchConfig:
         return SearchConfig(eos_token_id=self.special["eos"], pad_token_id=self.special["pad"], **kw)

@@ -1,0 +1,167 @@
+"""`bridge-export demo`: the shipped digits model through the whole chain, with a side-by-side report."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from reference_model.digits import CAPTION_PROMPT, TEMPLATE, WORDS, load_test_split, names_digit
+
+CAPTION_TOKENS = 6
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class ReferenceRunner:
+    """The PyTorch reference behind the same three user-level calls the runtime pipeline offers."""
+
+    def __init__(self, model, codec, preprocessing):
+        self.m, self.codec, self.pre = model, codec, preprocessing
+
+    def classify(self, images, labels, template, mode):
+        import torch
+
+        from runtime.preprocess import preprocess
+
+        pix = torch.from_numpy(preprocess(images, self.pre, crop=True))
+        img = self.m.encode_image(pix, f"InternVL-{mode}").numpy()
+        txt = self.m.encode_text(torch.from_numpy(self.codec.embedding_ids([template.format(w) for w in labels])))
+        img = img / np.linalg.norm(img, axis=1, keepdims=True)
+        txt = txt.numpy() / np.linalg.norm(txt.numpy(), axis=1, keepdims=True)
+        return img @ txt.T
+
+    def caption_tokens(self, images, max_new_tokens):
+        import torch
+
+        from runtime.preprocess import preprocess
+
+        pix = torch.from_numpy(preprocess(images, self.pre))
+        prompt = torch.from_numpy(self.codec.prompt_ids(CAPTION_PROMPT)).repeat(len(images), 1)
+        return self.m.generate(pix, prompt, max_new_tokens=max_new_tokens).numpy()
+
+
+class BundleRunner:
+    """A runtime pipeline behind the same calls."""
+
+    def __init__(self, pipe):
+        self.p = pipe
+
+    def classify(self, images, labels, template, mode):
+        return self.p.classify(images, labels, template=template, mode=mode)
+
+    def caption_tokens(self, images, max_new_tokens):
+        from runtime.preprocess import preprocess
+
+        pix = preprocess(images, self.p.preprocessing)
+        prompt = np.repeat(self.p.codec.prompt_ids(CAPTION_PROMPT), len(images), 0)
+        return self.p.generate(pix, prompt, max_new_tokens=max_new_tokens)
+
+
+def evaluate(runner, codec, images, labels, batch: int = 128) -> dict:
+    """Zero-shot accuracy (C, G), caption accuracy, images/s (C embeddings) and caption tokens/s."""
+    images = list(images)
+    res = {}
+    t0 = time.perf_counter()
+    for mode in ("C", "G"):
+        preds = np.concatenate([runner.classify(images[i:i + batch], WORDS, TEMPLATE, mode).argmax(1)
+                                for i in range(0, len(images), batch)])
+        res[f"zero_shot_{mode}"] = float((preds == labels).mean())
+        if mode == "C":
+            res["images_per_s"] = len(images) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    toks = [runner.caption_tokens(images[i:i + batch], CAPTION_TOKENS) for i in range(0, len(images), batch)]
+    dt = time.perf_counter() - t0
+    texts = [codec.decode(t) for part in toks for t in part]
+    n_tokens = sum(int(((part != 0) & (part != 2)).sum()) + len(part) for part in toks)  # words + EOS
+    res["caption"] = float(np.mean([names_digit(t, y) for t, y in zip(texts, labels)]))
+    res["tokens_per_s"] = n_tokens / dt
+    res["texts"] = texts
+    return res
+
+
+def save_grid(images, labels, texts, path: Path, n: int = 32) -> Path:
+    """A PNG grid of digits, each with its caption (green when it names the right digit)."""
+    from PIL import Image, ImageDraw
+
+    n = min(n, len(images))
+    cols, cell, pad = 8, 64, 28
+    rows = (n + cols - 1) // cols
+    grid = Image.new("RGB", (cols * cell * 2, rows * (cell + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i in range(n):
+        x, y = (i % cols) * cell * 2, (i // cols) * (cell + pad)
+        grid.paste(Image.fromarray(images[i]).resize((cell, cell), Image.NEAREST).convert("RGB"), (x + cell // 2, y))
+        ok = names_digit(texts[i], int(labels[i]))
+        draw.text((x + 4, y + cell + 2), texts[i].replace("the digit ", "") + f" ({WORDS[labels[i]]})",
+                  fill=(0, 140, 0) if ok else (200, 0, 0))
+    grid.save(path)
+    return path
+
+
+def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "fp16", "int8", "int8-cpu"),
+             progress=_say) -> dict:
+    """Export the shipped checkpoint, run every variant over the test digits, print and return the report."""
+    import runtime
+    from reference_model import DEMO_CHECKPOINT, load_pretrained
+    from runtime.text import TextCodec
+
+    from .bundle import export_bundle
+    from .precision import make_precision_bundle
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images, labels = load_test_split(DEMO_CHECKPOINT)
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    progress(f"[demo] {len(labels)} held-out handwritten digits (scikit-learn load_digits), shipped model "
+             f"{DEMO_CHECKPOINT.name}")
+    model = load_pretrained(DEMO_CHECKPOINT)
+    fp32 = export_bundle(model, out / "bundle-fp32", checkpoint=DEMO_CHECKPOINT, overwrite=True, progress=progress)
+    pipe = runtime.load(fp32)
+    codec = pipe.codec
+    variants = {"pytorch reference": ReferenceRunner(model, TextCodec(DEMO_CHECKPOINT / "tokenizer.json",
+                                                                      pipe.manifest), pipe.preprocessing)}
+    variants["onnx fp32"] = BundleRunner(pipe)
+    calib_dir = out / "calib"
+    if "int8" in precisions:
+        from PIL import Image
+
+        calib_dir.mkdir(exist_ok=True)
+        with np.load(DEMO_CHECKPOINT / "test_digits.npz") as d:
+            for i, im in enumerate(d["calib_images"]):
+                Image.fromarray(im).save(calib_dir / f"{i:03d}.png")
+    for prec in precisions:
+        if prec == "fp32":
+            continue
+        b = make_precision_bundle(fp32, out / f"bundle-{prec}", prec, calib=calib_dir if prec == "int8" else None,
+                                  overwrite=True, progress=lambda s: None, report=False)
+        progress(f"[demo] made the {prec} bundle")
+        variants[f"onnx {prec}"] = BundleRunner(runtime.load(b))
+    results = {}
+    for name, runner in variants.items():
+        progress(f"[demo] evaluating {name} ...")
+        results[name] = evaluate(runner, codec, images, labels)
+    print(format_report(results, images, labels))
+    grid = save_grid(images, labels, results["onnx fp32"]["texts"], out / "captions.png")
+    print(f"caption grid: {grid}")
+    print(f"finished in {time.perf_counter() - t_start:.0f}s")
+    return results
+
+
+def format_report(results: dict, images, labels) -> str:
+    """The side-by-side table plus a few example captions."""
+    lines = ["", f"{'':<20} {'zero-shot C':>11} {'zero-shot G':>11} {'caption':>8} {'images/s':>9} {'tokens/s':>9}"]
+    for name, r in results.items():
+        lines.append(f"{name:<20} {r['zero_shot_C']:>11.1%} {r['zero_shot_G']:>11.1%} {r['caption']:>8.1%} "
+                     f"{r['images_per_s']:>9.0f} {r['tokens_per_s']:>9.0f}")
+    lines.append("")
+    lines.append("example captions (onnx fp32):")
+    texts = results["onnx fp32"]["texts"]
+    for i in range(min(6, len(texts))):
+        lines.append(f"  true {WORDS[labels[i]]:<6} -> {texts[i]!r}")
+    return "\n".join(lines)

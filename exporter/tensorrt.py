@@ -1,0 +1,187 @@
+"""TensorRT engines from a bundle: profiles, precision plans, sidecars, trtexec scripts, and the build.
+
+Everything but `build_engines` is plain Python over the manifest and is tested without TensorRT.
+TensorRT 10 (JetPack 6) takes FP16/INT8 builder flags on a weakly typed network; TensorRT 11
+removed them, so there the network is strongly typed and precision comes from the ONNX graph
+(FP16 types, explicit Q/DQ) — which is where our precision bundles put it anyway.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from runtime.manifest import read_manifest
+from runtime.trt_compat import EngineMismatch, check_engine_compat, read_sidecar  # noqa: F401 (re-export)
+
+GRAPHS = ["vision_encoder", "query_bridge", "text_decoder"]
+
+
+class TensorRTUnavailable(RuntimeError):
+    """TensorRT (or a GPU) is not available here."""
+
+
+@dataclass
+class EngineOptions:
+    """What `bridge-export engine` builds and how."""
+
+    graphs: list[str] = field(default_factory=lambda: list(GRAPHS))
+    max_batch: int | None = None
+    max_seq: int | None = None
+    workspace_gib: float = 4.0
+    timing_cache: Path | None = None
+    version_compatible: bool = False
+    hardware_compatible: bool = False
+
+
+def engine_profiles(manifest, graph: str, opts: EngineOptions) -> list[dict[str, tuple]]:
+    """Optimization profiles (input -> (min, opt, max)) from the export spec and the user's limits."""
+    from reference_model.config import InternVLConfig
+
+    from .specs import Limits, all_specs
+
+    config = InternVLConfig.from_dict(manifest["model"])
+    lim = manifest.get("limits", {})
+    limits = Limits(max_batch=opts.max_batch or lim.get("max_batch", 8), max_seq=opts.max_seq or lim.get("max_seq", 0))
+    spec = {s.name: s for s in all_specs(config)}[graph]
+    profiles = spec.profiles(config, limits)
+    for prof in profiles:
+        for name, (mn, opt, mx) in prof.items():
+            if not all(a <= b <= c for a, b, c in zip(mn, opt, mx)):
+                raise ValueError(f"{graph}: profile for {name} is not min <= opt <= max: {mn} {opt} {mx}")
+    return profiles
+
+
+def precision_plan(trt_major: int, precision: str) -> dict:
+    """How to build a graph of `precision` on TensorRT `trt_major`: network typing and builder flags."""
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ValueError(f"TensorRT cannot build a {precision!r} bundle: int8-cpu uses MatMulInteger, which "
+                         "TensorRT does not parse; build from the fp32, fp16 or int8 (Q/DQ) bundle")
+    if trt_major >= 11:
+        return {"strongly_typed": True, "builder_flags": [], "trtexec_flags": ["--stronglyTyped"]}
+    flags = {"fp32": [], "fp16": ["FP16"], "int8": ["INT8", "FP16"]}[precision]
+    return {"strongly_typed": False, "builder_flags": flags,
+            "trtexec_flags": [f"--{f.lower()}" for f in flags]}
+
+
+def _shape(s) -> str:
+    return "x".join(str(d) for d in s)
+
+
+def trtexec_command(onnx_path: Path, engine_path: Path, profiles: list[dict], plan: dict,
+                    opts: EngineOptions) -> str:
+    """The trtexec command that builds the same engine (for building on a Jetson)."""
+    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
+            f"--memPoolSize=workspace:{int(opts.workspace_gib * 1024)}M"]
+    for prof in profiles:  # one set of shape flags per optimization profile
+        for key, idx in (("minShapes", 0), ("optShapes", 1), ("maxShapes", 2)):
+            args.append(f"--{key}=" + ",".join(f"{n}:{_shape(v[idx])}" for n, v in prof.items()))
+    args += plan["trtexec_flags"]
+    if opts.timing_cache:
+        args.append(f"--timingCacheFile={opts.timing_cache}")
+    if opts.version_compatible:
+        args.append("--versionCompatible")
+    if opts.hardware_compatible:
+        args.append("--hardwareCompatibilityLevel=ampere+")
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def write_trtexec_script(bundle, out_dir, opts: EngineOptions, trt_major: int = 10) -> Path:
+    """Write build_engines.sh with one trtexec command per graph (TensorRT 10 flags by default)."""
+    man = read_manifest(bundle, verify_checksums=False)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["#!/usr/bin/env bash", "# Build the bundle's TensorRT engines on the target device (e.g. a Jetson).",
+             f"# precision: {man['precision']}; flags for TensorRT {trt_major}.x", "set -euo pipefail",
+             'cd "$(dirname "$0")"']
+    for g in opts.graphs:
+        cmd = trtexec_command(Path("..") / man["graphs"][g]["file"] if out_dir == man.root / "engines"
+                              else man.graph_path(g).absolute(), Path(f"{g}.engine"),
+                              engine_profiles(man, g, opts), precision_plan(trt_major, man["precision"]), opts)
+        lines += [f"echo 'building {g}'", cmd]
+    path = out_dir / "build_engines.sh"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o755)
+    return path
+
+
+def sidecar(man, graph: str, trt_version: str, gpu_name: str, compute_capability: str, profiles, plan,
+            opts: EngineOptions) -> dict:
+    """The JSON written beside each engine; the runtime checks it before deserializing."""
+    return {"graph": graph, "source_onnx": man["graphs"][graph]["file"],
+            "source_sha256": man["files"][man["graphs"][graph]["file"]],
+            "weights_sha256": man["files"].get("weights.bin"),
+            "precision": man["precision"], "tensorrt_version": trt_version, "gpu": gpu_name,
+            "compute_capability": compute_capability, "version_compatible": opts.version_compatible,
+            "hardware_compatible": opts.hardware_compatible, "strongly_typed": plan["strongly_typed"],
+            "builder_flags": plan["builder_flags"],
+            "profiles": [{k: [list(s) for s in v] for k, v in p.items()} for p in profiles]}
+
+
+def build_engines(bundle, out_dir, opts: EngineOptions, progress=None) -> list[Path]:
+    """Build one engine per graph with the TensorRT Python API (the only code here that needs TensorRT)."""
+    progress = progress or (lambda s: print(s, file=sys.stderr, flush=True))
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise TensorRTUnavailable("TensorRT is not installed: pip install tensorrt on a machine with an NVIDIA "
+                                  "GPU, or use --emit-trtexec and build on the device") from e
+    from runtime.cuda import device_info
+
+    man = read_manifest(bundle)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    major = int(trt.__version__.split(".")[0])
+    gpu_name, cc = device_info()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    cache_bytes = opts.timing_cache.read_bytes() if opts.timing_cache and opts.timing_cache.is_file() else b""
+    built = []
+    for g in opts.graphs:
+        plan = precision_plan(major, man["precision"])
+        profiles = engine_profiles(man, g, opts)
+        progress(f"[engine] {g}: TensorRT {trt.__version__}, {man['precision']}, {len(profiles)} profile(s) ...")
+        flags = 0
+        if plan["strongly_typed"] and major < 11:
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(man.graph_path(g))):
+            errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError(f"TensorRT cannot parse {man.graph_path(g)}: {errs}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gib * (1 << 30)))
+        for f in plan["builder_flags"]:
+            config.set_flag(getattr(trt.BuilderFlag, f))
+        if opts.version_compatible:
+            config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        if opts.hardware_compatible:
+            config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+        cache = config.create_timing_cache(cache_bytes)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        for prof in profiles:
+            p = builder.create_optimization_profile()
+            for name, (mn, opt, mx) in prof.items():
+                p.set_shape(name, mn, opt, mx)
+            config.add_optimization_profile(p)
+        blob = builder.build_serialized_network(network, config)
+        if blob is None:
+            raise RuntimeError(f"TensorRT failed to build {g}; see the log above")
+        path = out_dir / f"{g}.engine"
+        tmp = path.with_suffix(".engine.partial")
+        tmp.write_bytes(bytes(blob))
+        tmp.replace(path)
+        cache_bytes = bytes(config.get_timing_cache().serialize())
+        side = sidecar(man, g, trt.__version__, gpu_name, cc, profiles, plan, opts)
+        path.with_suffix(".json").write_text(json.dumps(side, indent=2))
+        built.append(path)
+        progress(f"[engine] {g}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if opts.timing_cache:
+        opts.timing_cache.write_bytes(cache_bytes)
+    return built
+
+
+__all__ = ["EngineOptions", "engine_profiles", "precision_plan", "trtexec_command", "write_trtexec_script",
+           "sidecar", "build_engines", "check_engine_compat", "EngineMismatch", "TensorRTUnavailable", "asdict"]

@@ -1,0 +1,89 @@
+"""Everything around TensorRT, tested without it: profiles, precision plans, trtexec, sidecars, mismatches."""
+import json
+
+import numpy as np
+import pytest
+
+from exporter.tensorrt import EngineOptions, engine_profiles, precision_plan, sidecar, trtexec_command, \
+    write_trtexec_script
+from runtime.cuda import kv_slot_geometry
+from runtime.manifest import read_manifest
+from runtime.trt_compat import EngineMismatch, check_engine_compat, read_sidecar
+from runtime.trt_session import pick_profile
+
+
+def test_profiles_respect_user_limits(tiny_bundle):
+    man = read_manifest(tiny_bundle, verify_checksums=False)
+    prof = engine_profiles(man, "text_decoder", EngineOptions(max_batch=2, max_seq=64))
+    assert len(prof) == 2
+    prefill, decode = prof
+    assert prefill["input_ids"][2] == [2, 64] and decode["input_ids"][2] == [2, 1]
+    for p in prof:  # every dynamic input has min <= opt <= max
+        for name, (mn, opt, mx) in p.items():
+            assert all(a <= b <= c for a, b, c in zip(mn, opt, mx)), name
+    vis = engine_profiles(man, "vision_encoder", EngineOptions(max_batch=16))[0]["pixel_values"]
+    assert vis == ([1, 3, 32, 32], [8, 3, 32, 32], [16, 3, 32, 32])
+
+
+def test_precision_plans():
+    assert precision_plan(10, "fp16") == {"strongly_typed": False, "builder_flags": ["FP16"],
+                                          "trtexec_flags": ["--fp16"]}
+    assert precision_plan(10, "int8")["builder_flags"] == ["INT8", "FP16"]
+    assert precision_plan(11, "int8") == {"strongly_typed": True, "builder_flags": [],
+                                          "trtexec_flags": ["--stronglyTyped"]}
+    with pytest.raises(ValueError, match="MatMulInteger"):
+        precision_plan(10, "int8-cpu")
+
+
+def test_trtexec_script(tiny_bundle, tmp_path):
+    opts = EngineOptions(max_batch=4, timing_cache=tmp_path / "tc.bin", version_compatible=True)
+    path = write_trtexec_script(tiny_bundle, tmp_path / "eng", opts)
+    text = path.read_text()
+    assert text.count("trtexec ") == 3
+    dec = next(line for line in text.splitlines() if "text_decoder.onnx" in line)
+    assert dec.count("--minShapes=") == 2  # prefill and decode profiles
+    assert "input_ids:1x1" in dec and "--versionCompatible" in dec and "--timingCacheFile=" in dec
+    assert "--memPoolSize=workspace:4096M" in dec
+    cmd = trtexec_command("m.onnx", "m.engine", [{"x": ([1, 2], [2, 2], [4, 2])}], precision_plan(10, "fp16"),
+                          EngineOptions())
+    assert cmd == "trtexec --onnx=m.onnx --saveEngine=m.engine --memPoolSize=workspace:4096M " \
+                  "--minShapes=x:1x2 --optShapes=x:2x2 --maxShapes=x:4x2 --fp16"
+
+
+def test_sidecar_and_mismatch_messages(tiny_bundle, tmp_path):
+    man = read_manifest(tiny_bundle, verify_checksums=False)
+    opts = EngineOptions()
+    side = sidecar(man, "vision_encoder", "10.3.0", "Orin", "8.7",
+                   engine_profiles(man, "vision_encoder", opts), precision_plan(10, "fp32"), opts)
+    assert side["source_sha256"] == man["files"]["vision_encoder.onnx"] and side["precision"] == "fp32"
+    (tmp_path / "vision_encoder.json").write_text(json.dumps(side))
+    side = read_sidecar(tmp_path / "vision_encoder.engine")
+    check_engine_compat(side, "10.3.1", "Orin", "8.7")  # same major.minor, same GPU: fine
+    with pytest.raises(EngineMismatch, match=r"built by TensorRT 10.3.0 but this is TensorRT 11.0.0"):
+        check_engine_compat(side, "11.0.0", "Orin", "8.7")
+    with pytest.raises(EngineMismatch, match=r"built for Orin \(compute capability 8.7\) but this GPU is "
+                                             r"NVIDIA H100 \(9.0\)"):
+        check_engine_compat(side, "10.3.0", "NVIDIA H100", "9.0")
+    check_engine_compat({**side, "hardware_compatible": True}, "10.3.0", "NVIDIA H100", "9.0")
+    with pytest.raises(EngineMismatch, match="missing"):
+        read_sidecar(tmp_path / "other.engine")
+
+
+def test_profile_choice_and_cache_copy_geometry():
+    profiles = [{"input_ids": [[1, 1], [2, 32], [4, 64]]}, {"input_ids": [[1, 1], [2, 1], [4, 1]]}]
+    assert pick_profile(profiles, {"input_ids": (2, 7)}) == 0
+    assert pick_profile(profiles, {"input_ids": (3, 1)}) == 0  # first profile that fits
+    with pytest.raises(ValueError, match="--max-batch"):
+        pick_profile(profiles, {"input_ids": (8, 1)})
+    # the 2-D copy the device cache uses writes exactly the numpy slice buf[:, :, s:s+T]
+    rows, H, C, Dh, start, T = 2, 3, 10, 4, 6, 2
+    buf = np.zeros((rows, H, C, Dh), np.float32)
+    new = np.arange(rows * H * T * Dh, dtype=np.float32).reshape(rows, H, T, Dh)
+    g = kv_slot_geometry(H, C, Dh, start, T, rows=rows)
+    flat, src = buf.reshape(-1).view(np.uint8), new.reshape(-1).view(np.uint8)
+    for h in range(g["height"]):
+        d0 = g["dst_offset"] + h * g["dpitch"]
+        flat[d0:d0 + g["width"]] = src[h * g["spitch"]:h * g["spitch"] + g["width"]]
+    expect = np.zeros_like(buf)
+    expect[:, :, start:start + T] = new
+    np.testing.assert_array_equal(buf, expect)

@@ -1,0 +1,62 @@
+"""The CLI is a thin layer: each command runs and bad input gets a one-line error."""
+import numpy as np
+from click.testing import CliRunner
+from PIL import Image
+
+from exporter.cli import main
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_onnx_inspect_verify(tmp_path):
+    out = tmp_path / "b"
+    r = _run("onnx", "--preset", "tiny", "--out", out, "--max-batch", "4")
+    assert r.exit_code == 0, r.output
+    r = _run("inspect", out)
+    assert r.exit_code == 0 and "past_key_values.{i}.key" in r.output and "visual prefix 6 slots" in r.output
+    r = _run("verify", out, "--preset", "tiny")
+    assert r.exit_code == 0 and "PASSED" in r.output
+    r = _run("verify", out, "--preset", "tiny", "--seed", "3")
+    assert r.exit_code == 1 and "FAILED" in r.output
+    r = _run("onnx", "--preset", "tiny", "--out", out)
+    assert r.exit_code == 1 and "already exists: choose another --out or pass --overwrite" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_user_commands_on_demo_bundle(tmp_path):
+    import reference_model
+    from reference_model.digits import load_test_split
+
+    ckpt = reference_model.DEMO_CHECKPOINT
+    out = tmp_path / "demo"
+    assert _run("onnx", "--checkpoint", ckpt, "--out", out).exit_code == 0
+    images, _ = load_test_split(ckpt)
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(3):
+        Image.fromarray(images[i]).save(d / f"{i}.png")
+    r = _run("classify", out, d, "--labels", "zero,one,two,three,four,five,six,seven,eight,nine",
+             "--template", "the digit {}")
+    assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 3
+    r = _run("caption", out, d / "0.png", "--min-new-tokens", "0", "--max-new-tokens", "6")
+    assert r.exit_code == 0 and "the digit" in r.output
+    r = _run("caption", out, d / "0.png", "--stream", "--min-new-tokens", "0", "--max-new-tokens", "6")
+    assert r.exit_code == 0 and "the digit" in r.output
+    r = _run("embed", out, d, "--texts", "the digit one", "--out", tmp_path / "e.npy")
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "e.npy").shape == (4, 32)
+    r = _run("embed", out, tmp_path / "missing.png")
+    assert r.exit_code == 1 and "cannot read image" in r.output
+
+
+def test_bench_prints_ratios(tiny_bundle):
+    r = _run("bench", tiny_bundle, "--reference-preset", "tiny", "--pasts", "8,32", "--tokens", "4")
+    assert r.exit_code == 0, r.output
+    assert "decode_tok_s@32" in r.output and "x (target <= 1.5x)" in r.output and "ratio" in r.output
+
+
+def test_engine_emit_trtexec(tiny_bundle, tmp_path):
+    r = _run("engine", tiny_bundle, "--emit-trtexec", "--out", tmp_path / "e")
+    assert r.exit_code == 0 and (tmp_path / "e" / "build_engines.sh").is_file()

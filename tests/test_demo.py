@@ -1,0 +1,75 @@
+"""The shipped demo model, its training script, and the demo command."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import reference_model
+from reference_model.digits import WORDS, load_test_split, names_digit
+
+
+def test_shipped_checkpoint_meets_targets_through_reference_and_runtime(tmp_path):
+    from exporter.bundle import export_bundle
+    from exporter.demo import BundleRunner, ReferenceRunner, evaluate
+    import runtime
+
+    ckpt = reference_model.DEMO_CHECKPOINT
+    images, labels = load_test_split(ckpt)
+    assert len(labels) >= 300 and images.dtype == np.uint8 and images.shape[1:] == (8, 8)
+    model = reference_model.load_pretrained(ckpt)
+    pipe = runtime.load(export_bundle(model, tmp_path / "b", checkpoint=ckpt, progress=lambda s: None))
+    ref = evaluate(ReferenceRunner(model, pipe.codec, pipe.preprocessing), pipe.codec, images, labels)
+    got = evaluate(BundleRunner(pipe), pipe.codec, images, labels)
+    for r in (ref, got):
+        assert r["zero_shot_C"] >= 0.9 and r["zero_shot_G"] >= 0.9 and r["caption"] >= 0.9
+    assert ref["texts"] == got["texts"]
+
+
+def test_user_digit_image_classified_like_training(tmp_path):
+    """Any 8x8 digit image a user hands over (a PNG here) goes through the same preprocessing."""
+    from PIL import Image
+
+    from exporter.bundle import export_bundle
+    import runtime
+
+    ckpt = reference_model.DEMO_CHECKPOINT
+    images, labels = load_test_split(ckpt)
+    paths = []
+    for i in range(20):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(images[i]).save(p)
+        paths.append(str(p))
+    pipe = runtime.load(export_bundle(reference_model.load_pretrained(ckpt), tmp_path / "b", checkpoint=ckpt,
+                                      progress=lambda s: None))
+    probs = pipe.classify(paths, WORDS, template="the digit {}")
+    assert (probs.argmax(1) == labels[:20]).mean() >= 0.85
+    caps = pipe.captions(paths[:5], max_new_tokens=6, min_new_tokens=0, num_beams=5)
+    assert sum(names_digit(c.text, y) for c, y in zip(caps, labels[:5])) >= 4
+
+
+def test_demo_command_end_to_end(tmp_path):
+    from click.testing import CliRunner
+
+    from exporter.cli import main
+
+    res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--limit", "40",
+                                    "--precisions", "fp32,fp16,int8-cpu"])
+    assert res.exit_code == 0, res.output
+    for row in ("pytorch reference", "onnx fp32", "onnx fp16", "onnx int8-cpu"):
+        assert row in res.output
+    assert (tmp_path / "d" / "captions.png").stat().st_size > 1000
+    assert "example captions" in res.output
+
+
+def test_training_smoke(tmp_path):
+    pytest.importorskip("sklearn")
+    from reference_model.train_demo import train
+
+    logs = []
+    metrics = train(steps=3, batch=16, out=tmp_path / "ckpt", log=logs.append)
+    assert set(metrics) == {"zero_shot_C", "zero_shot_G", "caption"}
+    assert any("step 3/3" in line for line in logs)
+    m = reference_model.load_pretrained(tmp_path / "ckpt")
+    assert isinstance(m.encode_image(torch.zeros(1, 3, 16, 16)), torch.Tensor)
+    assert json.loads((tmp_path / "ckpt" / "metrics.json").read_text())["steps"] == 3
