@@ -75,7 +75,7 @@ def write_manifest(directory: Path, data: dict) -> None:
 def export_bundle(model: torch.nn.Module, out, *, checkpoint: Path | None = None, tokenizer: Path | None = None,
                   opset: int = DEFAULT_OPSET, limits: Limits | None = None, overwrite: bool = False,
                   dynamo: bool = False, progress: Callable[[str], None] = _stderr, source: str = "") -> Path:
-    """Export `model` (a reference InternVLModel, fp32) into the bundle directory `out`."""
+    """Export `model` (a reference InternVLModel; converted to fp32 in place) into the bundle directory `out`."""
     limits = limits or Limits()
     config = model.config
     out = Path(out).absolute()

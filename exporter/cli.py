@@ -208,8 +208,10 @@ def classify(bundle, images, labels, template, mode):
 @click.option("--threads", default=None, type=int, help="threads for both sides (default: all cores)")
 @click.option("--pasts", default="16,256,1024", show_default=True, help="past lengths for decode speed")
 @click.option("--tokens", default=16, show_default=True, help="decode steps timed per past length")
+@click.option("--compare", multiple=True, type=click.Path(path_type=Path),
+              help="other bundles (e.g. fp16 / int8-cpu) to time and check against BUNDLE in the same run")
 @friendly
-def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens):
+def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, compare):
     """Throughput and memory of a bundle (and the reference, side by side, in this one process)."""
     from runtime.bench import run_bench
 
@@ -217,8 +219,10 @@ def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens):
     if reference or reference_preset:
         from .bundle import load_source
 
-        ref = load_source(reference, reference_preset, seed)[0]
-    run_bench(bundle, reference=ref, threads=threads, pasts=[int(p) for p in pasts.split(",")], steps=tokens)
+        def ref():  # loaded after the runtime's memory is measured
+            return load_source(reference, reference_preset, seed)[0]
+    run_bench(bundle, reference=ref, threads=threads, pasts=[int(p) for p in pasts.split(",")], steps=tokens,
+              compare=list(compare))
 
 
 @main.command()

@@ -124,18 +124,12 @@ def relink_weights(exported: list[Path], out_dir: Path) -> int:
     shared = SharedWeights(out_dir)
     try:
         for p in exported:
-            m = onnx.load(str(p), load_external_data=True)
-            for t in edh._get_all_tensors(m):  # inline any small external tensors first
-                if edh.uses_external_data(t):
-                    raise RuntimeError(f"{p}: tensor {t.name} still external after load")
+            m = onnx.load(str(p), load_external_data=True)  # whatever the exporter wrote beside it
             shared.add_model(m)
-            data_files = {Path(p.parent / e.value) for t in edh._get_all_tensors(m) for e in t.external_data
-                          if e.key == "location" and e.value != shared.filename}
-            assert not data_files
-            old_data = Path(str(p) + ".data")
             onnx.save_model(m, str(p))
-            if old_data.exists():
-                old_data.unlink()
+            leftover = Path(str(p) + ".data")
+            if leftover.exists():
+                leftover.unlink()
     finally:
         shared.close()
     return shared.saved_bytes

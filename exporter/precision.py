@@ -138,7 +138,7 @@ def to_int8_dynamic(src: Path, dst: Path, exclude) -> dict:
 
     model = onnx.load(str(src), load_external_data=False)
     quant, skipped = int8_nodes(model, [e for e in (exclude or ["norm", "clip_projector"])])
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8, nodes_to_quantize=quant,
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8, nodes_to_quantize=quant, per_channel=True,
                      op_types_to_quantize=["MatMul"], use_external_data_format=True,
                      extra_options={"MatMulConstBOnly": True})
     return {"method": "onnxruntime.quantization.quantize_dynamic, MatMulInteger, uint8 weights",

@@ -24,12 +24,12 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.round(np.asarray(images, np.float64) / 16.0 * 255.0).astype(np.uint8)
 
 
-def build_tokenizer(path: Path) -> Path:
-    """A word-level tokenizer.json with <unk>=0, <s>=1, </s>=2 (BOS added, EOS left to the caller)."""
+def build_tokenizer(path: Path, vocab: list[str] = VOCAB) -> Path:
+    """A word-level tokenizer.json over `vocab` (<unk>=0, <s>=1, </s>=2 first); BOS added, EOS left to callers."""
     from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import WordLevel
 
-    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     # "summarize:the digit seven": split after the colon, then on spaces
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
                                                  pre_tokenizers.Punctuation("merged_with_previous")])

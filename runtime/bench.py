@@ -1,7 +1,8 @@
 """`bridge-export bench`: runtime throughput and memory, with the PyTorch reference side by side.
 
-Both sides run in this one process on the same inputs and thread count, so the printed ratios
-are comparable even on a shared, noisy machine (each figure is the best of several repeats).
+Both sides run in this one process on the same inputs and thread count, and their runs are
+interleaved (runtime, reference, runtime, ...) with the best of several kept for each, so a
+shared machine whose speed drifts affects both alike and the printed ratios stay comparable.
 """
 from __future__ import annotations
 
@@ -14,21 +15,24 @@ import numpy as np
 
 from .kv_cache import CachedDecoder, KVCache
 
+Task = Callable[[], object]
+
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Best wall time of `fn` over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
+def interleaved_best(tasks: list[Task], repeats: int = 5) -> list[float]:
+    """Best wall time of each task, running them in turn `repeats` times after one warm-up each."""
+    for t in tasks:
+        t()
+    best = [float("inf")] * len(tasks)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for i, t in enumerate(tasks):
+            t0 = time.perf_counter()
+            t()
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
@@ -36,29 +40,24 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def runtime_figures(pipe, pasts: list[int], steps: int, image_batch: int = 8, text_batch: int = 16) -> dict:
-    """Measure the runtime: images/s, texts/s, caption time to first token, decode tokens/s per past."""
-    m = pipe.manifest.model
-    q = m["qllama_config"]
+def runtime_tasks(pipe, pasts: list[int], steps: int, image_batch: int = 8, text_batch: int = 16) -> dict:
+    """metric -> (task, units per call) for the runtime."""
+    q = pipe.manifest.model["qllama_config"]
     s = pipe.preprocessing["image_size"]
     rng = np.random.default_rng(0)
     pix = rng.standard_normal((image_batch, 3, s, s), dtype=np.float32)
     ids = rng.integers(3, q["vocab_size"], (text_batch, 12)).astype(np.int64)
     ids[:, 0] = 1
     prompt = np.array([[1, 5, 6, 7, 8]], np.int64)
-    out = {}
-    _say("[bench] runtime: image embeddings")
-    out["images_per_s"] = image_batch / best_time(lambda: pipe.encode_image(pix, "InternVL-C"), repeats=3)
-    _say("[bench] runtime: text embeddings")
-    out["texts_per_s"] = text_batch / best_time(lambda: pipe.encode_text(ids), repeats=3)
-    _say("[bench] runtime: caption time to first token")
-    out["ttft_s"] = best_time(lambda: next(iter(pipe.iter_generate(pix[:1], prompt, max_new_tokens=1))), repeats=3)
-    H, Dh, L = q["num_attention_heads"], q["hidden_size"] // q["num_attention_heads"], q["num_hidden_layers"]
+    tasks = {"images_per_s": (lambda: pipe.encode_image(pix, "InternVL-C"), image_batch),
+             "texts_per_s": (lambda: pipe.encode_text(ids), text_batch),
+             "ttft_s": (lambda: next(iter(pipe.iter_generate(pix[:1], prompt, max_new_tokens=1))), None)}
+    H, L = q["num_attention_heads"], q["num_hidden_layers"]
+    Dh = q["hidden_size"] // H
     for past in pasts:
-        _say(f"[bench] runtime: decode at past {past}")
         prefix = [rng.standard_normal((1, H, past, Dh), dtype=np.float32) for _ in range(2 * L)]
 
-        def run():
+        def run(prefix=prefix, past=past):
             dec = CachedDecoder(pipe.sessions["text_decoder"], pipe.kv_names, KVCache(prefix, past + steps + 1),
                                 prompt[:, :1], np.ones((1, 1), np.int64))
             dec.next_pos = np.array([[past]])
@@ -66,13 +65,12 @@ def runtime_figures(pipe, pasts: list[int], steps: int, image_batch: int = 8, te
             for _ in range(steps):
                 tok = dec.step(tok, None).argmax(-1)
 
-        out[f"decode_tok_s@{past}"] = steps / best_time(run, repeats=3)
-    out["peak_rss_mb"] = peak_rss_mb()
-    return out
+        tasks[f"decode_tok_s@{past}"] = (run, steps)
+    return tasks
 
 
-def reference_figures(model, pasts: list[int], steps: int, image_batch: int = 8, text_batch: int = 16) -> dict:
-    """The same measurements on the PyTorch reference (eager, concatenating KV cache)."""
+def reference_tasks(model, pasts: list[int], steps: int, image_batch: int = 8, text_batch: int = 16) -> dict:
+    """The same tasks on the PyTorch reference (eager, concatenating KV cache)."""
     import torch
 
     from reference_model.heads import additive_mask
@@ -80,79 +78,140 @@ def reference_figures(model, pasts: list[int], steps: int, image_batch: int = 8,
 
     cfg = model.config
     q = cfg.qllama
-    s = cfg.image_size
     g = torch.Generator().manual_seed(0)
-    pix = torch.randn(image_batch, 3, s, s, generator=g)
+    pix = torch.randn(image_batch, 3, cfg.image_size, cfg.image_size, generator=g)
     ids = torch.randint(3, q.vocab_size, (text_batch, 12), generator=g)
     ids[:, 0] = 1
     prompt = torch.tensor([[1, 5, 6, 7, 8]])
-    out = {}
-    with torch.no_grad():
-        _say("[bench] reference: image embeddings")
-        out["images_per_s"] = image_batch / best_time(lambda: model.encode_image(pix, "InternVL-C"), repeats=3)
-        _say("[bench] reference: text embeddings")
-        out["texts_per_s"] = text_batch / best_time(lambda: model.encode_text(ids), repeats=3)
-        _say("[bench] reference: caption time to first token")
-        out["ttft_s"] = best_time(lambda: _TorchDecoder(model, pix[:1], prompt, torch.ones_like(prompt), True)
-                                  .prefill(), repeats=3)
-        H, Dh = q.num_attention_heads, q.head_dim
-        trunk, head = model.qllama.model, model.qllama.lm_head
-        for past in pasts:
-            _say(f"[bench] reference: decode at past {past}")
-            kv0 = [(torch.randn(1, H, past, Dh, generator=g), torch.randn(1, H, past, Dh, generator=g))
-                   for _ in range(q.num_hidden_layers)]
+    tasks = {"images_per_s": (lambda: model.encode_image(pix, "InternVL-C"), image_batch),
+             "texts_per_s": (lambda: model.encode_text(ids), text_batch),
+             "ttft_s": (lambda: _TorchDecoder(model, pix[:1], prompt, torch.ones_like(prompt), True).prefill(), None)}
+    trunk, head = model.qllama.model, model.qllama.lm_head
+    for past in pasts:
+        kv0 = [(torch.randn(1, q.num_attention_heads, past, q.head_dim, generator=g),
+                torch.randn(1, q.num_attention_heads, past, q.head_dim, generator=g))
+               for _ in range(q.num_hidden_layers)]
 
-            def run():
-                kv, tok, n = kv0, torch.tensor([[5]]), past
-                for _ in range(steps):
-                    mask = additive_mask(torch.ones(1, n + 1, dtype=torch.long), 1)
-                    h, new = trunk(trunk.embed_tokens(tok), torch.tensor([[n]]), mask, past=kv)
-                    kv = [(torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(kv, new)]
-                    tok = head(h[:, -1]).argmax(-1, keepdim=True)
-                    n += 1
+        @torch.no_grad()
+        def run(kv0=kv0, past=past):
+            kv, tok, n = kv0, torch.tensor([[5]]), past
+            for _ in range(steps):
+                mask = additive_mask(torch.ones(1, n + 1, dtype=torch.long), 1)
+                h, new = trunk(trunk.embed_tokens(tok), torch.tensor([[n]]), mask, past=kv)
+                kv = [(torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(kv, new)]
+                tok = head(h[:, -1]).argmax(-1, keepdim=True)
+                n += 1
 
-            out[f"decode_tok_s@{past}"] = steps / best_time(run, repeats=3)
-    out["peak_rss_mb"] = peak_rss_mb()
-    return out
+        tasks[f"decode_tok_s@{past}"] = (run, steps)
+    return tasks
+
+
+def _figure(seconds: float, units) -> float:
+    return seconds if units is None else units / seconds
 
 
 def format_table(rt: dict, ref: dict | None) -> str:
-    """Side-by-side table with runtime/reference ratios (higher is better except time and memory)."""
+    """Side-by-side table with runtime/reference ratios (for ttft_s: reference time / runtime time)."""
     lines = [f"{'metric':<24} {'runtime':>12} {'reference':>12} {'ratio':>8}"]
     for k, v in rt.items():
         r = ref.get(k) if ref else None
-        ratio = ""
-        if r:
-            ratio = f"{(r / v if k in ('ttft_s',) else v / r):.2f}x" if k != "peak_rss_mb" else ""
+        ratio = "" if not r or k.startswith("peak") else f"{(r / v if k == 'ttft_s' else v / r):.2f}x"
         lines.append(f"{k:<24} {v:>12.4g} {(f'{r:.4g}' if r else '-'):>12} {ratio:>8}")
     decs = [k for k in rt if k.startswith("decode_tok_s@")]
     if len(decs) >= 2:
-        first, last = rt[decs[0]], rt[decs[-1]]
-        lines.append(f"runtime per-token time at {decs[-1].split('@')[1]} vs {decs[0].split('@')[1]}: "
-                     f"{first / last:.2f}x (target <= 1.5x)")
+        lines.append(f"runtime per-token time at past {decs[-1].split('@')[1]} vs {decs[0].split('@')[1]}: "
+                     f"{rt[decs[0]] / rt[decs[-1]]:.2f}x (target <= 1.5x)")
     if ref:
-        lines.append("ratio = runtime / reference throughput (for ttft_s: reference time / runtime time)")
-        lines.append("peak_rss_mb is the process peak after each side ran (runtime first)")
+        lines.append("ratio = runtime / reference throughput; runs interleaved, best of 5 each")
+        lines.append("peak_rss_mb: runtime = process peak before the reference model existed; "
+                     "reference = process peak after it ran")
     return "\n".join(lines)
 
 
-def run_bench(bundle, reference=None, threads: int | None = None, pasts=(16, 256, 1024), steps: int = 16) -> dict:
-    """Run and print the benchmark; returns {'runtime': {...}, 'reference': {...} | None}."""
+def logits_cosine(ref_pipe, new_pipe, steps: int = 8, seed: int = 0) -> float:
+    """Smallest cosine between the two bundles' logits over a teacher-forced greedy caption."""
+    s = ref_pipe.preprocessing["image_size"]
+    pix = np.random.default_rng(seed).standard_normal((2, 3, s, s), dtype=np.float32)
+    prompt = np.array([[1, 5, 6, 7]] * 2, np.int64)
+    a, b = ref_pipe._decoder(pix, prompt, None, steps), new_pipe._decoder(pix, prompt, None, steps)
+    la, lb = a.prefill(), b.prefill()
+    worst = 1.0
+    for i in range(steps):
+        cos = (la * lb).sum(1) / (np.linalg.norm(la, axis=1) * np.linalg.norm(lb, axis=1))
+        worst = min(worst, float(cos.min()))
+        if i + 1 < steps:
+            tok = la.argmax(-1)  # both follow the first bundle's tokens
+            la, lb = a.step(tok, None), b.step(tok, None)
+    return worst
+
+
+def compare_bundles(pipe, others: list, pasts: list[int], steps: int) -> str:
+    """Decode speed (interleaved with `pipe`'s) and logits cosine of other bundles, e.g. int8-cpu."""
+    lines = [f"{'bundle':<24} {'precision':<9} " + " ".join(f"{'tok/s@' + str(p):>12}" for p in pasts)
+             + f" {'speedup':>8} {'logits cos':>11}"]
+    base_tasks = runtime_tasks(pipe, pasts, steps)
+    for other in others:
+        _say(f"[bench] comparing {other.manifest.root.name}")
+        other_tasks = runtime_tasks(other, pasts, steps)
+        rates = {}
+        for p in pasts:
+            key = f"decode_tok_s@{p}"
+            a, b = interleaved_best([base_tasks[key][0], other_tasks[key][0]], repeats=3)
+            rates[p] = (steps / a, steps / b)
+        lines.append(f"{pipe.manifest.root.name:<24} {pipe.manifest['precision']:<9} "
+                     + " ".join(f"{rates[p][0]:>12.1f}" for p in pasts) + f" {'1.00x':>8} {1.0:>11.6f}")
+        lines.append(f"{other.manifest.root.name:<24} {other.manifest['precision']:<9} "
+                     + " ".join(f"{rates[p][1]:>12.1f}" for p in pasts)
+                     + f" {rates[pasts[0]][1] / rates[pasts[0]][0]:>7.2f}x {logits_cosine(pipe, other):>11.6f}")
+    lines.append(f"speedup = greedy decode tokens/s at past {pasts[0]} against the first bundle, measured "
+                 "interleaved in this run")
+    return "\n".join(lines)
+
+
+def run_bench(bundle, reference: Callable[[], object] | None = None, threads: int | None = None,
+              pasts=(16, 256, 1024), steps: int = 16, compare=()) -> dict:
+    """Run and print the benchmark. `reference` is a zero-argument loader of the PyTorch model (or None)."""
     import runtime
 
     pasts = list(pasts)
     pipe = runtime.load(bundle, threads=threads)
-    maxp = pipe.max_positions
-    bad = [p for p in pasts if p + steps + 1 > maxp]
+    bad = [p for p in pasts if p + steps + 1 > pipe.max_positions]
     if bad:
-        raise ValueError(f"past lengths {bad} + {steps} steps exceed max_position_embeddings {maxp}")
-    rt = runtime_figures(pipe, pasts, steps)
-    ref = None
+        raise ValueError(f"past lengths {bad} + {steps} steps exceed max_position_embeddings {pipe.max_positions}")
+    rt_tasks = runtime_tasks(pipe, pasts, steps)
+    for name, (task, _) in rt_tasks.items():
+        _say(f"[bench] runtime warm-up: {name}")
+        task()
+    rt_peak = peak_rss_mb()
+    ref_tasks, ref_peak = None, None
     if reference is not None:
+        import torch
+
         if threads:
+            torch.set_num_threads(threads)
+        model = reference().float().eval()
+        ref_tasks = reference_tasks(model, pasts, steps)
+        for name, (task, _) in ref_tasks.items():
+            _say(f"[bench] reference warm-up: {name}")
+            with torch.no_grad():
+                task()
+        ref_peak = peak_rss_mb()
+    rt, ref = {}, ({} if ref_tasks else None)
+    for name, (task, units) in rt_tasks.items():
+        _say(f"[bench] timing {name}")
+        if ref_tasks:
             import torch
 
-            torch.set_num_threads(threads)
-        ref = reference_figures(reference.float().eval(), pasts, steps)
+            with torch.no_grad():
+                a, b = interleaved_best([task, ref_tasks[name][0]])
+            rt[name], ref[name] = _figure(a, units), _figure(b, ref_tasks[name][1])
+        else:
+            rt[name] = _figure(interleaved_best([task])[0], units)
+    rt["peak_rss_mb"] = rt_peak
+    if ref is not None:
+        ref["peak_rss_mb"] = ref_peak
     print(format_table(rt, ref))
+    if compare:
+        print()
+        print(compare_bundles(pipe, [runtime.load(b, threads=threads) for b in compare], pasts, steps))
     return {"runtime": rt, "reference": ref}
