@@ -113,6 +113,7 @@ class FeedReader:
         self.feeds, self.i, self.progress, self.name = feeds, 0, progress, name
 
     def get_next(self):
+        """The next recorded feed, or None when all were given."""
         if self.i >= len(self.feeds):
             return None
         if self.progress:
@@ -121,4 +122,5 @@ class FeedReader:
         return self.feeds[self.i - 1]
 
     def rewind(self):
+        """Start again from the first feed."""
         self.i = 0

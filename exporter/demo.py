@@ -23,6 +23,7 @@ class ReferenceRunner:
         self.m, self.codec, self.pre = model, codec, preprocessing
 
     def classify(self, images, labels, template, mode):
+        """Similarities or probabilities [N, len(labels)] (argmax = predicted label)."""
         import torch
 
         from runtime.preprocess import preprocess
@@ -35,6 +36,7 @@ class ReferenceRunner:
         return img @ txt.T
 
     def caption_tokens(self, images, max_new_tokens):
+        """Greedy caption tokens [N, n] for the images."""
         import torch
 
         from runtime.preprocess import preprocess
@@ -51,9 +53,11 @@ class BundleRunner:
         self.p = pipe
 
     def classify(self, images, labels, template, mode):
+        """Similarities or probabilities [N, len(labels)] (argmax = predicted label)."""
         return self.p.classify(images, labels, template=template, mode=mode)
 
     def caption_tokens(self, images, max_new_tokens):
+        """Greedy caption tokens [N, n] for the images."""
         from runtime.preprocess import preprocess
 
         pix = preprocess(images, self.p.preprocessing)

@@ -114,6 +114,7 @@ class SharedWeights:
         return model
 
     def close(self) -> None:
+        """Flush and close the weights file."""
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()

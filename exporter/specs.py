@@ -29,6 +29,7 @@ class Limits:
     max_seq: int = 0  # 0: max_position_embeddings
 
     def seq(self, config: InternVLConfig) -> int:
+        """The longest sequence (queries + text) the profiles must admit."""
         return min(self.max_seq or config.qllama.max_position_embeddings, config.qllama.max_position_embeddings)
 
 
@@ -47,6 +48,7 @@ class GraphSpec:
 
     @property
     def filename(self) -> str:
+        """The graph's file name inside a bundle."""
         return f"{self.name}.onnx"
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
@@ -64,6 +66,7 @@ def _kv_names(config: InternVLConfig, prefix: str) -> list[str]:
 
 
 def vision_spec(config: InternVLConfig) -> GraphSpec:
+    """Spec of vision_encoder.onnx: pixel_values -> vision_hidden, image_embeds_c."""
     s, v = config.image_size, config.vision
 
     def profiles(c, lim):
@@ -81,6 +84,7 @@ def vision_spec(config: InternVLConfig) -> GraphSpec:
 
 
 def bridge_spec(config: InternVLConfig) -> GraphSpec:
+    """Spec of query_bridge.onnx: vision_hidden -> image_embeds_g and the visual prefix."""
     q = config.qllama
     Q, H, Dh = config.num_query_token, q.num_attention_heads, q.head_dim
     n, dv = config.num_image_tokens, config.vision.hidden_size
@@ -100,6 +104,7 @@ def bridge_spec(config: InternVLConfig) -> GraphSpec:
 
 
 def decoder_spec(config: InternVLConfig) -> GraphSpec:
+    """Spec of text_decoder.onnx: one QLLaMA step with past K/V (prefill and decode alike)."""
     q = config.qllama
     H, Dh = q.num_attention_heads, q.head_dim
 

@@ -50,6 +50,7 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
+        """True when every output, token and Polygraphy check passed."""
         return (all(o.ok for o in self.outputs) and all(t.ok for t in self.tokens)
                 and all(self.polygraphy.values()))
 

@@ -60,6 +60,7 @@ class VisionConfig:
 
     @property
     def head_dim(self) -> int:
+        """Per-head width."""
         return self.hidden_size // self.num_attention_heads
 
 
@@ -84,6 +85,7 @@ class QLlamaConfig:
 
     @property
     def head_dim(self) -> int:
+        """Per-head width."""
         return self.hidden_size // self.num_attention_heads
 
     def has_cross_attn(self, layer: int) -> bool:
@@ -110,6 +112,7 @@ class InternVLConfig:
 
     @property
     def num_image_tokens(self) -> int:
+        """Vision tokens per image: patches + CLS."""
         return (self.image_size // self.vision.patch_size) ** 2 + 1
 
     @classmethod

@@ -148,18 +148,21 @@ class _TorchDecoder:
 
     @torch.no_grad()
     def prefill(self) -> np.ndarray:
+        """Run queries + prompt (prefix-LM, cross-attention); logits of the last position."""
         mask = additive_mask(self.mask, self.embeds.shape[1], bidirectional_prefix=self.m.num_query_token)
         logits, kv = self._run(self.embeds, mask, self._positions(), self.vision, None)
         self.past = kv
         return logits.numpy()
 
     def expand(self, n: int) -> None:
+        """Repeat every row n times (beam search)."""
         rep = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731
         self.vision, self.embeds, self.mask = rep(self.vision), rep(self.embeds), rep(self.mask)
         self.past = [(rep(k), rep(v)) for k, v in self.past]
 
     @torch.no_grad()
     def step(self, tokens: np.ndarray, reorder: np.ndarray | None) -> np.ndarray:
+        """Reorder rows (beams), append one token per row, return its logits."""
         if reorder is not None:
             idx = torch.from_numpy(reorder)
             self.embeds, self.mask = self.embeds[idx], self.mask[idx]

@@ -55,6 +55,7 @@ class Stream:
         check(lib().cudaStreamCreate(ctypes.byref(self.handle)))
 
     def sync(self) -> None:
+        """Wait for the stream's work to finish."""
         check(lib().cudaStreamSynchronize(self.handle))
 
 
@@ -69,30 +70,35 @@ class DeviceBuffer:
 
     @classmethod
     def alloc(cls, shape, dtype) -> "DeviceBuffer":
+        """cudaMalloc a buffer for `shape` x `dtype`."""
         n = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
         p = ctypes.c_void_p()
         check(lib().cudaMalloc(ctypes.byref(p), ctypes.c_size_t(n)))
         return cls(p.value, n, tuple(shape), np.dtype(dtype))
 
     def view(self, shape) -> "DeviceBuffer":
+        """The same memory seen as another shape (no larger than the allocation)."""
         need = int(np.prod(shape)) * self.dtype.itemsize
         if need > self.nbytes:
             raise ValueError(f"view {shape} needs {need} bytes, buffer has {self.nbytes}")
         return DeviceBuffer(self.ptr, self.nbytes, tuple(shape), self.dtype)
 
     def free(self) -> None:
+        """Release the memory (idempotent)."""
         if self.ptr:
             lib().cudaFree(ctypes.c_void_p(self.ptr))
             self.ptr = 0
 
 
 def copy_htod(dst: DeviceBuffer, src: np.ndarray, stream: Stream) -> None:
+    """Asynchronous host-to-device copy of `src` into `dst`."""
     src = np.ascontiguousarray(src, dtype=dst.dtype)
     check(lib().cudaMemcpyAsync(ctypes.c_void_p(dst.ptr), src.ctypes.data_as(ctypes.c_void_p),
                                 ctypes.c_size_t(src.nbytes), H2D, stream.handle))
 
 
 def copy_dtoh(src: DeviceBuffer, stream: Stream) -> np.ndarray:
+    """Asynchronous device-to-host copy into a new array (valid after Stream.sync)."""
     out = np.empty(src.shape, src.dtype)
     check(lib().cudaMemcpyAsync(out.ctypes.data_as(ctypes.c_void_p), ctypes.c_void_p(src.ptr),
                                 ctypes.c_size_t(out.nbytes), D2H, stream.handle))

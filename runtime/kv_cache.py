@@ -32,6 +32,7 @@ class KVCache:
 
     @property
     def rows(self) -> int:
+        """Rows in the cache (batch x beams)."""
         return self.mask.shape[0]
 
     def write(self, present: list[np.ndarray], step_mask: np.ndarray) -> None:
@@ -81,6 +82,7 @@ class CachedDecoder:
         return out["logits"]
 
     def prefill(self) -> np.ndarray:
+        """Run the prompt after the visual prefix; logits of the last position [rows, V]."""
         full = np.concatenate([self.cache.mask[:, : self.cache.length], self.prompt_mask], axis=1)
         pos = full.cumsum(-1) - 1
         pos = np.where(full == 0, 1, pos)[:, self.cache.length:]  # transformers' convention for pads
@@ -88,10 +90,12 @@ class CachedDecoder:
         return self._run(self.prompt_ids, np.ascontiguousarray(pos), self.prompt_mask)
 
     def expand(self, n: int) -> None:
+        """Repeat every row n times (beam search)."""
         self.cache.repeat(n)
         self.next_pos = np.repeat(self.next_pos, n, axis=0)
 
     def step(self, tokens: np.ndarray, reorder: np.ndarray | None) -> np.ndarray:
+        """Reorder rows (beams), feed one token per row, return its logits."""
         if reorder is not None:
             self.cache.reorder(reorder)
             self.next_pos = self.next_pos[reorder]

@@ -37,21 +37,26 @@ class Manifest:
         return self.data[key]
 
     def get(self, key, default=None):
+        """A top-level manifest field, or `default`."""
         return self.data.get(key, default)
 
     def path(self, rel: str) -> Path:
+        """Absolute path of a file inside the bundle."""
         return self.root / rel
 
     def graph_path(self, name: str) -> Path:
+        """Path of the named graph; BundleError if the bundle has none."""
         if name not in self.data["graphs"]:
             raise BundleError(f"bundle {self.root} has no graph {name!r} (has {sorted(self.data['graphs'])})")
         return self.root / self.data["graphs"][name]["file"]
 
     def host_tensor(self, name: str) -> np.ndarray:
+        """A small host-side tensor (e.g. text_projection) as numpy."""
         return np.load(self.root / self.data["host_tensors"][name], allow_pickle=False)
 
     @property
     def model(self) -> dict:
+        """The model config in the original config.json layout."""
         return self.data["model"]
 
 

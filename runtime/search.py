@@ -17,11 +17,14 @@ import numpy as np
 class Decoder(Protocol):
     """What a search drives: one generation request's model state."""
 
-    def prefill(self) -> np.ndarray: ...
+    def prefill(self) -> np.ndarray:
+        """Logits [B, V] of the last prompt position."""
 
-    def expand(self, n: int) -> None: ...
+    def expand(self, n: int) -> None:
+        """Repeat every row n times (beam search)."""
 
-    def step(self, tokens: np.ndarray, reorder: np.ndarray | None) -> np.ndarray: ...
+    def step(self, tokens: np.ndarray, reorder: np.ndarray | None) -> np.ndarray:
+        """Reorder rows by `reorder` (if given), feed `tokens` [N], return logits [N, V]."""
 
 
 @dataclass
@@ -133,6 +136,7 @@ class _Hypotheses:
         self.worst = 1e9
 
     def add(self, tokens: list[int], sum_logprobs: float, length: int) -> None:
+        """Offer a finished hypothesis; keeps the best num_beams."""
         score = sum_logprobs / (length ** self.lp)
         if len(self.beams) < self.num_beams or score > self.worst:
             self.beams.append((score, tokens))
@@ -144,6 +148,7 @@ class _Hypotheses:
                 self.worst = min(score, self.worst)
 
     def is_done(self, best_sum_logprobs: float, length: int) -> bool:
+        """True when no open beam can still beat the worst kept hypothesis."""
         if len(self.beams) < self.num_beams:
             return False
         return self.worst >= best_sum_logprobs / (length ** self.lp)

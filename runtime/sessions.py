@@ -47,9 +47,11 @@ class Session:
                 raise ValueError(f"{self.name}: input {k} must have shape {meta.shape}, got {list(a.shape)}")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph on numpy feeds; returns every output by name."""
         raise NotImplementedError
 
     def close(self) -> None:
+        """Release the backend's resources."""
         pass
 
 
@@ -92,6 +94,7 @@ class OrtSession(Session):
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
 
     def close(self) -> None:
+        """Release the backend's resources."""
         self.sess = None
 
 

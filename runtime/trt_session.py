@@ -70,6 +70,7 @@ class TrtSession(Session):
         return buf.view(shape)
 
     def run(self, feeds: dict) -> dict:
+        """Run the engine; KV outputs stay on the device, the rest come back as numpy."""
         shapes = {k: tuple(v.shape) for k, v in feeds.items()}
         prof = pick_profile(self.profiles, shapes)
         if prof != self.profile:
@@ -96,9 +97,11 @@ class TrtSession(Session):
         return result
 
     def make_kv_cache(self, prefix: list[np.ndarray], capacity: int) -> "DeviceKVCache":
+        """A device-resident KV cache on this session's stream."""
         return DeviceKVCache(prefix, capacity, self.stream)
 
     def close(self) -> None:
+        """Free the device buffers."""
         for b in self.buffers.values():
             b.free()
         self.buffers.clear()
@@ -123,9 +126,11 @@ class DeviceKVCache:
 
     @property
     def rows(self) -> int:
+        """Rows in the cache (batch x beams)."""
         return self.mask.shape[0]
 
     def write(self, present: list[DeviceBuffer], step_mask: np.ndarray) -> None:
+        """Copy one step's new K/V (device) into the current slots, device to device."""
         T = step_mask.shape[1]
         if self.length + T > self.capacity:
             raise ValueError(f"KV cache full ({self.capacity} slots): raise the request's maximum length")
@@ -137,6 +142,7 @@ class DeviceKVCache:
         self.length += T
 
     def repeat(self, n: int) -> None:
+        """Repeat every row n times (beam search), on the device."""
         rows = self.rows
         row_bytes = self.heads * self.capacity * self.head_dim * 4
         new = []
@@ -153,6 +159,7 @@ class DeviceKVCache:
         self.scratch = None
 
     def reorder(self, src: np.ndarray) -> None:
+        """Beam reorder of the text slots only, on the device."""
         if np.array_equal(src, np.arange(self.rows)):
             return
         row_bytes = self.heads * self.capacity * self.head_dim * 4
