@@ -19,7 +19,9 @@ def format_manifest(man) -> str:
         f"patch {v['patch_size']}",
         f"qllama      {q['num_hidden_layers']} layers x {q['hidden_size']}  heads {q['num_attention_heads']}  "
         f"vocab {q['vocab_size']}  positions {q['max_position_embeddings']}  queries {m['num_query_token']}",
-        f"tokenizer   {d.get('tokenizer') or 'none (array API only)'}",
+        "tokenizer   " + (f"{d['tokenizer']['file']}" + (" + SentencePiece merge order (tied scores)"
+                                                      if d["tokenizer"].get("exact_bpe") else "")
+                             if d.get("tokenizer") else "none (array API only)"),
         "",
     ]
     for name, g in d["graphs"].items():

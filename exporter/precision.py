@@ -189,7 +189,7 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
         relink_weights(paths, tmp)
         for name, g in manifest["graphs"].items():
             g["checks"] = check_graph(tmp / g["file"], tensorrt=mode != "int8-cpu")
-        for f in ("tokenizer.json", "text_projection.npy", "logit_scale.npy"):
+        for f in ("tokenizer.json", "tokenizer_bpe_scores.npy", "text_projection.npy", "logit_scale.npy"):
             if (src.root / f).is_file():
                 (tmp / f).write_bytes((src.root / f).read_bytes())
         manifest["precision"] = mode

@@ -10,8 +10,36 @@ from __future__ import annotations
 from pathlib import Path
 
 
+BPE_SCORES = "tokenizer_bpe_scores.npy"
+
+
 class TokenizerError(ValueError):
     """A tokenizer that cannot be found or converted."""
+
+
+def whitespace_only_pieces(model_file: Path) -> bool:
+    """The model's trainer_spec.allow_whitespace_only_pieces (runs of spaces stay in one word)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto()
+    m.ParseFromString(Path(model_file).read_bytes())
+    return bool(m.trainer_spec.allow_whitespace_only_pieces)
+
+
+def bpe_scores(model_file: Path):
+    """Per-id merge scores (-inf for pieces merges never produce), when pieces tie on score; else None.
+
+    The runtime uses them to merge in SentencePiece's order (runtime.text.ExactBPE).
+    """
+    import numpy as np
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    n = sp.get_piece_size()
+    normal = [not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i)) for i in range(n)]
+    scores = np.array([sp.get_score(i) if normal[i] else -np.inf for i in range(n)], np.float32)
+    finite = scores[np.isfinite(scores)]
+    return scores if len(np.unique(finite)) < len(finite) else None
 
 
 def convert_sentencepiece(model_file: Path):
@@ -46,8 +74,11 @@ def convert_sentencepiece(model_file: Path):
     return tok
 
 
-def write_tokenizer(checkpoint: Path | None, tokenizer_dir: Path | None, out_dir: Path) -> str | None:
-    """Put `tokenizer.json` into the bundle from --tokenizer DIR or the checkpoint; None if neither has one."""
+def write_tokenizer(checkpoint: Path | None, tokenizer_dir: Path | None, out_dir: Path) -> dict | None:
+    """Put `tokenizer.json` into the bundle from --tokenizer DIR or the checkpoint; None if neither has one.
+
+    Returns the manifest's tokenizer entry: {"file", "exact_bpe": {"scores", "whitespace_only_pieces"} | None}.
+    """
     for given, src in ((True, tokenizer_dir), (False, checkpoint)):
         if src is None:
             continue
@@ -61,10 +92,18 @@ def write_tokenizer(checkpoint: Path | None, tokenizer_dir: Path | None, out_dir
                 Tokenizer.from_file(str(src / "tokenizer.json")).save(str(out_dir / "tokenizer.json"))
             except Exception as e:
                 raise TokenizerError(f"{src / 'tokenizer.json'} cannot be read by `tokenizers`: {e}") from e
-            return "tokenizer.json"
+            return {"file": "tokenizer.json", "exact_bpe": None}
         if (src / "tokenizer.model").is_file():
+            import numpy as np
+
             convert_sentencepiece(src / "tokenizer.model").save(str(out_dir / "tokenizer.json"))
-            return "tokenizer.json"
+            scores = bpe_scores(src / "tokenizer.model")
+            exact = None
+            if scores is not None:
+                np.save(out_dir / BPE_SCORES, scores)
+                exact = {"scores": BPE_SCORES,
+                         "whitespace_only_pieces": whitespace_only_pieces(src / "tokenizer.model")}
+            return {"file": "tokenizer.json", "exact_bpe": exact}
         if given:
             raise TokenizerError(f"--tokenizer {src} holds neither tokenizer.json nor tokenizer.model")
     return None

@@ -25,8 +25,7 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
         if backend == "tensorrt":
             path = Path(bundle) / "engines" / f"{name}.engine"
         sessions[name] = open_session(path, backend, providers=providers, threads=threads)
-    tok = manifest.get("tokenizer")
-    return Pipeline(manifest, sessions, TextCodec(manifest.path(tok) if tok else None, manifest))
+    return Pipeline(manifest, sessions, TextCodec.from_manifest(manifest))
 
 
 __all__ = ["load", "Pipeline", "Caption", "BundleError", "TokenizerMissing", "read_manifest"]

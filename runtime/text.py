@@ -10,17 +10,89 @@ class TokenizerMissing(RuntimeError):
     """The bundle has no tokenizer: only the array-level API (token ids) works."""
 
 
+class ExactBPE:
+    """SentencePiece's own BPE merge order, for vocabularies whose pieces tie on score.
+
+    `tokenizers`' BPE ranks every merge strictly; SentencePiece merges the highest-scoring
+    adjacent pair and, among equal scores, the leftmost. InternVL's tokenizer adds 18,213
+    Chinese-LLaMA pieces that all score 0, so the two disagree on some strings (e.g. '456.78').
+    This class redoes only the merge loop with the scores the exporter stored; normalization,
+    the vocabulary and decoding still come from tokenizer.json.
+    """
+
+    def __init__(self, vocab: dict[str, int], scores: np.ndarray, specials: list[str],
+                 whitespace_only_pieces: bool = True):
+        self.vocab = vocab
+        self.ws_runs = whitespace_only_pieces
+        self.score = {p: float(scores[i]) for p, i in vocab.items() if np.isfinite(scores[i])}
+        self.specials = sorted(specials, key=len, reverse=True)
+        self.byte_ids = [vocab.get(f"<0x{b:02X}>") for b in range(256)]
+
+    def _word(self, word: str) -> list[int]:
+        syms = list(word)
+        while len(syms) > 1:
+            best, at = None, -1
+            for i in range(len(syms) - 1):
+                sc = self.score.get(syms[i] + syms[i + 1])
+                if sc is not None and (best is None or sc > best):  # strict: the leftmost wins ties
+                    best, at = sc, i
+            if best is None:
+                break
+            syms[at:at + 2] = [syms[at] + syms[at + 1]]
+        out = []
+        for s in syms:
+            if s in self.score:
+                out.append(self.vocab[s])
+            else:  # byte fallback
+                out.extend(self.byte_ids[b] for b in s.encode("utf-8"))
+        return out
+
+    def _segment(self, text: str) -> list[int]:
+        if not text:
+            return []
+        norm = "\u2581" + text.replace(" ", "\u2581")
+        ids, start = [], 0
+        for i in range(1, len(norm) + 1):  # a word starts at a "▁" (not inside a run of them, if allowed)
+            if i == len(norm) or (norm[i] == "\u2581" and not (self.ws_runs and norm[i - 1] == "\u2581")):
+                ids += self._word(norm[start:i])
+                start = i
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """Ids without BOS; special-token strings in the text map to their ids, as the slow tokenizer does."""
+        for sp in self.specials:
+            if sp in text:
+                parts = text.split(sp)
+                out = self.encode(parts[0])
+                for part in parts[1:]:
+                    out += [self.vocab[sp]] + self.encode(part)
+                return out
+        return self._segment(text)
+
+
 class TextCodec:
     """Encodes texts for embedding (prefix + BOS + EOS, right padding) and prompts; decodes ids."""
 
-    def __init__(self, path: Path | None, manifest):
+    def __init__(self, path: Path | None, manifest, exact_bpe: dict | None = None, root: Path | None = None):
         self.special = manifest["special_tokens"]
         self.prompts = manifest["prompts"]
-        self.tok = None
+        self.tok, self.exact = None, None
         if path is not None:
             from tokenizers import Tokenizer
 
             self.tok = Tokenizer.from_file(str(path))
+            if exact_bpe:
+                specials = [t.content for t in self.tok.get_added_tokens_decoder().values()]
+                scores = np.load(Path(root or Path(path).parent) / exact_bpe["scores"], allow_pickle=False)
+                self.exact = ExactBPE(self.tok.get_vocab(), scores, specials, exact_bpe["whitespace_only_pieces"])
+
+    @classmethod
+    def from_manifest(cls, manifest) -> "TextCodec":
+        """The codec a bundle describes (no tokenizer: array API only)."""
+        entry = manifest.get("tokenizer")
+        if not entry:
+            return cls(None, manifest)
+        return cls(manifest.path(entry["file"]), manifest, entry.get("exact_bpe"), manifest.root)
 
     def _need(self):
         if self.tok is None:
@@ -31,7 +103,7 @@ class TextCodec:
         return self.tok
 
     def _ids(self, text: str) -> list[int]:
-        ids = self._need().encode(text).ids
+        ids = self.exact.encode(text) if self.exact else self._need().encode(text).ids
         bos = self.special["bos"]
         if not ids or ids[0] != bos:
             ids = [bos] + ids

@@ -1,8 +1,20 @@
 """The runtime's tokenization equals the original slow LlamaTokenizer's on the real tokenizer."""
+import string
+
 import numpy as np
 import pytest
 
 from runtime.text import TextCodec
+
+MANIFEST = {"special_tokens": {"bos": 1, "eos": 2, "pad": 0},
+            "prompts": {"text_embedding": {"prefix": "summarize:", "pad_id": 0}}}
+
+
+@pytest.fixture(scope="module")
+def sp(tokenizer_dir):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
 
 
 @pytest.fixture(scope="module")
@@ -10,16 +22,12 @@ def codec(tokenizer_dir, tmp_path_factory):
     from exporter.tokenizer import write_tokenizer
 
     d = tmp_path_factory.mktemp("tok")
-    write_tokenizer(None, tokenizer_dir, d)
-    manifest = {"special_tokens": {"bos": 1, "eos": 2, "pad": 0},
-                "prompts": {"text_embedding": {"prefix": "summarize:", "pad_id": 0}}}
-    return TextCodec(d / "tokenizer.json", manifest)
+    entry = write_tokenizer(None, tokenizer_dir, d)
+    assert entry["exact_bpe"] == {"scores": "tokenizer_bpe_scores.npy", "whitespace_only_pieces": True}
+    return TextCodec(d / entry["file"], MANIFEST, entry["exact_bpe"])
 
 
-def test_embedding_ids_as_original(codec, tokenizer_dir):
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+def test_embedding_ids_as_original(codec, sp):
     texts = ["a photo of a cat", "a diagram", "two dogs playing in the snow"]
     ids = codec.embedding_ids(texts)
     for row, t in zip(ids, texts):
@@ -27,3 +35,14 @@ def test_embedding_ids_as_original(codec, tokenizer_dir):
         assert row[: len(want)].tolist() == want and not row[len(want):].any()
     assert codec.decode(codec.prompt_ids("English caption: a red car")[0]) == "English caption: a red car"
     assert isinstance(ids, np.ndarray) and ids.dtype == np.int64
+
+
+def test_token_for_token_on_a_random_corpus(codec, sp):
+    """Mixed scripts, digits, punctuation, runs of spaces: including strings where tied scores matter."""
+    rng = np.random.default_rng(0)
+    alphabet = (list(string.ascii_letters + string.digits + string.punctuation + "   \t\n")
+                + list("中文测试一只猫在公园里放风筝的女孩是我们你好世界。，！？") + ["é", "ü", "ß", "😀", "☃", "€"])
+    texts = ["123,456.78", "Hello  world!  ", " leading", "中文测试，一只猫。", "3.14159 and 2.71828"]
+    texts += ["".join(rng.choice(alphabet, rng.integers(1, 40))) for _ in range(2000)]
+    mismatched = [t for t in texts if codec._ids(t) != [1] + sp.encode(t)]
+    assert mismatched == []
