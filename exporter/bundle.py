@@ -102,7 +102,7 @@ def export_bundle(model: torch.nn.Module, out, *, checkpoint: Path | None = None
         progress(f"[export] weights shared across graphs ({saved / 1e6:.1f} MB stored once)")
         for spec in all_specs(config):
             graphs[spec.name]["checks"] = check_graph(tmp / spec.filename)
-        tok = write_tokenizer(checkpoint, tokenizer, tmp)
+        tok = write_tokenizer(checkpoint, tokenizer, tmp, vocab_size=config.qllama.vocab_size)
         if tok is None:
             progress("[export] no tokenizer found (give --tokenizer DIR): the bundle serves the array API only")
         np.save(tmp / "text_projection.npy", model.text_projection.detach().float().numpy())

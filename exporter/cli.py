@@ -78,7 +78,7 @@ def verify(bundle, checkpoint, preset, seed):
     from .verify import verify_bundle
 
     model, _ = load_source(checkpoint, preset, seed)
-    report = verify_bundle(bundle, model)
+    report = verify_bundle(bundle, model, progress=lambda m: click.echo(m, err=True))
     click.echo(report.format())
     if not report.passed:
         sys.exit(1)

@@ -74,11 +74,26 @@ def convert_sentencepiece(model_file: Path):
     return tok
 
 
-def write_tokenizer(checkpoint: Path | None, tokenizer_dir: Path | None, out_dir: Path) -> dict | None:
+def write_tokenizer(checkpoint: Path | None, tokenizer_dir: Path | None, out_dir: Path,
+                    vocab_size: int | None = None) -> dict | None:
     """Put `tokenizer.json` into the bundle from --tokenizer DIR or the checkpoint; None if neither has one.
 
     Returns the manifest's tokenizer entry: {"file", "exact_bpe": {"scores", "whitespace_only_pieces"} | None}.
+    A tokenizer with more pieces than the model's `vocab_size` is refused (it belongs to another model).
     """
+    entry = _write_tokenizer(checkpoint, tokenizer_dir, out_dir)
+    if entry and vocab_size:
+        from tokenizers import Tokenizer
+
+        n = Tokenizer.from_file(str(out_dir / entry["file"])).get_vocab_size()
+        if n > vocab_size:
+            (out_dir / entry["file"]).unlink()
+            raise TokenizerError(f"the tokenizer has {n} pieces but the model's vocabulary has {vocab_size}: "
+                                 "give the tokenizer that belongs to this checkpoint (--tokenizer DIR)")
+    return entry
+
+
+def _write_tokenizer(checkpoint, tokenizer_dir, out_dir) -> dict | None:
     for given, src in ((True, tokenizer_dir), (False, checkpoint)):
         if src is None:
             continue

@@ -172,13 +172,18 @@ def _polygraphy_compare(module, spec, path, cases) -> bool | None:
     return bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=tol["atol"], rtol=tol["rtol"])))
 
 
+def _quiet(msg: str) -> None:
+    pass
+
+
 def verify_graphs(bundle, model: InternVLModel, report: VerifyReport, batch_sizes=(1, 2), seed: int = 0,
-                  use_polygraphy: bool = True) -> None:
+                  use_polygraphy: bool = True, progress=_quiet) -> None:
     """Each graph on onnxruntime against its PyTorch module on the same feeds."""
     pipe = runtime.load(bundle)
     config = model.config
     cases = graph_cases(config, batch_sizes, seed)
     for spec in all_specs(config):
+        progress(f"[verify] {spec.name}: {len(cases[spec.name])} cases")
         module = spec.module(model).eval()
         sess = pipe.sessions[spec.name]
         for i, feeds in enumerate(cases[spec.name]):
@@ -232,10 +237,11 @@ def verify_end_to_end(bundle, model: InternVLModel, report: VerifyReport, cosine
 
 
 def verify_bundle(bundle, model: InternVLModel, cosine_min: float = 0.99999, batch_sizes=(1, 2), seed: int = 0,
-                  use_polygraphy: bool = True) -> VerifyReport:
+                  use_polygraphy: bool = True, progress=_quiet) -> VerifyReport:
     """Verify an fp32 bundle against `model`: every graph, then end to end. See VerifyReport.passed."""
     report = VerifyReport()
     model = model.float().eval()
-    verify_graphs(bundle, model, report, batch_sizes, seed, use_polygraphy)
+    verify_graphs(bundle, model, report, batch_sizes, seed, use_polygraphy, progress)
+    progress("[verify] end to end: embeddings, similarity, greedy and beam captions")
     verify_end_to_end(bundle, model, report, cosine_min, seed)
     return report

@@ -37,3 +37,11 @@ def test_bad_tokenizer_file(tmp_path):
     with pytest.raises(TokenizerError, match="neither tokenizer.json nor tokenizer.model"):
         (tmp_path / "empty").mkdir()
         write_tokenizer(None, tmp_path / "empty", tmp_path)
+
+
+def test_tokenizer_of_another_model_is_refused(tokenizer_dir, tmp_path, tiny_model):
+    from exporter.bundle import export_bundle
+
+    with pytest.raises(TokenizerError, match="49954 pieces but the model's vocabulary has 128"):
+        export_bundle(tiny_model, tmp_path / "b", tokenizer=tokenizer_dir, progress=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
