@@ -60,3 +60,15 @@ def test_bench_prints_ratios(tiny_bundle):
 def test_engine_emit_trtexec(tiny_bundle, tmp_path):
     r = _run("engine", tiny_bundle, "--emit-trtexec", "--out", tmp_path / "e")
     assert r.exit_code == 0 and (tmp_path / "e" / "build_engines.sh").is_file()
+
+
+def test_precision_at_export_time(tmp_path):
+    out = tmp_path / "b"
+    r = _run("onnx", "--preset", "tiny", "--out", out, "--precision", "fp16")
+    assert r.exit_code == 0, r.output
+    from runtime.manifest import read_manifest
+
+    assert read_manifest(out)["precision"] == "fp32"
+    assert read_manifest(tmp_path / "b-fp16")["precision"] == "fp16"
+    r = _run("precision", out, "--int8", "--out", tmp_path / "q")
+    assert r.exit_code == 1 and "--int8 needs --calib" in r.output
