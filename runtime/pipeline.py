@@ -46,6 +46,8 @@ class Pipeline:
                           f"present.{i}.key", f"present.{i}.value") for i in range(L)]
         self.prefix_names = [f"prefix.{i}.{k}" for i in range(L) for k in ("key", "value")]
         dec = sessions["text_decoder"]
+        limits = [s.max_batch for s in sessions.values() if s.max_batch]
+        self.max_batch = min(limits) if limits else None  # TensorRT engines: their profiles' largest batch
         self._empty_past = {n: np.zeros((0,) + (dec.inputs[n].shape[1], 0, dec.inputs[n].shape[3]), np.float32)
                             for names in self.kv_names for n in names[:2]}
 
@@ -104,7 +106,7 @@ class Pipeline:
         hidden = self.sessions["text_decoder"].run(feeds)["hidden_states"]
         return hidden[np.arange(B), last] @ self.text_projection
 
-    def _decoder(self, pixel_values, input_ids, attention_mask, max_new_tokens) -> CachedDecoder:
+    def _decoder(self, pixel_values, input_ids, attention_mask, max_new_tokens, num_beams: int = 1) -> CachedDecoder:
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty [B, T] prompt, got shape {list(ids.shape)}")
@@ -116,6 +118,9 @@ class Pipeline:
                 f"positions exceeds max_position_embeddings {self.max_positions}: shorten the prompt or "
                 "lower max_new_tokens"
             )
+        if self.max_batch and ids.shape[0] * num_beams > self.max_batch:
+            raise ValueError(f"{ids.shape[0]} prompts x {num_beams} beams exceeds the engines' largest batch "
+                             f"{self.max_batch}: caption fewer images at once or rebuild with a larger --max-batch")
         hidden, _ = self.vision(pixel_values)
         if hidden.shape[0] != ids.shape[0]:
             raise ValueError(f"{hidden.shape[0]} images but {ids.shape[0]} prompts: give one prompt per image")
@@ -137,7 +142,7 @@ class Pipeline:
                                   num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                   top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
         cfg.validate()
-        result = search(self._decoder(pixel_values, input_ids, attention_mask, max_new_tokens), cfg)
+        result = search(self._decoder(pixel_values, input_ids, attention_mask, max_new_tokens, num_beams), cfg)
         return (result.tokens, result.scores) if return_scores else result.tokens
 
     def iter_generate(self, pixel_values, input_ids, attention_mask=None, **kw) -> Iterator[np.ndarray]:
@@ -154,6 +159,7 @@ class Pipeline:
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         if not images:
             raise ValueError("no images given: pass at least one")
+        batch_size = min(batch_size, self.max_batch or batch_size)
         parts = [self.encode_image(preprocess(images[i:i + batch_size], self.preprocessing, crop), MODES[mode])
                  for i in range(0, len(images), batch_size)]
         return np.concatenate(parts)
@@ -163,6 +169,7 @@ class Pipeline:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ValueError("no texts given: pass at least one")
+        batch_size = min(batch_size, self.max_batch or batch_size)
         return np.concatenate([self.encode_text(self.codec.embedding_ids(texts[i:i + batch_size]))
                                for i in range(0, len(texts), batch_size)])
 
@@ -186,11 +193,17 @@ class Pipeline:
                  min_new_tokens: int = 8, num_beams: int = 5, **kw) -> list[Caption]:
         """Captions of several images in one batch (one prompt for all)."""
         images = list(images) if isinstance(images, (list, tuple)) else [images]
-        pix = preprocess(images, self.preprocessing)
-        ids = np.repeat(self.codec.prompt_ids(prompt), len(images), axis=0)
-        tokens, scores = self.generate(pix, ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                       num_beams=num_beams, return_scores=True, **kw)
-        return [self._caption(t, s) for t, s in zip(tokens, scores)]
+        if not images:
+            raise ValueError("no images given: pass at least one")
+        chunk = max(1, self.max_batch // num_beams) if self.max_batch else len(images)
+        out = []
+        for i in range(0, len(images), chunk):  # stay within TensorRT's largest batch
+            pix = preprocess(images[i:i + chunk], self.preprocessing)
+            ids = np.repeat(self.codec.prompt_ids(prompt), len(pix), axis=0)
+            tokens, scores = self.generate(pix, ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                           num_beams=num_beams, return_scores=True, **kw)
+            out += [self._caption(t, sc) for t, sc in zip(tokens, scores)]
+        return out
 
     def caption(self, image, prompt: str = "English caption:", max_new_tokens: int = 30, min_new_tokens: int = 8,
                 num_beams: int = 5, **kw) -> Caption:

@@ -32,6 +32,7 @@ class Session:
     inputs: dict[str, TensorMeta]
     output_names: list[str]
     name: str = "graph"
+    max_batch: int | None = None  # largest batch the backend accepts (TensorRT profiles); None: any
 
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
         """Raise ValueError naming the first missing, extra, mistyped or mis-shaped input."""

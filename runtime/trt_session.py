@@ -59,6 +59,7 @@ class TrtSession(Session):
         self.output_names = [n for n in io if not is_in(n)]
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in io}
         self.buffers: dict[str, DeviceBuffer] = {}
+        self.max_batch = max(min(v[2][0] for v in prof.values()) for prof in self.profiles)
 
     def _buffer(self, name: str, shape) -> DeviceBuffer:
         need = max(1, int(np.prod(shape))) * self.dtypes[name].itemsize
@@ -123,6 +124,10 @@ class DeviceKVCache:
         self.mask = np.zeros((rows, capacity), np.int64)
         self.mask[:, :q_len] = 1
         self.scratch = None
+
+    def __del__(self):
+        for b in list(self.buffers) + list(self.scratch or []):
+            b.free()
 
     @property
     def rows(self) -> int:

@@ -115,3 +115,16 @@ def test_text_ids_follow_the_original_convention(pipe):
     # summarize: prefix, BOS first, EOS last real token, right padding with 0
     assert ids[0].tolist() == [1, 3, 6, 7, 2, 0] and ids[1].tolist() == [1, 3, 11, 12, 13, 2]
     assert pipe.codec.prompt_ids("English caption:").tolist() == [[1, 4, 5]]
+
+
+def test_batch_limit_chunks_and_errors(tiny_text_bundle):
+    """With a backend batch limit (TensorRT profiles), user calls chunk and array calls explain the limit."""
+    p = runtime.load(tiny_text_bundle)
+    imgs = [(np.random.default_rng(i).random((20, 30, 3)) * 255).astype(np.uint8) for i in range(5)]
+    free = p.captions(imgs, max_new_tokens=4, min_new_tokens=1, num_beams=2)
+    p.max_batch = 4
+    limited = p.captions(imgs, max_new_tokens=4, min_new_tokens=1, num_beams=2)
+    assert [c.tokens for c in limited] == [c.tokens for c in free]
+    np.testing.assert_allclose(p.embed_images(imgs), runtime.load(tiny_text_bundle).embed_images(imgs), atol=1e-6)
+    with pytest.raises(ValueError, match="exceeds the engines' largest batch 4"):
+        p.generate(_pix(3), np.array([[1, 5]] * 3), max_new_tokens=2, num_beams=2)
