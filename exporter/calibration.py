@@ -106,6 +106,19 @@ def record_feeds(pipe, images, texts: list[str] | None, max_new_tokens: int = 4)
     return {k: r.feeds for k, r in recorders.items()}
 
 
+def uniform_feeds(feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The feeds of the most common shape signature.
+
+    onnxruntime's histogram calibrators (entropy, percentile) stack every batch's activations into
+    one array, so all batches must share shapes: full image batches, and the decoder's
+    single-token steps (its most frequent feeds) rather than prefill and text passes.
+    """
+    groups: dict[tuple, list] = {}
+    for f in feeds:
+        groups.setdefault(tuple((k, v.shape) for k, v in sorted(f.items())), []).append(f)
+    return max(groups.values(), key=len) if groups else []
+
+
 class FeedReader:
     """onnxruntime CalibrationDataReader over recorded feeds (duck-typed: get_next / rewind)."""
 

@@ -118,13 +118,17 @@ def to_int8_qdq(src: Path, dst: Path, feeds: list[dict], method: str, exclude, p
 
     from .calibration import FeedReader
 
+    from .calibration import uniform_feeds
+
     model = onnx.load(str(src), load_external_data=False)
     quant, skipped = int8_nodes(model, exclude)
+    if method != "max":
+        feeds = uniform_feeds(feeds)
     methods = {"max": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     quantize_static(str(src), str(dst), FeedReader(feeds, progress, src.stem), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    nodes_to_quantize=quant, use_external_data_format=True, calibrate_method=methods[method],
+                    nodes_to_quantize=quant, op_types_to_quantize=["MatMul", "Conv", "Gemm"], use_external_data_format=True, calibrate_method=methods[method],
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                    "CalibMovingAverage": False, "DedicatedQDQPair": False})
     return {"method": f"onnxruntime.quantization.quantize_static QDQ, symmetric, per-channel weights, "

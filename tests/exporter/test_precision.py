@@ -119,3 +119,14 @@ def test_calibration_folder_errors(tmp_path, tiny_bundle):
         read_image_folder(tmp_path / "nope")
     with pytest.raises(ValueError, match="--int8 needs --calib"):
         make_precision_bundle(tiny_bundle, tmp_path / "out", "int8")
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_other_calibration_methods(tiny_bundle, calib_dir, tmp_path, method):
+    out = make_precision_bundle(tiny_bundle, tmp_path / method, "int8", calib=calib_dir, method=method,
+                                progress=lambda s: None, report=False)
+    man = read_manifest(out)
+    assert method in man["graphs"]["vision_encoder"]["how"]["method"]
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    ref = runtime.load(tiny_bundle).encode_image(x)
+    assert _cos(ref, runtime.load(out).encode_image(x)) >= 0.99

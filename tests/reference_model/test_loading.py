@@ -140,3 +140,13 @@ def test_force_image_size_resizes_positions(tiny_checkpoint, tmp_path):
     assert out.shape == (1, 24)
     with pytest.raises(ValueError, match=r"pixel_values must be \[B, 3, 48, 48\]"):
         m.encode_image(torch.randn(1, 3, 32, 32))
+
+
+def test_pytorch_bin_checkpoint(tiny_checkpoint, tmp_path):
+    d = tmp_path / "bin"
+    d.mkdir()
+    shutil.copy(tiny_checkpoint / "config.json", d)
+    sd = load_file(tiny_checkpoint / "model.safetensors")
+    torch.save(sd, d / "pytorch_model.bin")
+    m = reference_model.load_pretrained(d)
+    assert torch.equal(m.query_tokens, sd["query_tokens"])

@@ -61,3 +61,17 @@ def test_bad_images(tmp_path):
         preprocess([np.full((4, 4, 3), 3.0)], CFG)
     with pytest.raises(ValueError, match="no images"):
         preprocess([], CFG)
+
+
+def test_equals_the_original_torchvision_transforms():
+    """Outputs of the original InternVL transforms, produced by torchvision 0.29 (tests/data/make_*.py)."""
+    from pathlib import Path
+
+    fx = np.load(Path(__file__).parents[1] / "data" / "torchvision_transforms.npz")
+    n = sum(k.startswith("image_") for k in fx.files)
+    assert n == 5
+    for i in range(n):
+        img = fx[f"image_{i}"]
+        np.testing.assert_allclose(preprocess([img], CFG)[0], fx[f"retrieval_{i}"], atol=1e-5, err_msg=str(i))
+        np.testing.assert_allclose(preprocess([img], CFG, crop=True)[0], fx[f"classification_{i}"], atol=1e-5,
+                                   err_msg=str(i))
