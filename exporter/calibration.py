@@ -106,17 +106,20 @@ def record_feeds(pipe, images, texts: list[str] | None, max_new_tokens: int = 4)
     return {k: r.feeds for k, r in recorders.items()}
 
 
-def uniform_feeds(feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """The feeds of the most common shape signature.
+def shape_groups(feeds: list[dict[str, np.ndarray]]) -> list[list[dict[str, np.ndarray]]]:
+    """Feeds grouped by shape signature (prefill, decode steps and text passes of the decoder differ).
 
-    onnxruntime's histogram calibrators (entropy, percentile) stack every batch's activations into
-    one array, so all batches must share shapes: full image batches, and the decoder's
-    single-token steps (its most frequent feeds) rather than prefill and text passes.
+    onnxruntime's histogram calibrators stack the activations of one collect_data call into one
+    array, so each call must see one shape; their histograms merge across calls. A merge with an
+    empty tensor fails (the text pass has an empty past, so empty attention scores), so only the
+    largest such group is kept, and it goes first, where an empty tensor starts a histogram.
     """
     groups: dict[tuple, list] = {}
     for f in feeds:
         groups.setdefault(tuple((k, v.shape) for k, v in sorted(f.items())), []).append(f)
-    return max(groups.values(), key=len) if groups else []
+    empty = sorted((g for g in groups.values() if any(v.size == 0 for v in g[0].values())), key=len, reverse=True)
+    full = [g for g in groups.values() if all(v.size for v in g[0].values())]
+    return empty[:1] + full
 
 
 class FeedReader:

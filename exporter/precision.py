@@ -112,28 +112,60 @@ def to_fp16(src: Path, dst: Path) -> dict:
     return {"method": "onnxruntime.transformers.float16 (keep_io_types)", "fp32_nodes": len(block)}
 
 
+QUANT_OPS = ["MatMul", "Conv", "Gemm"]
+
+
+def histogram_ranges(src: Path, feeds: list[dict], method, cache: Path, progress) -> None:
+    """Entropy/percentile tensor ranges with onnxruntime's calibrator, one collect per feed shape.
+
+    The histograms merge across collect_data calls; the ranges go to `cache` (onnxruntime's
+    calibration cache), which quantize_static then reads instead of calibrating again.
+    """
+    import tempfile
+
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    from .calibration import FeedReader, shape_groups
+
+    with tempfile.TemporaryDirectory(prefix="bridge-export-calib-") as tmp:
+        cal = create_calibrator(src, QUANT_OPS, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                calibrate_method=method, use_external_data_format=True,
+                                extra_options={"symmetric": True})
+        for group in shape_groups(feeds):
+            cal.collect_data(FeedReader(group, progress, src.stem))
+            cal.clear_collected_data()
+        save_tensors_data(cal.compute_data(), cache)
+
+
 def to_int8_qdq(src: Path, dst: Path, feeds: list[dict], method: str, exclude, progress) -> dict:
-    """Static symmetric Q/DQ INT8 of graph `src`, calibrated on recorded `feeds`."""
+    """Static symmetric Q/DQ INT8 of graph `src`, calibrated on recorded `feeds`.
+
+    The tensor ranges are kept beside the graph as `<graph>.calibration.json` (onnxruntime's
+    calibration cache format), so the bundle records exactly what calibration produced.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from .calibration import FeedReader
 
-    from .calibration import uniform_feeds
-
     model = onnx.load(str(src), load_external_data=False)
     quant, skipped = int8_nodes(model, exclude)
-    if method != "max":
-        feeds = uniform_feeds(feeds)
     methods = {"max": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    quantize_static(str(src), str(dst), FeedReader(feeds, progress, src.stem), quant_format=QuantFormat.QDQ,
+    cache = dst.with_suffix(".calibration.json")
+    reader = FeedReader(feeds, progress, src.stem)
+    if method != "max":
+        histogram_ranges(src, feeds, methods[method], cache, progress)
+        reader = None
+    quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    nodes_to_quantize=quant, op_types_to_quantize=["MatMul", "Conv", "Gemm"], use_external_data_format=True, calibrate_method=methods[method],
+                    nodes_to_quantize=quant, op_types_to_quantize=QUANT_OPS, use_external_data_format=True,
+                    calibrate_method=methods[method], calibration_cache_path=cache,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                    "CalibMovingAverage": False, "DedicatedQDQPair": False})
     return {"method": f"onnxruntime.quantization.quantize_static QDQ, symmetric, per-channel weights, "
                       f"calibration {method}", "quantized_nodes": len(quant), "excluded_nodes": len(skipped),
-            "calibration_batches": len(feeds), "exclude": DEFAULT_INT8_EXCLUDE if exclude is None else exclude}
+            "calibration_batches": len(feeds), "calibration_ranges": cache.name,
+            "exclude": DEFAULT_INT8_EXCLUDE if exclude is None else exclude}
 
 
 def to_int8_dynamic(src: Path, dst: Path, exclude) -> dict:
