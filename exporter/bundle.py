@@ -131,6 +131,7 @@ def export_bundle(model: torch.nn.Module, out, *, checkpoint: Path | None = None
             "special_tokens": {"bos": q.bos_token_id, "eos": q.eos_token_id, "pad": q.pad_token_id, "unk": 0},
             "prompts": {
                 "text_embedding": {"prefix": "summarize:", "add_bos": True, "add_eos": True, "padding": "right",
+                                   "max_length": 80, "truncation": "first tokens kept, then BOS and EOS added",
                                    "pad_id": q.pad_token_id, "mask": "ids > 0", "pool": "last non-pad token"},
                 "caption": {"prompt": "English caption:", "add_bos": True, "add_eos": False,
                             "num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8},

@@ -77,6 +77,12 @@ def verify(bundle, checkpoint, preset, seed):
     from .bundle import load_source
     from .verify import verify_bundle
 
+    from runtime.manifest import read_manifest
+
+    precision = read_manifest(bundle, verify_checksums=False)["precision"]
+    if precision != "fp32":
+        raise click.ClickException(f"{bundle} is a {precision} bundle: verify checks fp32 parity with the reference; "
+                                   "its accuracy against fp32 is in its manifest (bridge-export inspect)")
     model, _ = load_source(checkpoint, preset, seed)
     report = verify_bundle(bundle, model, progress=lambda m: click.echo(m, err=True))
     click.echo(report.format())

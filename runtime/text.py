@@ -110,11 +110,21 @@ class TextCodec:
         return ids
 
     def embedding_ids(self, texts: list[str]) -> np.ndarray:
-        """`summarize:` + text, BOS, EOS, right-padded with the pad id (the original's convention)."""
+        """`summarize:` + text, BOS, EOS, right-padded with the pad id (the original's convention).
+
+        Like the original (max_length=80, truncation=True), a longer text keeps its first tokens and
+        still gets BOS and EOS.
+        """
         if not texts:
             raise ValueError("no texts given: pass at least one")
         conv = self.prompts["text_embedding"]
-        rows = [self._ids(conv["prefix"] + t) + [self.special["eos"]] for t in texts]
+        limit = conv.get("max_length")
+        rows = []
+        for t in texts:
+            ids = self._ids(conv["prefix"] + t)
+            if limit and len(ids) + 1 > limit:
+                ids = ids[: limit - 1]
+            rows.append(ids + [self.special["eos"]])
         out = np.full((len(rows), max(map(len, rows))), conv["pad_id"], np.int64)
         for i, r in enumerate(rows):
             out[i, : len(r)] = r

@@ -46,3 +46,15 @@ def test_token_for_token_on_a_random_corpus(codec, sp):
     texts += ["".join(rng.choice(alphabet, rng.integers(1, 40))) for _ in range(2000)]
     mismatched = [t for t in texts if codec._ids(t) != [1] + sp.encode(t)]
     assert mismatched == []
+
+
+def test_long_texts_truncated_like_the_original(codec, sp):
+    """max_length=80 with truncation: the first tokens survive, BOS and EOS are still there."""
+    import copy
+
+    limited = copy.copy(codec)
+    limited.prompts = {"text_embedding": {**MANIFEST["prompts"]["text_embedding"], "max_length": 80}}
+    text = " ".join(["word"] * 200)
+    row = limited.embedding_ids([text])[0]
+    want = ([1] + sp.encode("summarize:" + text))[:79] + [2]
+    assert len(row) == 80 and row.tolist() == want
