@@ -172,7 +172,10 @@ def beam_search(decoder: Decoder, cfg: SearchConfig) -> SearchResult:
         history = [np.array([s[j] for s in seqs]) for j in range(step)] if cfg.repetition_penalty != 1.0 else []
         scores = _process(log_softmax(logits), history, step, cfg) + beam_scores[:, None]
         flat = scores.reshape(B, K * V)
-        top = np.argsort(-flat, axis=1, kind="stable")[:, : 2 * K]  # (B, 2K)
+        # top 2K candidates per row: partition first (the vocabulary is large), then sort those
+        part = np.argpartition(-flat, 2 * K - 1, axis=1)[:, : 2 * K]
+        order = np.argsort(-np.take_along_axis(flat, part, 1), axis=1, kind="stable")
+        top = np.take_along_axis(part, order, 1)  # (B, 2K), best first
         top_scores = np.take_along_axis(flat, top, 1)
         next_scores = np.zeros(B * K, np.float32)
         next_tokens = np.zeros(B * K, np.int64)
