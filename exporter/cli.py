@@ -221,13 +221,12 @@ def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, com
     """Throughput and memory of a bundle (and the reference, side by side, in this one process)."""
     from runtime.bench import run_bench
 
-    ref = None
-    if reference or reference_preset:
-        from .bundle import load_source
+    from .bundle import load_source
 
-        def ref():  # loaded after the runtime's memory is measured
-            return load_source(reference, reference_preset, seed)[0]
-    run_bench(bundle, reference=ref, threads=threads, pasts=[int(p) for p in pasts.split(",")], steps=tokens,
+    def load_reference():  # called after the runtime's memory is measured
+        return load_source(reference, reference_preset, seed)[0]
+
+    run_bench(bundle, reference=load_reference if (reference or reference_preset) else None, threads=threads, pasts=[int(p) for p in pasts.split(",")], steps=tokens,
               compare=list(compare))
 
 

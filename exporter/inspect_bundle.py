@@ -14,7 +14,7 @@ def format_manifest(man) -> str:
     lines = [
         f"bundle      {man.root}",
         f"format      {d['format']} v{d['format_version']}   precision {d['precision']}   source {d.get('source', '')}",
-        f"versions    " + "  ".join(f"{k}={val}" for k, val in d["versions"].items()),
+        "versions    " + "  ".join(f"{k}={val}" for k, val in d["versions"].items()),
         f"vision      {v['num_hidden_layers']} layers x {v['hidden_size']}  image {d['preprocessing']['image_size']}px "
         f"patch {v['patch_size']}",
         f"qllama      {q['num_hidden_layers']} layers x {q['hidden_size']}  heads {q['num_attention_heads']}  "

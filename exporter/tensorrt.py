@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.manifest import read_manifest
-from runtime.trt_compat import EngineMismatch, check_engine_compat, read_sidecar  # noqa: F401 (re-export)
+from runtime.trt_compat import EngineMismatch, check_engine_compat  # noqa: F401 (re-exported)
 
 GRAPHS = ["vision_encoder", "query_bridge", "text_decoder"]
 
@@ -184,4 +184,4 @@ def build_engines(bundle, out_dir, opts: EngineOptions, progress=None) -> list[P
 
 
 __all__ = ["EngineOptions", "engine_profiles", "precision_plan", "trtexec_command", "write_trtexec_script",
-           "sidecar", "build_engines", "check_engine_compat", "EngineMismatch", "TensorRTUnavailable", "asdict"]
+           "sidecar", "build_engines", "check_engine_compat", "EngineMismatch", "TensorRTUnavailable"]

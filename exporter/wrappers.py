@@ -1,7 +1,6 @@
 """The three graphs as nn.Modules over the reference model (export-only views, no new weights)."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from reference_model.heads import additive_mask

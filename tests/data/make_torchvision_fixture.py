@@ -1,6 +1,6 @@
 # Produces tests/data/torchvision_transforms.npz with the ORIGINAL InternVL transforms (torchvision),
 # run once in a separate environment (torch 2.14.1 + torchvision 0.29.1); the tests only read it.
-import numpy as np, torchvision, torch
+import numpy as np, torchvision
 import torchvision.transforms as T
 from torchvision.transforms import InterpolationMode
 from PIL import Image
