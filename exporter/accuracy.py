@@ -6,10 +6,16 @@ import numpy as np
 from .calibration import record_feeds
 
 
-def _cos_rows(a, b) -> float:
-    a = np.asarray(a, np.float64).reshape(len(a), -1)
-    b = np.asarray(b, np.float64).reshape(len(b), -1)
-    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)).min())
+def min_row_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest row-wise cosine over the leading axis (the whole tensor when 1-D; 1.0 when empty)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a2 = a.reshape(a.shape[0], -1) if a.ndim > 1 else a[None]
+    b2 = b.reshape(b.shape[0], -1) if b.ndim > 1 else b[None]
+    if a2.size == 0:
+        return 1.0
+    num = (a2 * b2).sum(1)
+    den = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
+    return float(np.min(np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)))
 
 
 def accuracy_report(ref_pipe, new_pipe, images, texts=None, caption_tokens: int = 8) -> dict:
@@ -24,13 +30,13 @@ def accuracy_report(ref_pipe, new_pipe, images, texts=None, caption_tokens: int 
             a, b = ref_pipe.sessions[name].run(f), new_pipe.sessions[name].run(f)
             for k in a:
                 if a[k].size:
-                    worst_cos = min(worst_cos, _cos_rows(a[k], b[k]))
+                    worst_cos = min(worst_cos, min_row_cosine(a[k], b[k]))
                     worst_err = max(worst_err, float(np.abs(a[k] - b[k]).max()))
         graphs[name] = {"min_cosine": round(worst_cos, 6), "max_abs_error": float(f"{worst_err:.4g}")}
     pix = preprocess(list(images), ref_pipe.preprocessing)
     e2e = {}
     for mode in ("InternVL-C", "InternVL-G"):
-        e2e[f"image_embeds_{mode[-1]}_cosine"] = round(_cos_rows(ref_pipe.encode_image(pix, mode),
+        e2e[f"image_embeds_{mode[-1]}_cosine"] = round(min_row_cosine(ref_pipe.encode_image(pix, mode),
                                                                  new_pipe.encode_image(pix, mode)), 6)
     if texts and ref_pipe.codec.tok:
         ids = ref_pipe.codec.embedding_ids(texts[:16])
@@ -40,7 +46,7 @@ def accuracy_report(ref_pipe, new_pipe, images, texts=None, caption_tokens: int 
         ids = rng.integers(3, vocab, (8, 10)).astype(np.int64)
         ids[:, 0] = ref_pipe.special["bos"]
     t_ref, t_new = ref_pipe.encode_text(ids), new_pipe.encode_text(ids)
-    e2e["text_embeds_cosine"] = round(_cos_rows(t_ref, t_new), 6)
+    e2e["text_embeds_cosine"] = round(min_row_cosine(t_ref, t_new), 6)
     norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     top_ref = (norm(ref_pipe.encode_image(pix)) @ norm(t_ref).T).argmax(1)
     top_new = (norm(new_pipe.encode_image(pix)) @ norm(t_new).T).argmax(1)

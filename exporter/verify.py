@@ -15,6 +15,7 @@ import torch
 import runtime
 from reference_model.model import InternVLModel
 
+from .accuracy import min_row_cosine
 from .specs import all_specs
 
 
@@ -70,17 +71,6 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    """Smallest row-wise cosine over the leading axis (the whole tensor when 1-D)."""
-    a2 = a.reshape(a.shape[0], -1).astype(np.float64) if a.ndim > 1 else a[None].astype(np.float64)
-    b2 = b.reshape(b.shape[0], -1).astype(np.float64) if b.ndim > 1 else b[None].astype(np.float64)
-    if a2.size == 0:
-        return 1.0
-    num = (a2 * b2).sum(1)
-    den = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
-    return float(np.min(np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)))
-
-
 def compare(where: str, name: str, ref: np.ndarray, got: np.ndarray, atol: float, rtol: float,
             cosine_min: float) -> OutputCheck:
     """Max abs/rel error and cosine of `got` against `ref`; ok if allclose(atol, rtol) and cosine holds."""
@@ -90,7 +80,7 @@ def compare(where: str, name: str, ref: np.ndarray, got: np.ndarray, atol: float
     err = np.abs(ref - got)
     max_abs = float(err.max()) if err.size else 0.0
     max_rel = float((err / np.maximum(np.abs(ref), 1e-6)).max()) if err.size else 0.0
-    cos = _cos(ref, got)
+    cos = min_row_cosine(ref, got)
     ok = bool(np.all(err <= atol + rtol * np.abs(ref))) and cos >= cosine_min
     return OutputCheck(where, name, max_abs, max_rel, cos, ok)
 

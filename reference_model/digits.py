@@ -4,6 +4,7 @@ Shared by the training script, the demo and the tests so all three see digits th
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import numpy as np
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATE = "the digit {}"
 CAPTION_PROMPT = "English caption:"
+CAPTION_TOKENS = 6  # "the digit seven" + EOS fits with room to spare
 VOCAB = ["<unk>", "<s>", "</s>", "summarize:", "English", "caption:", "the", "digit", *WORDS]
 
 
@@ -50,3 +52,55 @@ def load_test_split(checkpoint: Path) -> tuple[np.ndarray, np.ndarray]:
     """The shipped held-out digits: uint8 images (N, 8, 8) and labels (N,)."""
     with np.load(Path(checkpoint) / "test_digits.npz") as d:
         return d["images"], d["labels"]
+
+
+class ReferenceRunner:
+    """The PyTorch reference behind the same three user-level calls the runtime pipeline offers."""
+
+    def __init__(self, model, codec, preprocessing):
+        self.m, self.codec, self.pre = model, codec, preprocessing
+
+    def classify(self, images, labels, template, mode):
+        """Similarities or probabilities [N, len(labels)] (argmax = predicted label)."""
+        import torch
+
+        from runtime.preprocess import preprocess
+
+        pix = torch.from_numpy(preprocess(images, self.pre, crop=True))
+        img = self.m.encode_image(pix, f"InternVL-{mode}").numpy()
+        txt = self.m.encode_text(torch.from_numpy(self.codec.embedding_ids([template.format(w) for w in labels])))
+        img = img / np.linalg.norm(img, axis=1, keepdims=True)
+        txt = txt.numpy() / np.linalg.norm(txt.numpy(), axis=1, keepdims=True)
+        return img @ txt.T
+
+    def caption_tokens(self, images, max_new_tokens):
+        """Greedy caption tokens [N, n] for the images."""
+        import torch
+
+        from runtime.preprocess import preprocess
+
+        pix = torch.from_numpy(preprocess(images, self.pre))
+        prompt = torch.from_numpy(self.codec.prompt_ids(CAPTION_PROMPT)).repeat(len(images), 1)
+        return self.m.generate(pix, prompt, max_new_tokens=max_new_tokens).numpy()
+
+
+def evaluate(runner, codec, images, labels, batch: int = 128) -> dict:
+    """Zero-shot accuracy (C, G), caption accuracy, images/s (C embeddings) and caption tokens/s."""
+    images = list(images)
+    res = {}
+    t0 = time.perf_counter()
+    for mode in ("C", "G"):
+        preds = np.concatenate([runner.classify(images[i:i + batch], WORDS, TEMPLATE, mode).argmax(1)
+                                for i in range(0, len(images), batch)])
+        res[f"zero_shot_{mode}"] = float((preds == labels).mean())
+        if mode == "C":
+            res["images_per_s"] = len(images) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    toks = [runner.caption_tokens(images[i:i + batch], CAPTION_TOKENS) for i in range(0, len(images), batch)]
+    dt = time.perf_counter() - t0
+    texts = [codec.decode(t) for part in toks for t in part]
+    n_tokens = sum(int(((part != 0) & (part != 2)).sum()) + len(part) for part in toks)  # words + EOS
+    res["caption"] = float(np.mean([names_digit(t, y) for t, y in zip(texts, labels)]))
+    res["tokens_per_s"] = n_tokens / dt
+    res["texts"] = texts
+    return res

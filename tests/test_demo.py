@@ -11,7 +11,8 @@ from reference_model.digits import WORDS, load_test_split, names_digit
 
 def test_shipped_checkpoint_meets_targets_through_reference_and_runtime(tmp_path):
     from exporter.bundle import export_bundle
-    from exporter.demo import BundleRunner, ReferenceRunner, evaluate
+    from exporter.demo import BundleRunner
+    from reference_model.digits import ReferenceRunner, evaluate
     import runtime
 
     ckpt = reference_model.DEMO_CHECKPOINT
