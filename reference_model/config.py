@@ -210,6 +210,15 @@ PRESETS: dict[str, InternVLConfig] = {
                             num_attention_heads=8, max_position_embeddings=2048),
         num_query_token=32, clip_embed_dim=256, attn_pool_num_heads=8, tie_word_embeddings=False,
     ),
+    # InternVL-14B's real widths (vision 3200/25 heads/MLP 12800; QLLaMA 4096/32 heads/11008, vocab 49954,
+    # 96 queries, cross-attention on every 2nd layer) with 2 vision + 2 QLLaMA layers: every tensor shape
+    # of the 14B except the layer count. 1,212,586,627 parameters (4.85 GB fp32, 2.43 GB bf16); the largest
+    # tensors are embed_tokens / lm_head (49954 x 4096 = 204.6 M). For scale tests of export and loading.
+    "real-width": InternVLConfig(
+        vision=VisionConfig(num_hidden_layers=2),
+        qllama=QLlamaConfig(num_hidden_layers=2),
+        tie_word_embeddings=False,
+    ),
     # The shipped demo model (reference_model.DEMO_CHECKPOINT): 8x8 digits shown at 16 px.
     "digits": InternVLConfig(
         vision=VisionConfig(image_size=16, patch_size=4, hidden_size=64, num_hidden_layers=2,

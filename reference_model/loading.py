@@ -110,21 +110,38 @@ def load_pretrained(path, dtype=torch.float32) -> InternVLModel:
     return load_state(model, _read_tensors(files), _dtype(dtype))
 
 
+INIT_STD = 0.02  # the original's initializer_range for matrices, embeddings and query tokens
+LAYER_SCALE_INIT = 0.1  # small layer scales keep a random 48-layer InternViT's activations finite
+
+
+def init_rule(name: str) -> tuple[str, float]:
+    """How a random checkpoint fills the tensor called `name`: ("fill", value) or ("normal", std).
+
+    One rule for `init_weights` (in-memory presets) and the streamed `random-checkpoint` writer, so a
+    random model of any size has the same scales: std-0.02 matrices, unit norms, zero biases, small
+    layer scales and the original's logit_scale = log(1/0.07).
+    """
+    if name == "logit_scale":
+        return "fill", float(torch.log(torch.tensor(1 / 0.07)))
+    if "norm" in name and name.endswith("weight"):
+        return "fill", 1.0
+    if "norm" in name and name.endswith("bias") or name.endswith("_bias") or name.endswith(".bias"):
+        return "fill", 0.0
+    if name.endswith(("ls1", "ls2")):
+        return "fill", LAYER_SCALE_INIT
+    return "normal", INIT_STD
+
+
 def init_weights(model: InternVLModel, seed: int = 0) -> InternVLModel:
     """Deterministic random weights (std 0.02 matrices, unit norms, small layer scales) for presets."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
+        kind, value = init_rule(name)
         with torch.no_grad():
-            if name == "logit_scale":
-                p.fill_(float(torch.log(torch.tensor(1 / 0.07))))
-            elif "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif "norm" in name and name.endswith("bias") or name.endswith("_bias") or name.endswith(".bias"):
-                p.zero_()
-            elif name.endswith(("ls1", "ls2")):
-                p.fill_(0.1)
+            if kind == "fill":
+                p.fill_(value)
             else:
-                p.normal_(0.0, 0.02, generator=g)
+                p.normal_(0.0, value, generator=g)
     return model
 
 
