@@ -104,6 +104,10 @@ class InternVLConfig:
     attn_pool_num_heads: int = 16
     force_image_size: int | None = None
     tie_word_embeddings: bool = True
+    # LoRA rank r the original wraps each tower with before loading (0 = none): such checkpoints carry
+    # peft key names; the loader merges the adapters (reference_model.checkpoint_reader).
+    use_backbone_lora: int = 0
+    use_qllama_lora: int = 0
 
     @property
     def image_size(self) -> int:
@@ -174,8 +178,8 @@ class InternVLConfig:
             "hidden_size": self.qllama.hidden_size,
             "force_image_size": self.force_image_size,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "use_backbone_lora": 0,
-            "use_qllama_lora": 0,
+            "use_backbone_lora": self.use_backbone_lora,
+            "use_qllama_lora": self.use_qllama_lora,
         }
 
     @classmethod
