@@ -118,7 +118,7 @@ class Pipeline:
                  "attention_mask": mask}
         heads_dim = {n: a.shape for n, a in self._empty_past.items()}
         feeds.update({n: np.zeros((B, s[1], 0, s[3]), np.float32) for n, s in heads_dim.items()})
-        hidden = self.sessions["text_decoder"].run(feeds)["hidden_states"]
+        hidden = self._run("text_decoder", feeds, ("present.", "logits"))["hidden_states"]  # only these come down
         return hidden[np.arange(B), last] @ self.text_projection
 
     def _decoder(self, pixel_values, input_ids, attention_mask, max_new_tokens, num_beams: int = 1) -> CachedDecoder:
