@@ -93,8 +93,8 @@ def random_checkpoint(preset, dtype, out, seed, shard_size, overwrite):
 @friendly
 def verify(bundle, checkpoint, preset, seed):
     """Check every graph and the end-to-end outputs against the PyTorch reference."""
-    from .bundle import load_source
     from .verify import verify_bundle
+    from .verify_parts import reference_source
 
     from runtime.manifest import read_manifest
 
@@ -102,8 +102,8 @@ def verify(bundle, checkpoint, preset, seed):
     if precision != "fp32":
         raise click.ClickException(f"{bundle} is a {precision} bundle: verify checks fp32 parity with the reference; "
                                    "its accuracy against fp32 is in its manifest (bridge-export inspect)")
-    model, _ = load_source(checkpoint, preset, seed)
-    report = verify_bundle(bundle, model, progress=lambda m: click.echo(m, err=True))
+    report = verify_bundle(bundle, reference_source(checkpoint, preset, seed),
+                           progress=lambda m: click.echo(m, err=True))
     click.echo(report.format())
     if not report.passed:
         sys.exit(1)

@@ -22,7 +22,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -243,7 +243,7 @@ def materialize(entry: Entry, files: _Files, dtype: torch.dtype | None) -> torch
 
 def iter_checkpoint_tensors(path, dtype: torch.dtype | None = None, *, config: InternVLConfig | None = None,
                             lora_alpha: float | None = None, include_ignored: bool = False,
-                            ) -> Iterator[tuple[str, torch.Tensor]]:
+                            select: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (original_name, tensor) for every weight of a checkpoint directory, one tensor at a time.
 
     The streaming-friendly reader (for the exporter and for `load_pretrained`):
@@ -256,7 +256,8 @@ def iter_checkpoint_tensors(path, dtype: torch.dtype | None = None, *, config: I
       missing / unexpected / mis-shaped keys);
     * with tie_word_embeddings, only `qllama.model.embed_tokens.weight` is yielded (taken from
       lm_head when present: the original ties on load and lm_head wins); the consumer ties lm_head;
-    * `itm_head.*` (unused at inference) is skipped unless `include_ignored`.
+    * `itm_head.*` (unused at inference) is skipped unless `include_ignored`;
+    * `select(name)`: only those tensors are read (the others' bytes are never touched).
     Safetensors shards are read lazily (safe_open), .bin files memory-mapped. Yields in storage order
     (the tied embedding last).
     """
@@ -276,6 +277,6 @@ def iter_checkpoint_tensors(path, dtype: torch.dtype | None = None, *, config: I
         plan.append(("qllama.model.embed_tokens.weight", src))
     files = _Files()
     for name, e in plan:
-        if name.startswith(IGNORED_PREFIXES) and not include_ignored:
+        if name.startswith(IGNORED_PREFIXES) and not include_ignored or select is not None and not select(name):
             continue
         yield name, materialize(e, files, dtype)
