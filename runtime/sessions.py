@@ -99,12 +99,16 @@ class OrtSession(Session):
         self.sess = None
 
 
-def open_session(path: Path, backend: str = "onnxruntime", providers=None, threads=None) -> Session:
-    """Open one graph on the named backend ("onnxruntime" or "tensorrt")."""
+def open_session(path: Path, backend: str = "onnxruntime", providers=None, threads=None,
+                 device_outputs=()) -> Session:
+    """Open one graph on the named backend ("onnxruntime" or "tensorrt").
+
+    `device_outputs`: outputs a TensorRT session leaves on the device (the KV cache's new entries).
+    """
     if backend == "onnxruntime":
         return OrtSession(path, providers=providers, threads=threads)
     if backend == "tensorrt":
         from .trt_session import TrtSession
 
-        return TrtSession(path)
+        return TrtSession(path, device_outputs=device_outputs)
     raise ValueError(f"unknown backend {backend!r}: use 'onnxruntime' or 'tensorrt'")

@@ -29,13 +29,12 @@ def pick_profile(profiles: list[dict], shapes: dict[str, tuple]) -> int:
 class TrtSession(Session):
     """One TensorRT engine behind `run(feeds) -> outputs`."""
 
-    device_output_prefixes = ("present.",)
-
-    def __init__(self, engine_path: Path):
+    def __init__(self, engine_path: Path, device_outputs=()):
         import tensorrt as trt
 
         engine_path = Path(engine_path)
         self.name = engine_path.stem
+        self.device_outputs = set(device_outputs)  # outputs left on the device (the decoder's new K/V)
         side = read_sidecar(engine_path)
         name, cc = device_info()
         check_engine_compat(side, trt.__version__, name, cc)
@@ -92,7 +91,7 @@ class TrtSession(Session):
             outs[n] = buf
         if not self.ctx.execute_async_v3(self.stream.handle.value or 0):
             raise RuntimeError(f"TensorRT failed to run {self.name}")
-        result = {n: (b if n.startswith(self.device_output_prefixes) else copy_dtoh(b, self.stream))
+        result = {n: (b if n in self.device_outputs else copy_dtoh(b, self.stream))
                   for n, b in outs.items()}
         self.stream.sync()
         return result
