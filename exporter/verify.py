@@ -1,8 +1,9 @@
 """Parity verification: every graph and the end-to-end pipeline against the PyTorch reference.
 
 A library function (`verify_bundle`) that the CLI and the tests both call. Graph-level checks
-run Polygraphy's Comparator (a PyTorch runner beside its onnxruntime runner) when Polygraphy
-is installed, and always compute max abs/rel error and cosine per output.
+always compute max abs/rel error and cosine per output, and have Polygraphy's Comparator judge the
+same outputs when Polygraphy is installed. Memory: one graph and the reference tensors it uses at a
+time (exporter/verify_parts.py), never the whole reference beside all three sessions.
 """
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .accuracy import min_row_cosine
-from .specs import all_specs
+from runtime.numeric import min_row_cosine, normalize
+from runtime.progress import get_logger, reporter
+
+from .specs import all_specs, kv_layout
 from .verify_parts import GRAPH_PARTS, LANGUAGE_PART, VISION_PART, OneSessionAtATime, ReferenceSource
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -93,10 +98,8 @@ def _decoder_feeds(config, B, P, T, pad_tail: int, seed: int) -> dict[str, np.nd
         mask[0, P + T - pad_tail:] = 0
     feeds = {"input_ids": ids, "position_ids": np.broadcast_to(np.arange(P, P + T), (B, T)).copy(),
              "attention_mask": mask}
-    for i in range(q.num_hidden_layers):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = rng.standard_normal((B, q.num_attention_heads, P, q.head_dim),
-                                                                       dtype=np.float32)
+    for name in kv_layout(config).names("past"):
+        feeds[name] = rng.standard_normal((B, q.num_attention_heads, P, q.head_dim), dtype=np.float32)
     return feeds
 
 
@@ -149,16 +152,12 @@ def _polygraphy_accuracy(spec, refs: list[dict], gots: list[dict]) -> bool | Non
     return bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=tol["atol"], rtol=tol["rtol"])))
 
 
-def _quiet(msg: str) -> None:
-    pass
-
-
 def _as_source(model) -> ReferenceSource:
     return model if isinstance(model, ReferenceSource) else ReferenceSource.from_model(model)
 
 
 def verify_graphs(bundle, model, report: VerifyReport, batch_sizes=(1, 2), seed: int = 0,
-                  use_polygraphy: bool = True, progress=_quiet, verify_checksums: bool = True) -> None:
+                  use_polygraphy: bool = True, progress=None, verify_checksums: bool = False) -> None:
     """Each graph on onnxruntime against its PyTorch module on the same feeds.
 
     `model`: an InternVLModel or a ReferenceSource. One graph at a time: the reference part the graph
@@ -167,6 +166,7 @@ def verify_graphs(bundle, model, report: VerifyReport, batch_sizes=(1, 2), seed:
     from runtime.manifest import read_manifest
     from runtime.sessions import open_session
 
+    progress = reporter(progress, log)
     source = _as_source(model)
     manifest = read_manifest(bundle, verify_checksums=verify_checksums)
     config = source.config
@@ -246,7 +246,7 @@ def _reference_end_to_end(source: ReferenceSource, pix, ids, prompts, max_new_to
 
 
 def verify_end_to_end(bundle, model, report: VerifyReport, cosine_min: float = 0.99999,
-                      seed: int = 0, max_new_tokens: int = 8, progress=_quiet) -> None:
+                      seed: int = 0, max_new_tokens: int = 8, progress=None) -> None:
     """Embeddings, similarity and greedy/beam tokens through the runtime pipeline.
 
     The reference runs first (vision tower, then the language side), then the runtime Pipeline with
@@ -256,6 +256,7 @@ def verify_end_to_end(bundle, model, report: VerifyReport, cosine_min: float = 0
     from runtime.pipeline import Pipeline
     from runtime.text import TextCodec
 
+    progress = reporter(progress, log)
     source = _as_source(model)
     pix, ids, prompts = _e2e_inputs(source.config, seed)
     ref = _reference_end_to_end(source, pix, ids, prompts, max_new_tokens)
@@ -264,10 +265,9 @@ def verify_end_to_end(bundle, model, report: VerifyReport, cosine_min: float = 0
     with Pipeline(manifest, sessions, TextCodec.from_manifest(manifest)) as pipe:
         got = {f"image_embeds {m[-1]}": pipe.encode_image(pix, m) for m in ("InternVL-C", "InternVL-G")}
         got["text_embeds"] = pipe.encode_text(ids)
-        txt = got["text_embeds"] / np.linalg.norm(got["text_embeds"], axis=1, keepdims=True)
         for m in "CG":
-            img = got[f"image_embeds {m}"] / np.linalg.norm(got[f"image_embeds {m}"], axis=1, keepdims=True)
-            got[f"logits_per_image {m}"] = np.exp(pipe.logit_scale) * img @ txt.T
+            got[f"logits_per_image {m}"] = (np.exp(pipe.logit_scale) * normalize(got[f"image_embeds {m}"])
+                                            @ normalize(got["text_embeds"]).T)
         for beams in (1, 3):
             got[f"tokens {beams}"] = pipe.generate(pix, prompts, max_new_tokens=max_new_tokens, num_beams=beams)
     for name in ("image_embeds C", "image_embeds G", "text_embeds"):
@@ -282,9 +282,10 @@ def verify_end_to_end(bundle, model, report: VerifyReport, cosine_min: float = 0
 
 
 def verify_bundle(bundle, model, cosine_min: float = 0.99999, batch_sizes=(1, 2), seed: int = 0,
-                  use_polygraphy: bool = True, progress=_quiet) -> VerifyReport:
+                  use_polygraphy: bool = True, progress=None) -> VerifyReport:
     """Verify an fp32 bundle against `model` (an InternVLModel, or a ReferenceSource that loads only the
     parts each check needs): every graph, then end to end. See VerifyReport.passed."""
+    progress = reporter(progress, log)
     report = VerifyReport()
     verify_graphs(bundle, model, report, batch_sizes, seed, use_polygraphy, progress)
     progress("[verify] end to end: embeddings, similarity, greedy and beam captions")
