@@ -95,7 +95,7 @@ def check_bundle(bundle: str, device: str, beams: int, max_new: int) -> dict:
 
     rng = np.random.default_rng(0)
     with runtime.load(bundle) as cpu, runtime.load(bundle, device=device) as gpu:
-        s = cpu.preprocessing["image_size"]
+        s = cpu.preprocessing.image_size
         x = rng.standard_normal((1, 3, s, s), dtype=np.float32)
         ids = np.array([[1] + list(rng.integers(3, 100, 5))])
         feeds = [(rng.integers(3, 100, beams), rng.integers(0, beams, beams)) for _ in range(max_new)]
