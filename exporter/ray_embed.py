@@ -102,6 +102,7 @@ def embed_with_ray(bundle, paths, out, mode: str = "C", opts: RayOptions | None 
         raise ValueError(f"--workers must be >= 1, got {opts.workers}")
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists: choose another --out or pass --overwrite")
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-stage chatter; errors still surface
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=opts.address, include_dashboard=False, logging_level=logging.WARNING,
@@ -116,7 +117,8 @@ def embed_with_ray(bundle, paths, out, mode: str = "C", opts: RayOptions | None 
         ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={"bundle": str(Path(bundle).absolute()), "mode": mode,
                                                                "threads": threads,
                                                                "gpu": opts.gpus_per_worker > 0},
-                            batch_size=opts.batch_size, batch_format="numpy", concurrency=opts.workers,
+                            batch_size=opts.batch_size, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=opts.workers),
                             num_cpus=min(threads, cpus), num_gpus=opts.gpus_per_worker or None)
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -139,3 +141,17 @@ def embed_with_ray(bundle, paths, out, mode: str = "C", opts: RayOptions | None 
     failed = table.num_rows - table.column("error").null_count
     return {"rows": table.num_rows, "errors": failed, "seconds": seconds, "workers": opts.workers,
             "threads": threads, "images_per_s": len(paths) / seconds}
+
+
+def run_cli(bundle, files, texts, mode, out, batch_size, address, workers, gpus_per_worker) -> None:
+    """`bridge-export embed --ray`: check the options, run the job, print one summary line."""
+    import click
+
+    if texts:
+        raise click.ClickException("--ray embeds images only: run texts without --ray")
+    if out is None or Path(out).suffix != ".parquet":
+        raise click.ClickException("--ray writes Parquet: give --out OUT.parquet")
+    opts = RayOptions(address=address, workers=workers, gpus_per_worker=gpus_per_worker, batch_size=batch_size)
+    r = embed_with_ray(bundle, files, out, mode=mode, opts=opts)
+    click.echo(f"wrote {r['rows']} rows ({r['errors']} unreadable) to {out} in {r['seconds']:.1f}s: "
+               f"{r['images_per_s']:.2f} images/s with {r['workers']} workers x {r['threads']} threads", err=True)
