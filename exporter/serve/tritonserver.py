@@ -53,3 +53,29 @@ def command(root: Path, repo, http_port: int = 8000, grpc_port: int = 8001, metr
             f"--backend-directory={root / 'backends'}", f"--cache-directory={root / 'caches'}",
             f"--http-port={http_port}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}",
             "--exit-timeout-secs=10"]
+
+
+def main(argv=None) -> int:
+    """`python -m exporter.serve.tritonserver REPO [--http-port N ...]`: serve a repository, stop on SIGTERM."""
+    import argparse
+    import signal
+    import subprocess
+    import tempfile
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("repo")
+    ap.add_argument("--http-port", type=int, default=8000)
+    ap.add_argument("--grpc-port", type=int, default=8001)
+    ap.add_argument("--metrics-port", type=int, default=8002)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bridge-export-tritonserver-") as work:
+        root = prepare(work)
+        proc = subprocess.Popen(command(root, args.repo, args.http_port, args.grpc_port, args.metrics_port),
+                                env=environment())
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: proc.terminate())
+        return proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
