@@ -93,17 +93,20 @@ class TritonPythonModel:
         if self.entry in ("embed_text", "caption", "caption_stream"):
             backend = params.get("decoder_backend", "onnxruntime")
             path = manifest.graph_path("text_decoder")
-            providers = None
             if backend == "tensorrt":
                 path = os.path.join(HERE, "bundle", "engines", "text_decoder.engine")
-            elif args.get("model_instance_kind") == "GPU":
-                providers = [("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}),
-                             "CPUExecutionProvider"]
+            memory, providers = None, None
+            if backend == "tensorrt" or args.get("model_instance_kind") == "GPU":
+                from runtime import _device  # runtime.load's own setup: the KV cache in device memory
+
+                memory, providers = _device(f"cuda:{int(args.get('model_instance_device_id', 0))}", backend, None)
             threads = int(params.get("threads", "0")) or None
-            sessions["text_decoder"] = open_session(path, backend, providers=providers, threads=threads)
+            sessions["text_decoder"] = open_session(path, backend, providers=providers, threads=threads,
+                                                    memory=memory)
         else:
+            memory = None
             sessions["text_decoder"] = Unloaded("text_decoder", graphs["text_decoder"])
-        self.handlers = Handlers(Pipeline(manifest, sessions, TextCodec.from_manifest(manifest)))
+        self.handlers = Handlers(Pipeline(manifest, sessions, TextCodec.from_manifest(manifest), memory=memory))
 
     def _request(self, request) -> dict:
         out = {}
