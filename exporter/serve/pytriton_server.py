@@ -135,6 +135,13 @@ def serve(bundle, opts: ServeOptions | None = None) -> None:
             triton.serve()
     except KeyboardInterrupt:
         pass
+    except Exception as e:  # tritonclient's InferenceServerException: Triton failed to load a model
+        if type(e).__name__ != "InferenceServerException":
+            raise
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        cause = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else str(e))
+        raise RuntimeError(f"Triton could not load the models: {cause} ({lines[0][:100] if lines else ''}...; "
+                           "the server log above has the rest)") from e
     finally:
         signal.signal(signal.SIGTERM, previous)
         pipe.close()
