@@ -45,7 +45,7 @@ def main():
 @click.option("--max-batch", default=8, show_default=True, help="largest batch (TensorRT profiles)")
 @click.option("--max-seq", default=0, help="longest sequence incl. queries (default: max positions)")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="directory with tokenizer.model/json")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-cpu"]), default="fp32",
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-cpu", "int4-cpu"]), default="fp32",
               show_default=True, help="also make a reduced-precision bundle (see `precision`)")
 @click.option("--calib", type=click.Path(path_type=Path), help="calibration images folder (int8)")
 @click.option("--dynamo", is_flag=True, help="use the torch.export-based exporter (slower)")
@@ -233,7 +233,7 @@ def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, com
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True)
 @click.option("--limit", default=0, help="use only the first N test digits (0: all)")
-@click.option("--precisions", default="fp32,fp16,int8,int8-cpu", show_default=True)
+@click.option("--precisions", default="fp32,fp16,int8,int8-cpu,int4-cpu", show_default=True)
 @friendly
 def demo(out, limit, precisions):
     """The main job: shipped digits model -> bundle(s) -> onnxruntime, with an accuracy/speed report."""
@@ -247,21 +247,33 @@ def demo(out, limit, precisions):
 @click.option("--fp16", "mode", flag_value="fp16", help="FP16 weights/compute, sensitive ops in fp32")
 @click.option("--int8", "mode", flag_value="int8", help="static Q/DQ INT8 (TensorRT and onnxruntime)")
 @click.option("--int8-cpu", "mode", flag_value="int8-cpu", help="dynamic INT8 MatMuls for onnxruntime CPUs")
+@click.option("--int4-cpu", "mode", flag_value="int4-cpu",
+              help="4-bit weights (MatMulNBits) for onnxruntime CPU/CUDA; the fastest decoding")
+@click.option("--block-size", default=32, show_default=True, help="int4: weights per scale (16-256, power of 2)")
+@click.option("--symmetric", is_flag=True, help="int4: no zero points")
+@click.option("--accuracy-level", default=4, show_default=True,
+              help="int4: MatMulNBits compute (4 = int8 activations, fastest on CPU; 0 = fp32)")
 @click.option("--calib", type=click.Path(path_type=Path), help="folder of calibration images (--int8)")
 @click.option("--calib-texts", type=click.Path(path_type=Path), help="file of calibration texts, one per line")
 @click.option("--method", type=click.Choice(["max", "entropy", "percentile"]), default="max", show_default=True)
+@click.option("--target-cosine", type=float, default=None,
+              help="int8: keep the most sensitive MatMuls in fp32 until every output reaches this cosine to fp32 "
+                   "on held-out inputs (e.g. 0.999); without it the achieved cosines are reported")
 @click.option("--exclude", default="", help="comma-separated op types to keep in fp32 (replaces the default)")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True)
 @friendly
-def precision(bundle, mode, calib, calib_texts, method, exclude, out, overwrite):
-    """Make an FP16 or INT8 bundle from an fp32 one, and print its accuracy report."""
+def precision(bundle, mode, block_size, symmetric, accuracy_level, calib, calib_texts, method, target_cosine, exclude,
+              out, overwrite):
+    """Make an FP16, INT8 or INT4 bundle from an fp32 one, and print its accuracy report."""
+    from .int4 import Int4Options
     from .precision import make_precision_bundle
 
     if mode is None:
-        raise click.ClickException("choose one of --fp16, --int8 or --int8-cpu")
+        raise click.ClickException("choose one of --fp16, --int8, --int8-cpu or --int4-cpu")
     make_precision_bundle(bundle, out, mode, calib=calib, calib_texts=calib_texts, method=method,
-                          exclude=[s for s in exclude.split(",") if s] or None, overwrite=overwrite)
+                          exclude=[s for s in exclude.split(",") if s] or None, overwrite=overwrite,
+                          target_cosine=target_cosine, int4=Int4Options(block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level))
 
 
 @main.command()

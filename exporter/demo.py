@@ -53,7 +53,7 @@ def save_grid(images, labels, texts, path: Path, n: int = 32) -> Path:
     return path
 
 
-def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "fp16", "int8", "int8-cpu"),
+def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "fp16", "int8", "int8-cpu", "int4-cpu"),
              progress=_say) -> dict:
     """Export the shipped checkpoint, run every variant over the test digits, print and return the report."""
     import runtime
