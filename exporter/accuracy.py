@@ -3,19 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime.numeric import min_row_cosine, normalize
+
 from .calibration import record_feeds
 
-
-def min_row_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Smallest row-wise cosine over the leading axis (the whole tensor when 1-D; 1.0 when empty)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    a2 = a.reshape(a.shape[0], -1) if a.ndim > 1 else a[None]
-    b2 = b.reshape(b.shape[0], -1) if b.ndim > 1 else b[None]
-    if a2.size == 0:
-        return 1.0
-    num = (a2 * b2).sum(1)
-    den = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
-    return float(np.min(np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)))
+__all__ = ["accuracy_report", "format_report", "min_row_cosine", "output_cosines", "worst_cosine"]
 
 
 def output_cosines(ref_session, new_session, feeds: list[dict]) -> tuple[dict[str, float], float]:
@@ -67,15 +59,14 @@ def accuracy_report(ref_pipe, new_pipe, images, texts=None, caption_tokens: int 
     ids, text_source = text_batches(ref_pipe, texts, seed)
     ref_out, new_out = end_to_end_outputs(ref_pipe, pix, ids), end_to_end_outputs(new_pipe, pix, ids)
     e2e = {f"{k}_cosine": round(min_row_cosine(ref_out[k], new_out[k]), 6) for k in ref_out}
-    prompt = np.array([[ref_pipe.special["bos"]]], np.int64)
+    prompt = np.array([[ref_pipe.special.bos]], np.int64)
     if ref_pipe.codec.tok:
-        prompt = ref_pipe.codec.prompt_ids(ref_pipe.manifest["prompts"]["caption"]["prompt"])
+        prompt = ref_pipe.codec.prompt_ids(ref_pipe.manifest.prompts.caption.prompt)
     prompts = np.repeat(prompt, len(pix), 0)
     e2e["logits_cosine"] = round(logits_cosine(ref_pipe, new_pipe, pix, prompts, caption_tokens), 6)
-    norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     t_ref, t_new = ref_out["text_embeds"], new_out["text_embeds"]
-    top_ref = (norm(ref_out["image_embeds_C"]) @ norm(t_ref).T).argmax(1)
-    top_new = (norm(new_out["image_embeds_C"]) @ norm(t_new).T).argmax(1)
+    top_ref = (normalize(ref_out["image_embeds_C"]) @ normalize(t_ref).T).argmax(1)
+    top_new = (normalize(new_out["image_embeds_C"]) @ normalize(t_new).T).argmax(1)
     e2e["zero_shot_top1_agreement"] = float((top_ref == top_new).mean())
     g_ref = ref_pipe.generate(pix, prompts, max_new_tokens=caption_tokens)
     g_new = new_pipe.generate(pix, prompts, max_new_tokens=caption_tokens)

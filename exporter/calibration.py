@@ -105,18 +105,18 @@ def text_batches(pipe, texts: list[str] | None, seed: int = 0, batch: int = 8) -
     Tokenized texts when the bundle has a tokenizer that knows most of their words; otherwise
     token ids of varied lengths (2 to 40, BOS first, EOS last) drawn from the vocabulary.
     """
-    unk = pipe.special.get("unk", 0)
+    unk = pipe.special.unk
     if texts and pipe.codec.tok:
         ids = [pipe.codec.embedding_ids(texts[i:i + batch]) for i in range(0, len(texts), batch)]
         body = np.concatenate([b[:, 1:].ravel() for b in ids])
-        body = body[body != pipe.special["pad"]]
+        body = body[body != pipe.special.pad]
         known = float((body != unk).mean()) if body.size else 0.0
         if known >= 0.5:
             return ids, f"{len(texts)} texts"
         source = f"token ids (the tokenizer knows only {known:.0%} of the texts' tokens)"
     else:
         source = "token ids (no tokenizer in the bundle)" if texts else "token ids"
-    vocab = pipe.manifest.model["qllama_config"]["vocab_size"]
+    vocab = pipe.manifest.dims.vocab_size
     rng = np.random.default_rng(seed)
     n = len(texts) if texts else 32
     longest = max(3, min(40, pipe.max_positions))
@@ -126,7 +126,7 @@ def text_batches(pipe, texts: list[str] | None, seed: int = 0, batch: int = 8) -
         rows = np.zeros((len(lens), int(lens.max())), np.int64)
         for r, L in enumerate(lens):
             rows[r, :L] = rng.integers(3, vocab, L)
-            rows[r, 0], rows[r, L - 1] = pipe.special["bos"], pipe.special["eos"]
+            rows[r, 0], rows[r, L - 1] = pipe.special.bos, pipe.special.eos
         out.append(rows)
     return out, f"{n} {source}, lengths 2-{longest}"
 
@@ -144,8 +144,8 @@ def record_feeds(pipe, images, texts: list[str] | None, max_new_tokens: int = 4,
         for i in range(0, len(pix), 4):
             batch = pix[i:i + 4]
             pipe.encode_image(batch, "InternVL-G")
-            prompt = (pipe.codec.prompt_ids(pipe.manifest["prompts"]["caption"]["prompt"]) if pipe.codec.tok
-                      else np.array([[pipe.special["bos"]]], np.int64))
+            prompt = (pipe.codec.prompt_ids(pipe.manifest.prompts.caption.prompt) if pipe.codec.tok
+                      else np.array([[pipe.special.bos]], np.int64))
             pipe.generate(batch, np.repeat(prompt, len(batch), 0), max_new_tokens=max_new_tokens)
         for ids in text_batches(pipe, texts, seed)[0]:
             pipe.encode_text(ids)

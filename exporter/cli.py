@@ -11,6 +11,21 @@ import click
 # Errors that carry a message fit for the user: shown as one line, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, RuntimeError)
 
+# Top-level modules of each optional extra: a command that needs a missing one says which extra to install.
+EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export",
+          "transformers": "export", "sentencepiece": "export", "google": "export",
+          "tensorrt": "tensorrt", "polygraphy": "tensorrt", "cuda": "tensorrt", "sklearn": "train",
+          "pyarrow": "ray", "ray": "ray", "pytriton": "serve"}
+
+
+def missing_extra(e: ModuleNotFoundError) -> str | None:
+    """The one-line advice for a missing optional dependency, or None if it belongs to no extra."""
+    top = (e.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    return f'this command needs {top}, which is not installed: pip install "bridge-export[{extra}]"'
+
 
 def friendly(fn):
     """Turn user errors into one-line messages and Ctrl-C into a clean exit (code 130)."""
@@ -24,6 +39,11 @@ def friendly(fn):
             sys.exit(130)
         except click.ClickException:
             raise
+        except ModuleNotFoundError as e:
+            advice = missing_extra(e)
+            if advice is None:
+                raise
+            raise click.ClickException(advice) from e
         except USER_ERRORS as e:
             raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
 
@@ -32,8 +52,15 @@ def friendly(fn):
 
 @click.group()
 @click.version_option(package_name="bridge-export", message="%(version)s")
-def main():
+@click.option("-q", "--quiet", is_flag=True, help="show warnings and errors only")
+def main(quiet):
     """Export InternVL-14B (InternVL-C / InternVL-G) to ONNX and TensorRT, and run the result."""
+    import logging
+
+    from runtime.progress import log_to_stderr, quiet_third_party
+
+    log_to_stderr(logging.WARNING if quiet else logging.INFO)
+    quiet_third_party()
 
 
 @main.command("onnx")
@@ -71,20 +98,26 @@ def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="the model the bundle came from")
 @click.option("--preset", help="or the preset (with --seed) it came from")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--checksums", is_flag=True, help="hash every file against the manifest's sha256 (no torch needed)")
 @friendly
-def verify(bundle, checkpoint, preset, seed):
-    """Check every graph and the end-to-end outputs against the PyTorch reference."""
+def verify(bundle, checkpoint, preset, seed, checksums):
+    """Check every graph and the end-to-end outputs against the PyTorch reference (and/or every file's sha256)."""
+    from runtime.manifest import read_manifest
+
+    man = read_manifest(bundle, verify_checksums=checksums)
+    if checksums:
+        click.echo(f"checksums: all {len(man.files)} files match the manifest "
+                   f"({sum(e.size for e in man.files.values()) / 1e6:.1f} MB hashed)")
+        if checkpoint is None and preset is None:
+            return
+    if man.precision.mode != "fp32":
+        raise click.ClickException(f"{bundle} is a {man.precision.mode} bundle: verify checks fp32 parity with the "
+                                   "reference; its accuracy against fp32 is in its manifest (bridge-export inspect)")
     from .bundle import load_source
     from .verify import verify_bundle
 
-    from runtime.manifest import read_manifest
-
-    precision = read_manifest(bundle, verify_checksums=False)["precision"]
-    if precision != "fp32":
-        raise click.ClickException(f"{bundle} is a {precision} bundle: verify checks fp32 parity with the reference; "
-                                   "its accuracy against fp32 is in its manifest (bridge-export inspect)")
     model, _ = load_source(checkpoint, preset, seed)
-    report = verify_bundle(bundle, model, progress=lambda m: click.echo(m, err=True))
+    report = verify_bundle(bundle, model)
     click.echo(report.format())
     if not report.passed:
         sys.exit(1)
@@ -101,7 +134,7 @@ def inspect(bundle, as_json):
     from .inspect_bundle import format_manifest
 
     man = read_manifest(bundle, verify_checksums=False)
-    click.echo(json.dumps(man.data, indent=2) if as_json else format_manifest(man))
+    click.echo(json.dumps(man.to_dict(), indent=2) if as_json else format_manifest(man))
 
 
 def _expand_images(images) -> list[Path]:
@@ -163,10 +196,10 @@ def embed(bundle, images, texts, mode, out, batch_size):
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
-@click.option("--beams", default=5, show_default=True)
-@click.option("--max-new-tokens", default=30, show_default=True)
-@click.option("--min-new-tokens", default=8, show_default=True)
-@click.option("--prompt", default="English caption:", show_default=True)
+@click.option("--beams", type=int, help="beam width (default: the manifest's, 5 as the original)")
+@click.option("--max-new-tokens", type=int, help="(default: the manifest's, 30)")
+@click.option("--min-new-tokens", type=int, help="(default: the manifest's, 8)")
+@click.option("--prompt", help="(default: the manifest's, 'English caption:')")
 @click.option("--stream", is_flag=True, help="print tokens as they arrive (greedy)")
 @friendly
 def caption(bundle, images, beams, max_new_tokens, min_new_tokens, prompt, stream):
@@ -219,7 +252,7 @@ def classify(bundle, images, labels, template, mode):
 @friendly
 def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, compare):
     """Throughput and memory of a bundle (and the reference, side by side, in this one process)."""
-    from runtime.bench import run_bench
+    from .bench import run_bench
 
     from .bundle import load_source
 

@@ -1,18 +1,16 @@
 """`bridge-export demo`: the shipped digits model through the whole chain, with a side-by-side report."""
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from reference_model.digits import (CAPTION_PROMPT, WORDS, ReferenceRunner, evaluate, load_test_split,
-                                   names_digit)
+from reference_model.digits import (CAPTION_PROMPT, TEMPLATE, WORDS, ReferenceRunner, caption_text, evaluate,
+                                   load_test_split, names_digit)
+from runtime.progress import get_logger, reporter
 
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+log = get_logger(__name__)
 
 
 class BundleRunner:
@@ -54,7 +52,7 @@ def save_grid(images, labels, texts, path: Path, n: int = 32) -> Path:
 
 
 def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "fp16", "int8", "int8-cpu", "int4-cpu"),
-             progress=_say) -> dict:
+             progress=None) -> dict:
     """Export the shipped checkpoint, run every variant over the test digits, print and return the report."""
     import runtime
     from reference_model import DEMO_CHECKPOINT, load_pretrained
@@ -63,6 +61,7 @@ def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "
     from .bundle import export_bundle
     from .precision import make_precision_bundle
 
+    progress = reporter(progress, log)
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,11 +85,14 @@ def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "
         with np.load(DEMO_CHECKPOINT / "test_digits.npz") as d:
             for i, im in enumerate(d["calib_images"]):
                 Image.fromarray(im).save(calib_dir / f"{i:03d}.png")
+    texts_file = out / "calib_texts.txt"  # the task's own texts: class prompts and captions
+    texts_file.write_text("\n".join([TEMPLATE.format(w) for w in WORDS] + [caption_text(i) for i in range(10)]
+                                     + [f"{CAPTION_PROMPT} {caption_text(i)}" for i in range(10)]) + "\n")
     for prec in precisions:
         if prec == "fp32":
             continue
         b = make_precision_bundle(fp32, out / f"bundle-{prec}", prec, calib=calib_dir if prec == "int8" else None,
-                                  overwrite=True, progress=lambda s: None, report=False)
+                                  calib_texts=texts_file, overwrite=True, progress=lambda s: None, report=False)
         progress(f"[demo] made the {prec} bundle")
         variants[f"onnx {prec}"] = BundleRunner(runtime.load(b))
     results = {}

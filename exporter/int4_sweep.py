@@ -72,7 +72,7 @@ def cosine_measure(fp32: Path):
     from .calibration import synthetic_images
 
     ref = runtime.load(fp32)
-    images = synthetic_images(4, ref.preprocessing["image_size"], seed=5)
+    images = synthetic_images(4, ref.preprocessing.image_size, seed=5)
 
     def measure(path):
         new = runtime.load(path)

@@ -13,16 +13,15 @@
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
-import sys
+import copy
+import shutil
 import time
 from pathlib import Path
 
 import onnx
 
-from runtime.manifest import read_manifest
+from runtime.manifest import PrecisionInfo, read_manifest
+from runtime.progress import get_logger, quiet_third_party, reporter
 
 from .bundle import commit_output, prepare_output, write_manifest
 from .checks import check_graph
@@ -34,21 +33,7 @@ ONNXRUNTIME_ONLY = ("int8-cpu", "int4-cpu")  # contrib / integer ops TensorRT do
 DEFAULT_INT8_EXCLUDE = ["norm", "Softmax", "lm_head", "clip_projector"]
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def quiet_root_logging(level=logging.ERROR):
-    """onnxruntime's quantizers warn through the root logger ("consider pre-processing"): nothing the
-    user can act on, so the root logger is raised to `level` while they run."""
-    root = logging.getLogger()
-    old = root.level
-    root.setLevel(max(old, level))
-    try:
-        yield
-    finally:
-        root.setLevel(old)
+log = get_logger(__name__)
 
 
 # -- plans (pure functions over the graph; tested without running anything) --------------------
@@ -192,13 +177,12 @@ def to_int8_qdq(src: Path, dst: Path, feeds: list[dict], method: str, exclude, p
         onnx.save_model(onnx.load(str(src), load_external_data=True), str(dst), save_as_external_data=True,
                         location=dst.name + ".data")
     else:
-        with quiet_root_logging():
-                quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            nodes_to_quantize=quant, op_types_to_quantize=QUANT_OPS, use_external_data_format=True,
-                            calibrate_method=methods[method], calibration_cache_path=cache, reduce_range=reduce_range,
-                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                           "CalibMovingAverage": False, "DedicatedQDQPair": False})
+        quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_quantize=quant, op_types_to_quantize=QUANT_OPS, use_external_data_format=True,
+                        calibrate_method=methods[method], calibration_cache_path=cache, reduce_range=reduce_range,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       "CalibMovingAverage": False, "DedicatedQDQPair": False})
     return {"method": f"onnxruntime.quantization.quantize_static QDQ, symmetric, per-channel "
                       f"{'7-bit (reduce_range)' if reduce_range else '8-bit'} weights, calibration {method}", "quantized_nodes": len(quant), "excluded_nodes": total - len(quant),
             "quantized_fraction": round(len(quant) / max(1, total), 4),
@@ -212,10 +196,9 @@ def to_int8_dynamic(src: Path, dst: Path, exclude) -> dict:
 
     model = onnx.load(str(src), load_external_data=False)
     quant, skipped = int8_nodes(model, [e for e in (exclude or ["norm", "clip_projector"])])
-    with quiet_root_logging():
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8, nodes_to_quantize=quant, per_channel=True,
-                         op_types_to_quantize=["MatMul"], use_external_data_format=True,
-                         extra_options={"MatMulConstBOnly": True})
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8, nodes_to_quantize=quant, per_channel=True,
+                     op_types_to_quantize=["MatMul"], use_external_data_format=True,
+                     extra_options={"MatMulConstBOnly": True})
     return {"method": "onnxruntime.quantization.quantize_dynamic, MatMulInteger, uint8 weights",
             "quantized_nodes": len(quant), "excluded_nodes": len(skipped), "tensorrt": False}
 
@@ -239,21 +222,21 @@ def _inputs(src, calib, calib_texts):
     """(calibration images, held-out images, calibration texts, held-out texts): a quarter held out."""
     from .calibration import builtin_texts, read_image_folder, read_texts, split_held_out, synthetic_images
 
-    images = read_image_folder(calib) if calib else synthetic_images(12, src["preprocessing"]["image_size"])
+    images = read_image_folder(calib) if calib else synthetic_images(12, src.preprocessing.image_size)
     texts = read_texts(calib_texts) if calib_texts else builtin_texts()
     return (*split_held_out(images), *split_held_out(texts))
 
 
-def _convert_graphs(src, tmp: Path, manifest: dict, mode: str, progress, *, feeds=None, held=None, method="max",
+def _convert_graphs(src, tmp: Path, manifest, mode: str, progress, *, feeds=None, held=None, method="max",
                     exclude=None, int4=None, targets=None, kept=None) -> None:
     """Write every graph of `mode` into `tmp`, recording `how` in `manifest`, then share weights.bin."""
     from .int8_target import targeted_int8
 
     paths = []
-    for name, g in manifest["graphs"].items():
+    for name, g in manifest.graphs.items():
         t0 = time.perf_counter()
         progress(f"[precision] {name} -> {mode} ...")
-        srcp, dst = src.graph_path(name), tmp / g["file"]
+        srcp, dst = src.graph_path(name), tmp / g.file
         if mode == "fp16":
             how = to_fp16(srcp, dst)
         elif mode == "int8":
@@ -270,17 +253,19 @@ def _convert_graphs(src, tmp: Path, manifest: dict, mode: str, progress, *, feed
         else:
             how = to_int8_dynamic(srcp, dst, exclude)
         paths.append(dst)
-        g["precision"], g["how"] = mode, how
+        g.precision, g.how = mode, how
         progress(f"[precision] {name} done in {time.perf_counter() - t0:.1f}s")
     relink_weights(paths, tmp)
-    for g in manifest["graphs"].values():
-        g["checks"] = check_graph(tmp / g["file"], tensorrt=mode not in ONNXRUNTIME_ONLY)
+    for g in manifest.graphs.values():
+        g.checks = check_graph(tmp / g.file, tensorrt=mode not in ONNXRUNTIME_ONLY)
 
 
-def _copy_assets(src, tmp: Path) -> None:
-    for f in ("tokenizer.json", "tokenizer_bpe_scores.npy", "text_projection.npy", "logit_scale.npy"):
-        if (src.root / f).is_file():
-            (tmp / f).write_bytes((src.root / f).read_bytes())
+def _copy_assets(src, tmp: Path, manifest) -> None:
+    """Tokenizer, host tensors and anything else the source bundle holds besides graphs and weights."""
+    rewritten = {g.file for g in manifest.graphs.values()} | {manifest.weights}
+    for f in src.files:
+        if f not in rewritten and not (tmp / f).exists():
+            shutil.copyfile(src.path(f), tmp / f)
 
 
 def _missed(rep: dict, target: float) -> list[str]:
@@ -289,7 +274,7 @@ def _missed(rep: dict, target: float) -> list[str]:
 
 
 def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, method: str = "max",
-                          exclude: list[str] | None = None, overwrite: bool = False, progress=_say,
+                          exclude: list[str] | None = None, overwrite: bool = False, progress=None,
                           report: bool = True, int4=None, target_cosine: float | None = None,
                           max_rounds: int = 3) -> Path:
     """Write a new bundle at `out` whose graphs are `mode` (fp16 / int8 / int8-cpu / int4-cpu), with an
@@ -299,17 +284,21 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
     most sensitive nodes stay fp32 until every graph output and every end-to-end output (image C/G
     and text embeddings, logits) reaches it on held-out inputs; a graph's own target is tightened
     (halving 1 - target) when an end-to-end output through it still misses, up to `max_rounds`.
+    What was kept and the cosines reached go to the manifest: `precision.report` (summary),
+    each graph's `how` (kept nodes, output cosines) and `report`.
     """
     import runtime
 
     from .accuracy import accuracy_report, format_report, worst_cosine
     from .calibration import record_feeds
 
+    progress = reporter(progress, log)
+    quiet_third_party()
     if mode not in MODES:
         raise ValueError(f"precision must be one of {MODES}, got {mode!r}")
     src = read_manifest(bundle)
-    if src["precision"] != "fp32":
-        raise ValueError(f"{bundle} is already {src['precision']}: make precision bundles from an fp32 bundle")
+    if src.precision.mode != "fp32":
+        raise ValueError(f"{bundle} is already {src.precision.mode}: make precision bundles from an fp32 bundle")
     if mode == "int8" and calib is None:
         raise ValueError("--int8 needs --calib IMAGES_DIR: INT8 scales are calibrated on your images")
     if target_cosine is not None and mode != "int8":
@@ -325,18 +314,18 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
             progress("[precision] recording calibration feeds (images, caption prefill + decode steps, texts) ...")
             feeds = record_feeds(pipe, calib_images, calib_texts_)
             held = record_feeds(pipe, held_images, held_texts, seed=1)
-        manifest = json.loads((src.root / "manifest.json").read_text())
-        targets = {name: target_cosine for name in manifest["graphs"]} if target_cosine else None
+        manifest = copy.deepcopy(src)
+        targets = {name: target_cosine for name in manifest.graphs} if target_cosine else None
         rep = None
-        for round_ in range(max_rounds if target_cosine else 1):
-            kept = {n: g["how"].get("kept_fp32_for_target", []) for n, g in manifest["graphs"].items()
-                    if isinstance(g.get("how"), dict)}
+        for _ in range(max_rounds if target_cosine else 1):
+            kept = {n: (g.how or {}).get("kept_fp32_for_target", []) for n, g in manifest.graphs.items()
+                    if g.precision == mode}
             _convert_graphs(src, tmp, manifest, mode, progress, feeds=feeds, held=held, method=method,
                             exclude=exclude, int4=int4, targets=targets, kept=kept)
-            _copy_assets(src, tmp)
-            manifest["precision"] = mode
-            manifest["derived_from"] = {"bundle": str(Path(bundle).absolute()), "precision": "fp32",
-                                        "weights_sha256": src["files"]["weights.bin"]}
+            _copy_assets(src, tmp, manifest)
+            manifest.precision = PrecisionInfo(mode=mode, derived_from={
+                "bundle": str(Path(bundle).absolute()), "precision": "fp32",
+                "weights_sha256": src.files[src.weights].sha256})
             write_manifest(tmp, manifest)
             if not (report or target_cosine):
                 break
@@ -352,17 +341,18 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
                      + ", ".join(f"{n} {t:.6g}" for n, t in targets.items()))
         if rep is not None:
             progress(format_report(rep, mode))
-            rep["target_cosine"] = target_cosine
-            rep["met_target"] = (not _missed(rep, target_cosine) and all(
-                g["how"].get("met", True) for g in manifest["graphs"].values())) if target_cosine else None
-            manifest["accuracy"] = rep
-            for name, g in manifest["graphs"].items():
-                g["report"] = rep["graphs"].get(name)
+            met = (not _missed(rep, target_cosine) and all((g.how or {}).get("met", True)
+                                                            for g in manifest.graphs.values())) if target_cosine else None
+            rep["target_cosine"], rep["met_target"] = target_cosine, met
+            manifest.precision.accuracy = rep
+            manifest.precision.report = precision_summary(manifest, rep)
+            for name, g in manifest.graphs.items():
+                g.report = rep["graphs"].get(name)
             write_manifest(tmp, manifest)
             where, worst = worst_cosine(rep)
-            if target_cosine and not rep["met_target"]:
+            if target_cosine and not met:
                 progress(f"[precision] warning: the target {target_cosine} was not met ({where} {worst:.6f}) "
-                         "even after keeping nodes in fp32; see the manifest's accuracy section")
+                         "even after keeping nodes in fp32; see the manifest's precision section")
             elif not target_cosine and worst < WARN_BELOW:
                 progress(f"[precision] warning: {where} cosine {worst:.6f} is below {WARN_BELOW}"
                          + ("; rerun with --target-cosine 0.99 (or higher) to keep sensitive nodes in fp32"
@@ -371,7 +361,21 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
         progress(f"[precision] {mode} bundle written to {Path(out).absolute()}")
         return Path(out)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def precision_summary(manifest, rep: dict) -> dict:
+    """The manifest's `precision.report`: target, whether it was met, the nodes kept in fp32 per graph,
+    the quantized share of the weighted nodes, and the lowest cosine reached."""
+    from .accuracy import worst_cosine
+
+    where, worst = worst_cosine(rep)
+    hows = {n: g.how or {} for n, g in manifest.graphs.items()}
+    quant = sum(h.get("quantized_nodes", 0) for h in hows.values())
+    total = quant + sum(h.get("excluded_nodes", 0) for h in hows.values())
+    return {"target_cosine": rep.get("target_cosine"), "met_target": rep.get("met_target"),
+            "kept_fp32_for_target": {n: h.get("kept_fp32_for_target", []) for n, h in hows.items()
+                                     if "kept_fp32_for_target" in h},
+            "quantized_nodes": quant, "weighted_nodes": total,
+            "lowest_cosine": {"output": where, "cosine": worst}}

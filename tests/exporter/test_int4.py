@@ -65,8 +65,8 @@ def test_int4_bundle_runs_close_and_small(int4_bundle, tiny_bundle):
            for n in onnx.load(str(int4_bundle / f"{g}.onnx"), load_external_data=False).graph.node}
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "MatMul" in ops  # pooling heads stay fp32
     man = read_manifest(int4_bundle)
-    how = man["graphs"]["text_decoder"]["how"]
-    assert man["precision"] == "int4-cpu" and how["block_size"] == 32 and how["tensorrt"] is False
+    how = man.graphs["text_decoder"].how
+    assert man.precision.mode == "int4-cpu" and how["block_size"] == 32 and how["tensorrt"] is False
     assert (int4_bundle / "weights.bin").stat().st_size < 0.4 * (tiny_bundle / "weights.bin").stat().st_size
 
 
