@@ -9,12 +9,25 @@ from exporter.int4 import Int4Options, int4_plan, quantize_embedding, quantize_g
 from runtime.manifest import read_manifest
 
 
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from exporter.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
 @pytest.fixture(scope="module")
 def int4_bundle(tiny_bundle, tmp_path_factory):
-    from exporter.precision import make_precision_bundle
+    out = tmp_path_factory.mktemp("int4") / "b"
+    r = _cli("precision", tiny_bundle, "--int4-cpu", "--out", out)
+    assert r.exit_code == 0, r.output
+    return out
 
-    return make_precision_bundle(tiny_bundle, tmp_path_factory.mktemp("int4") / "b", "int4-cpu",
-                                 progress=lambda s: None)
+
+def test_cli_rejects_bad_int4_settings(tiny_bundle, tmp_path):
+    r = _cli("precision", tiny_bundle, "--int4-cpu", "--block-size", "48", "--out", tmp_path / "x")
+    assert r.exit_code == 1 and "power of two" in r.output and not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("opts", [Int4Options(), Int4Options(block_size=16, symmetric=True, accuracy_level=0)])
@@ -71,10 +84,6 @@ def test_int4_bundle_runs_close_and_small(int4_bundle, tiny_bundle):
 
 
 def test_engine_refuses_onnxruntime_only_bundles(int4_bundle, tmp_path):
-    from click.testing import CliRunner
-
-    from exporter.cli import main
-
-    r = CliRunner().invoke(main, ["engine", str(int4_bundle), "--emit-trtexec", "--out", str(tmp_path / "e")])
+    r = _cli("engine", int4_bundle, "--emit-trtexec", "--out", tmp_path / "e")
     assert r.exit_code == 1 and "int4-cpu bundle is onnxruntime-only" in r.output
     assert not (tmp_path / "e").exists()
