@@ -50,6 +50,23 @@ def friendly(fn):
     return wrapper
 
 
+def run_options(fn):
+    """--backend and --device for the commands that run a bundle (see runtime.load)."""
+    fn = click.option("--device", default=None,
+                      help="cpu (onnxruntime's default) or cuda / cuda:N (KV cache on the GPU; TensorRT's default)")(fn)
+    return click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+                        show_default=True, help="tensorrt runs the engines/ that `bridge-export engine` built")(fn)
+
+
+def load_pipeline(bundle, backend: str, device):
+    """runtime.load, closed when the command ends (frees device memory on a GPU)."""
+    import runtime
+
+    pipe = runtime.load(bundle, backend=backend, device=device)
+    click.get_current_context().call_on_close(pipe.close)
+    return pipe
+
+
 @click.group()
 @click.version_option(package_name="bridge-export", message="%(version)s")
 @click.option("-q", "--quiet", is_flag=True, help="show warnings and errors only")
@@ -156,15 +173,14 @@ def _expand_images(images) -> list[Path]:
 @click.option("--mode", type=click.Choice(["C", "G"]), default="C", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="embeddings.npy or .parquet")
 @click.option("--batch-size", default=8, show_default=True)
+@run_options
 @friendly
-def embed(bundle, images, texts, mode, out, batch_size):
+def embed(bundle, images, texts, mode, out, batch_size, backend, device):
     """Embed images (files or folders) and texts."""
     import numpy as np
     from tqdm import tqdm
 
-    import runtime
-
-    pipe = runtime.load(bundle)
+    pipe = load_pipeline(bundle, backend, device)
     files = _expand_images(images) if images else []
     parts = []
     for i in tqdm(range(0, len(files), batch_size), desc="images", disable=len(files) <= batch_size, file=sys.stderr):
@@ -201,12 +217,11 @@ def embed(bundle, images, texts, mode, out, batch_size):
 @click.option("--min-new-tokens", type=int, help="(default: the manifest's, 8)")
 @click.option("--prompt", help="(default: the manifest's, 'English caption:')")
 @click.option("--stream", is_flag=True, help="print tokens as they arrive (greedy)")
+@run_options
 @friendly
-def caption(bundle, images, beams, max_new_tokens, min_new_tokens, prompt, stream):
+def caption(bundle, images, beams, max_new_tokens, min_new_tokens, prompt, stream, backend, device):
     """Caption images."""
-    import runtime
-
-    pipe = runtime.load(bundle)
+    pipe = load_pipeline(bundle, backend, device)
     for f in _expand_images(images):
         if stream:
             click.echo(f"{f}\t", nl=False)
@@ -224,12 +239,11 @@ def caption(bundle, images, beams, max_new_tokens, min_new_tokens, prompt, strea
 @click.option("--labels", required=True, help="comma-separated class names")
 @click.option("--template", default="a photo of a {}.", show_default=True)
 @click.option("--mode", type=click.Choice(["C", "G"]), default="C", show_default=True)
+@run_options
 @friendly
-def classify(bundle, images, labels, template, mode):
+def classify(bundle, images, labels, template, mode, backend, device):
     """Zero-shot classification of images over --labels."""
-    import runtime
-
-    pipe = runtime.load(bundle)
+    pipe = load_pipeline(bundle, backend, device)
     names = [s.strip() for s in labels.split(",") if s.strip()]
     files = _expand_images(images)
     probs = pipe.classify([str(f) for f in files], names, template=template, mode=mode)
