@@ -345,7 +345,11 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
                                                             for g in manifest.graphs.values())) if target_cosine else None
             rep["target_cosine"], rep["met_target"] = target_cosine, met
             manifest.precision.accuracy = rep
-            manifest.precision.report = precision_summary(manifest, rep)
+            manifest.precision.report = summary = precision_summary(manifest, rep)
+            if mode == "int8":
+                progress(f"[precision] quantized {summary['quantized_nodes']} of {summary['weighted_nodes']} weighted "
+                         "nodes; kept in fp32 for the target: " + (", ".join(
+                             f"{n} {len(k)}" for n, k in summary["kept_fp32_for_target"].items()) or "none"))
             for name, g in manifest.graphs.items():
                 g.report = rep["graphs"].get(name)
             write_manifest(tmp, manifest)
