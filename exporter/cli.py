@@ -263,8 +263,10 @@ def classify(bundle, images, labels, template, mode, backend, device):
 @click.option("--tokens", default=16, show_default=True, help="decode steps timed per past length")
 @click.option("--compare", multiple=True, type=click.Path(path_type=Path),
               help="other bundles (e.g. fp16 / int8-cpu) to time and check against BUNDLE in the same run")
+@click.option("--repeats", default=3, show_default=True,
+              help="--compare: interleaved rounds per past length, best kept (raise it on a busy machine)")
 @friendly
-def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, compare):
+def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, compare, repeats):
     """Throughput and memory of a bundle (and the reference, side by side, in this one process)."""
     from .bench import run_bench
 
@@ -274,7 +276,7 @@ def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, com
         return load_source(reference, reference_preset, seed)[0]
 
     run_bench(bundle, reference=load_reference if (reference or reference_preset) else None, threads=threads, pasts=[int(p) for p in pasts.split(",")], steps=tokens,
-              compare=list(compare))
+              compare=list(compare), repeats=repeats)
 
 
 @main.command()

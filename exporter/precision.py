@@ -282,8 +282,9 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
 
     `int4` is an `exporter.int4.Int4Options` (defaults when None). With `target_cosine` (int8), the
     most sensitive nodes stay fp32 until every graph output and every end-to-end output (image C/G
-    and text embeddings, logits) reaches it on held-out inputs; a graph's own target is tightened
-    (halving 1 - target) when an end-to-end output through it still misses, up to `max_rounds`.
+    and text embeddings, logits) reaches it on held-out inputs; when an end-to-end output misses, the
+    graph that produces it gets a tighter target (halving 1 - target), and the graphs upstream of it
+    too if it misses again, up to `max_rounds` passes.
     What was kept and the cosines reached go to the manifest: `precision.report` (summary),
     each graph's `how` (kept nodes, output cosines) and `report`.
     """
@@ -316,7 +317,7 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
             held = record_feeds(pipe, held_images, held_texts, seed=1)
         manifest = copy.deepcopy(src)
         targets = {name: target_cosine for name in manifest.graphs} if target_cosine else None
-        rep = None
+        rep, misses = None, {}
         for _ in range(max_rounds if target_cosine else 1):
             kept = {n: (g.how or {}).get("kept_fp32_for_target", []) for n, g in manifest.graphs.items()
                     if g.precision == mode}
@@ -334,9 +335,14 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
             missed = _missed(rep, target_cosine) if target_cosine else []
             if not missed:
                 break
+            # the graph that makes an output first gets the tighter target; upstream ones only when the
+            # same output misses again
+            tighten = set()
             for k in missed:
-                for name in E2E_PATHS[k]:
-                    targets[name] = 1 - (1 - targets[name]) / 2
+                misses[k] = misses.get(k, 0) + 1
+                tighten |= set(E2E_PATHS[k][-1:] if misses[k] == 1 else E2E_PATHS[k])
+            for name in tighten:
+                targets[name] = 1 - (1 - targets[name]) / 2
             progress(f"[precision] end to end {missed} below {target_cosine}: graph targets now "
                      + ", ".join(f"{n} {t:.6g}" for n, t in targets.items()))
         if rep is not None:
