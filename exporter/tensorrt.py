@@ -58,7 +58,7 @@ ONNXRUNTIME_ONLY = {"int8-cpu": "MatMulInteger/DynamicQuantizeLinear", "int4-cpu
 def refuse_onnxruntime_only(precision: str) -> None:
     """Raise for precisions TensorRT cannot parse (onnxruntime contrib/integer ops), saying what to build from."""
     if precision in ONNXRUNTIME_ONLY:
-        raise ValueError(f"a {precision} bundle is onnxruntime-only ({ONNXRUNTIME_ONLY[precision]}, which TensorRT "
+        raise ValueError(f"this {precision} bundle is onnxruntime-only ({ONNXRUNTIME_ONLY[precision]}, which TensorRT "
                          "does not parse): build engines from the fp32, fp16 or int8 (Q/DQ) bundle")
     if precision not in ("fp32", "fp16", "int8"):
         raise ValueError(f"TensorRT cannot build a {precision!r} bundle: build from the fp32, fp16 or int8 bundle")
