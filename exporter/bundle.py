@@ -1,8 +1,6 @@
 """Write a bundle: graphs, shared weights, tokenizer, host tensors and manifest, atomically."""
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -14,10 +12,12 @@ import onnx
 import torch
 
 import reference_model
+from runtime.errors import UserError
 from runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 
 from .checks import check_graph
 from .onnx_export import DEFAULT_OPSET, export_graph, relink_weights
+from .output import OWNER_FILE, PARTIAL_MARKER, commit_output, discard, prepare_output  # noqa: F401 (re-exported)
 from .specs import Limits, all_specs
 from .tokenizer import write_tokenizer
 
@@ -25,7 +25,7 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export that cannot proceed; the message says what to do."""
 
 
@@ -33,42 +33,12 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def prepare_output(out: Path, overwrite: bool) -> Path:
-    """Check `out` can be written and return a fresh temporary sibling to build into."""
-    out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists: choose another --out or pass --overwrite")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"cannot create {parent}: {e.strerror}; choose a writable --out") from e
-    if not os.access(parent, os.W_OK):
-        raise ExportError(f"{parent} is not writable: choose a writable --out")
-    tmp = parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def commit_output(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary directory into place (replacing an old bundle last)."""
-    out = Path(out).absolute()
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
 def write_manifest(directory: Path, data: dict) -> None:
     """Record every file's sha256 and write manifest.json (last, so its presence means complete)."""
     import json
 
     data["files"] = {p.name: sha256_file(p) for p in sorted(directory.iterdir())
-                     if p.is_file() and p.name != MANIFEST}
+                     if p.is_file() and p.name not in (MANIFEST, PARTIAL_MARKER, OWNER_FILE)}
     (directory / MANIFEST).write_text(json.dumps(data, indent=2))
 
 
@@ -151,7 +121,7 @@ def export_bundle(model: torch.nn.Module, out, *, checkpoint: Path | None = None
         progress(f"[export] bundle written to {out}")
         return out
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
 
 

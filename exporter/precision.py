@@ -19,7 +19,8 @@ import onnx
 
 from runtime.manifest import read_manifest
 
-from .bundle import commit_output, prepare_output, write_manifest
+from .bundle import write_manifest
+from .output import OutputError, commit_output, discard, prepare_output
 from .checks import check_graph
 from .onnx_export import relink_weights
 
@@ -193,6 +194,8 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
     if mode not in MODES:
         raise ValueError(f"precision must be one of {MODES}, got {mode!r}")
     src = read_manifest(bundle)
+    if Path(out).absolute().resolve() == src.root.absolute().resolve():
+        raise OutputError(f"--out {out} is the source bundle itself: write the {mode} bundle to another folder")
     if src["precision"] != "fp32":
         raise ValueError(f"{bundle} is already {src['precision']}: make precision bundles from an fp32 bundle")
     if mode == "int8" and calib is None:
@@ -244,7 +247,5 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
         progress(f"[precision] {mode} bundle written to {Path(out).absolute()}")
         return Path(out)
     except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from runtime.errors import UserError
+
 from .config import ConfigError, InternVLConfig, preset_config
 from .model import InternVLModel
 
@@ -18,7 +20,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 IGNORED_PREFIXES = ("itm_head.",)  # carried by checkpoints, unused at inference
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory that cannot be loaded as InternVL-14B: the message says why."""
 
 

@@ -6,11 +6,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import UserError
+
 H2D, D2H, D2D = 1, 2, 3  # cudaMemcpyKind
 _LIB = None
 
 
-class CudaError(RuntimeError):
+class CudaError(UserError, RuntimeError):
     """A CUDA runtime call failed, or no CUDA runtime/GPU is present."""
 
 

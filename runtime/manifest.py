@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
+
 FORMAT = "bridge-export-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class BundleError(ValueError):
+class BundleError(UserError, ValueError):
     """A bundle that is missing, corrupt or from an incompatible exporter: the message says what to do."""
 
 

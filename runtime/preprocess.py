@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import UserError
 
-class ImageError(ValueError):
+
+class ImageError(UserError, ValueError):
     """An image that cannot be read or converted."""
 
 

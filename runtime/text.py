@@ -7,8 +7,10 @@ from typing import Iterator
 
 import numpy as np
 
+from .errors import UserError
 
-class TokenizerMissing(RuntimeError):
+
+class TokenizerMissing(UserError, RuntimeError):
     """The bundle has no tokenizer: only the array-level API (token ids) works."""
 
 
