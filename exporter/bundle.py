@@ -16,7 +16,7 @@ from runtime.errors import UserError
 from runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 
 from .checks import check_graph
-from .onnx_export import DEFAULT_OPSET, export_graph, relink_weights
+from .onnx_export import DEFAULT_OPSET, SUPPORTED_OPSETS, export_graph, relink_weights
 from .output import OWNER_FILE, PARTIAL_MARKER, commit_output, discard, prepare_output  # noqa: F401 (re-exported)
 from .specs import Limits, all_specs
 from .tokenizer import write_tokenizer
@@ -31,6 +31,20 @@ class ExportError(UserError, RuntimeError):
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+MAX_EXPORT_BATCH = 4096
+
+
+def check_export_args(opset: int, limits: Limits) -> None:
+    """Refuse an opset, --max-batch or --max-seq that cannot work, before anything is exported."""
+    if not isinstance(opset, int) or opset not in SUPPORTED_OPSETS:
+        raise ExportError(f"--opset {opset} is not supported: use {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1} "
+                          f"(default {DEFAULT_OPSET}; TensorRT 10 parses up to 20)")
+    if not isinstance(limits.max_batch, int) or not 1 <= limits.max_batch <= MAX_EXPORT_BATCH:
+        raise ExportError(f"--max-batch must be between 1 and {MAX_EXPORT_BATCH}, got {limits.max_batch}")
+    if not isinstance(limits.max_seq, int) or limits.max_seq < 0:
+        raise ExportError(f"--max-seq must be a positive number of positions (or omitted), got {limits.max_seq}")
 
 
 def write_manifest(directory: Path, data: dict) -> None:
@@ -48,9 +62,12 @@ def export_bundle(model: torch.nn.Module, out, *, checkpoint: Path | None = None
     """Export `model` (a reference InternVLModel; converted to fp32 in place) into the bundle directory `out`."""
     limits = limits or Limits()
     config = model.config
+    check_export_args(opset, limits)
     out = Path(out).absolute()
     tmp = prepare_output(out, overwrite)
     try:
+        # the tokenizer first: a missing or corrupt one is refused before minutes of graph export
+        tok = write_tokenizer(checkpoint, tokenizer, tmp, vocab_size=config.qllama.vocab_size)
         paths, graphs = [], {}
         model = model.float().eval()
         for spec in all_specs(config):
@@ -72,7 +89,6 @@ def export_bundle(model: torch.nn.Module, out, *, checkpoint: Path | None = None
         progress(f"[export] weights shared across graphs ({saved / 1e6:.1f} MB stored once)")
         for spec in all_specs(config):
             graphs[spec.name]["checks"] = check_graph(tmp / spec.filename)
-        tok = write_tokenizer(checkpoint, tokenizer, tmp, vocab_size=config.qllama.vocab_size)
         if tok is None:
             progress("[export] no tokenizer found (give --tokenizer DIR): the bundle serves the array API only")
         np.save(tmp / "text_projection.npy", model.text_projection.detach().float().numpy())
@@ -104,7 +120,7 @@ def export_bundle(model: torch.nn.Module, out, *, checkpoint: Path | None = None
                                    "max_length": 80, "truncation": "first tokens kept, then BOS and EOS added",
                                    "pad_id": q.pad_token_id, "mask": "ids > 0", "pool": "last non-pad token"},
                 "caption": {"prompt": "English caption:", "add_bos": True, "add_eos": False,
-                            "num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8},
+                            **caption_defaults(checkpoint)},
             },
             "preprocessing": {"image_size": config.image_size, "resize": "bicubic",
                               "retrieval": "resize to (size, size)",
@@ -123,6 +139,25 @@ def export_bundle(model: torch.nn.Module, out, *, checkpoint: Path | None = None
     except BaseException:
         discard(tmp)
         raise
+
+
+def caption_defaults(checkpoint: Path | None) -> dict:
+    """num_beams / max_new_tokens / min_new_tokens: the original's 5 / 30 / 8, or the checkpoint's generation_config.json.
+
+    A small model that says all it knows in three tokens (the demo digits model) sets min_new_tokens 0
+    there; forcing 8 would push it past its EOS into nonsense.
+    """
+    import json
+
+    out = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
+    f = Path(checkpoint) / "generation_config.json" if checkpoint else None
+    if f and f.is_file():
+        try:
+            given = json.loads(f.read_text())
+        except ValueError as e:
+            raise ExportError(f"{f} is not valid JSON ({e}): fix or remove it") from e
+        out.update({k: int(given[k]) for k in out if isinstance(given.get(k), int)})
+    return out
 
 
 def _version() -> str:

@@ -20,7 +20,7 @@ import onnx
 from runtime.manifest import read_manifest
 
 from .bundle import write_manifest
-from .output import OutputError, commit_output, discard, prepare_output
+from .output import OutputError, check_output_dir, commit_output, discard, prepare_output
 from .checks import check_graph
 from .onnx_export import relink_weights
 
@@ -196,6 +196,7 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
     src = read_manifest(bundle)
     if Path(out).absolute().resolve() == src.root.absolute().resolve():
         raise OutputError(f"--out {out} is the source bundle itself: write the {mode} bundle to another folder")
+    check_output_dir(out, overwrite)  # before calibration: refused outputs cost no work
     if src["precision"] != "fp32":
         raise ValueError(f"{bundle} is already {src['precision']}: make precision bundles from an fp32 bundle")
     if mode == "int8" and calib is None:

@@ -16,8 +16,11 @@ GRAPHS = ("vision_encoder", "query_bridge", "text_decoder")
 def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | None = None,
          verify_checksums: bool = True) -> Pipeline:
     """Open a bundle directory and return a Pipeline (sessions for all three graphs)."""
-    from .sessions import open_session
+    from .sessions import check_threads, open_session
 
+    if backend not in ("onnxruntime", "tensorrt"):
+        raise ValueError(f"unknown backend {backend!r}: use 'onnxruntime' or 'tensorrt'")
+    check_threads(threads)
     manifest = read_manifest(bundle, verify_checksums=verify_checksums)
     sessions = {}
     for name in GRAPHS:

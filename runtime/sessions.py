@@ -6,12 +6,18 @@ preallocated KV cache is read in place every step.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
 from .manifest import BundleError
+
+
+class BackendUnavailable(UserError, RuntimeError):
+    """The requested backend is not installed on this machine."""
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -56,6 +62,20 @@ class Session:
         pass
 
 
+def max_threads() -> int:
+    """The most threads a session may ask for: 4x this machine's cores (more only thrashes, or hangs)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_threads(threads) -> None:
+    """ValueError unless `threads` is None or an int in [1, max_threads()]."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= max_threads():
+        raise ValueError(f"threads must be an integer from 1 to {max_threads()} (4 x this machine's cores), "
+                         f"got {threads!r}")
+
+
 class OrtSession(Session):
     """An onnxruntime InferenceSession over one graph, run through I/O binding."""
 
@@ -65,7 +85,8 @@ class OrtSession(Session):
         self.name = Path(path).stem
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        if threads:
+        if threads is not None:
+            check_threads(threads)
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
@@ -99,11 +120,25 @@ class OrtSession(Session):
         self.sess = None
 
 
+def tensorrt_available() -> bool:
+    """True if the real TensorRT Python package imports (not merely a folder named tensorrt on sys.path)."""
+    try:
+        import tensorrt
+    except ImportError:
+        return False
+    return hasattr(tensorrt, "Runtime")
+
+
 def open_session(path: Path, backend: str = "onnxruntime", providers=None, threads=None) -> Session:
     """Open one graph on the named backend ("onnxruntime" or "tensorrt")."""
     if backend == "onnxruntime":
         return OrtSession(path, providers=providers, threads=threads)
     if backend == "tensorrt":
+        if not tensorrt_available():
+            raise BackendUnavailable("backend='tensorrt' needs TensorRT, which is not installed here: pip install "
+                                     "tensorrt on a machine with an NVIDIA GPU, or use backend='onnxruntime'")
+        if not Path(path).is_file():
+            raise BundleError(f"no TensorRT engine at {path}: build it with `bridge-export engine BUNDLE`")
         from .trt_session import TrtSession
 
         return TrtSession(path)

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import heapq
+import logging
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class TokenizerMissing(UserError, RuntimeError):
@@ -195,6 +198,7 @@ class TextCodec:
         limit = conv.get("max_length")
         rows = []
         for t in texts:
+            self._check_known(t, limit)
             ids = self._ids(conv["prefix"] + t, limit)
             if limit and len(ids) + 1 > limit:
                 ids = ids[: limit - 1]
@@ -206,7 +210,31 @@ class TextCodec:
 
     def prompt_ids(self, prompt: str) -> np.ndarray:
         """A caption prompt with BOS and no EOS, shape (1, T)."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        if prompt.strip():
+            self._check_known(prompt, None, "prompt")
         return np.asarray([self._ids(prompt)], np.int64)
+
+    def _unk_id(self) -> int | None:
+        unk = self.special.get("unk")
+        if unk is None and self.tok is not None:
+            unk = self.tok.token_to_id("<unk>")
+        return unk
+
+    def _check_known(self, text: str, limit: int | None, what: str = "text") -> None:
+        """ValueError if no word of `text` is in the vocabulary (it would embed as the empty text); warn if some aren't."""
+        unk = self._unk_id()
+        if unk is None:
+            return
+        own = self._ids(text, limit)[1:]
+        n_unk = sum(i == unk for i in own)
+        if own and n_unk == len(own):
+            raise ValueError(f"no word of the {what} {text[:60]!r} is in the tokenizer's vocabulary: the model would "
+                             "see nothing of it; use words it knows")
+        if n_unk:
+            log.warning("%d token(s) of the %s %r are unknown to the tokenizer and carry no meaning",
+                        n_unk, what, text[:60])
 
     def decode(self, ids) -> str:
         """Text of `ids`, special tokens skipped, stopping at EOS."""
