@@ -13,7 +13,7 @@ import torch
 
 import reference_model
 from runtime.errors import UserError
-from runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from runtime.manifest import DIGEST, FORMAT, FORMAT_VERSION, MANIFEST, manifest_digest, sha256_file
 
 from .checks import check_graph
 from .onnx_export import DEFAULT_OPSET, SUPPORTED_OPSETS, export_graph, relink_weights
@@ -53,6 +53,7 @@ def write_manifest(directory: Path, data: dict) -> None:
 
     data["files"] = {p.name: sha256_file(p) for p in sorted(directory.iterdir())
                      if p.is_file() and p.name not in (MANIFEST, PARTIAL_MARKER, OWNER_FILE)}
+    data[DIGEST] = manifest_digest(data)
     (directory / MANIFEST).write_text(json.dumps(data, indent=2))
 
 

@@ -62,6 +62,30 @@ class Manifest:
         return self.data["model"]
 
 
+DIGEST = "manifest_sha256"
+# fields the runtime reads: a manifest without one is refused with its name, not a KeyError later
+REQUIRED = ("format_version", "model", "model.num_query_token", "model.qllama_config", "graphs", "special_tokens",
+            "special_tokens.bos", "special_tokens.eos", "special_tokens.pad", "prompts", "prompts.text_embedding",
+            "preprocessing", "preprocessing.image_size", "preprocessing.mean", "preprocessing.std", "host_tensors",
+            "files")
+
+
+def manifest_digest(data: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own digest field (detects hand edits)."""
+    body = {k: v for k, v in data.items() if k != DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_fields(data: dict, mpath: Path) -> None:
+    for dotted in REQUIRED:
+        node = data
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise BundleError(f"{mpath} lacks the field {dotted!r}: it was edited or written by another tool; "
+                                  "re-export the bundle")
+            node = node[part]
+
+
 def read_manifest(bundle, verify_checksums: bool = True) -> Manifest:
     """Open `bundle/manifest.json`, check format, version, files and (optionally) every sha256."""
     root = Path(bundle)
@@ -82,6 +106,10 @@ def read_manifest(bundle, verify_checksums: bool = True) -> Manifest:
             f"{root} was written in bundle format {version}, newer than this runtime reads ({FORMAT_VERSION}): "
             "upgrade bridge-export"
         )
+    _check_fields(data, mpath)
+    if DIGEST in data and data[DIGEST] != manifest_digest(data):
+        raise BundleError(f"{mpath} was edited after export (its digest no longer matches): edits such as mean/std or "
+                          "special tokens silently change results; restore it or re-export the bundle")
     missing = [f for f in data.get("files", {}) if not (root / f).is_file()]
     if missing:
         raise BundleError(f"{root} is incomplete: missing {missing}; copy the whole bundle or re-export it")

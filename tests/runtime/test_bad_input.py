@@ -182,3 +182,43 @@ def test_use_after_close(tiny_bundle):
     for call in (lambda: p.encode_image(X), lambda: p.encode_text(IDS), lambda: p.generate(X, IDS, max_new_tokens=2)):
         with pytest.raises(PipelineClosed, match="closed: call runtime.load"):
             call()
+
+
+def _edit(key_path, value=None, delete=False):
+    def edit(m):
+        node = m
+        for k in key_path[:-1]:
+            node = node[k]
+        if delete:
+            del node[key_path[-1]]
+        else:
+            node[key_path[-1]] = value
+    return edit
+
+
+MANIFEST_EDITS = [
+    ("mean changed", _edit(["preprocessing", "mean"], [0.5, 0.5, 0.5]), "was edited after export"),
+    ("eos changed", _edit(["special_tokens", "eos"], 5), "was edited after export"),
+    ("prefix changed", _edit(["prompts", "text_embedding", "prefix"], "describe:"), "was edited after export"),
+    ("mean missing", _edit(["preprocessing", "mean"], delete=True), "lacks the field 'preprocessing.mean'"),
+    ("special tokens missing", _edit(["special_tokens"], delete=True), "lacks the field 'special_tokens'"),
+    ("graphs missing", _edit(["graphs"], delete=True), "lacks the field 'graphs'"),
+]
+
+
+@pytest.mark.parametrize("edit,match", [r[1:] for r in MANIFEST_EDITS], ids=[r[0] for r in MANIFEST_EDITS])
+def test_edited_manifest_detected(tiny_bundle, tmp_path, edit, match):
+    import json
+    import shutil
+
+    from runtime import BundleError
+
+    b = tmp_path / "b"
+    b.mkdir()
+    for f in tiny_bundle.iterdir():  # link the big files, copy the manifest
+        (b / f.name).symlink_to(f) if f.name != "manifest.json" else shutil.copy(f, b / f.name)
+    m = json.loads((b / "manifest.json").read_text())
+    edit(m)
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=match):
+        runtime.load(b, verify_checksums=False)
