@@ -58,6 +58,9 @@ def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "
     """Export the shipped checkpoint, run every variant over the test digits, print and return the report."""
     from .output import owned_folder
 
+    unknown = sorted(set(precisions) - {"fp32", "fp16", "int8", "int8-cpu"})
+    if unknown:
+        raise ValueError(f"unknown precisions {unknown}: choose from fp32, fp16, int8, int8-cpu")
     t_start = time.perf_counter()
     # an earlier demo folder is reused (each bundle in it replaced atomically); a folder holding anything
     # bridge-export did not write is refused before any work

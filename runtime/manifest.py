@@ -64,7 +64,7 @@ class Manifest:
 
 DIGEST = "manifest_sha256"
 # fields the runtime reads: a manifest without one is refused with its name, not a KeyError later
-REQUIRED = ("format_version", "model", "model.num_query_token", "model.qllama_config", "graphs", "special_tokens",
+REQUIRED = ("format_version", "precision", "model", "model.num_query_token", "model.qllama_config", "graphs", "special_tokens",
             "special_tokens.bos", "special_tokens.eos", "special_tokens.pad", "prompts", "prompts.text_embedding",
             "preprocessing", "preprocessing.image_size", "preprocessing.mean", "preprocessing.std", "host_tensors",
             "files")

@@ -60,6 +60,7 @@ CASES = [
     ("engine max-batch 0", "engine {b} --emit-trtexec --max-batch 0", 2, "--max-batch", []),
     ("engine workspace 0", "engine {b} --emit-trtexec --workspace 0", 2, "--workspace", []),
     ("demo limit -1", "demo --limit -1 --out {t}/d", 2, "--limit", ["d"]),
+    ("demo unknown precision", "demo --out {t}/d --precisions fp32,fp8", 1, "unknown precisions", ["d"]),
     ("demo into a foreign folder", "demo --out {t}/foreign --limit 2 --precisions fp32", 1, "did not write", []),
 ]
 
