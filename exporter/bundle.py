@@ -12,10 +12,10 @@ import onnx
 import torch
 
 import reference_model
-from runtime.errors import UserError
 from runtime.manifest import DIGEST, FORMAT, FORMAT_VERSION, MANIFEST, manifest_digest, sha256_file
 
 from .checks import check_graph
+from .errors import ExportError  # noqa: F401 (re-exported)
 from .onnx_export import DEFAULT_OPSET, SUPPORTED_OPSETS, export_graph, relink_weights
 from .output import OWNER_FILE, PARTIAL_MARKER, commit_output, discard, prepare_output  # noqa: F401 (re-exported)
 from .specs import Limits, all_specs
@@ -23,10 +23,6 @@ from .tokenizer import write_tokenizer
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-
-
-class ExportError(UserError, RuntimeError):
-    """An export that cannot proceed; the message says what to do."""
 
 
 def _stderr(msg: str) -> None:

@@ -22,8 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from runtime.errors import UserError
 from runtime.manifest import FORMAT, MANIFEST
+
+from .errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ PARTIAL_MARKER = ".bridge-export-partial"  # inside a directory being built (nev
 OWNER_FILE = ".bridge-export-output"  # inside a finished non-bundle folder this tool wrote (demo, engines)
 
 
-class OutputError(UserError, RuntimeError):
+class OutputError(ExportError):
     """An output that cannot or must not be written; the message says what to do."""
 
 
