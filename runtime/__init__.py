@@ -26,7 +26,7 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
 
     if backend not in ("onnxruntime", "tensorrt"):
         raise ValueError(f"unknown backend {backend!r}: use 'onnxruntime' or 'tensorrt'")
-    if backend == "tensorrt" and not tensorrt_available():
+    if backend == "tensorrt" and device != "cpu" and not tensorrt_available():
         raise BackendUnavailable("backend='tensorrt' needs TensorRT, which is not installed here: pip install "
                                  "tensorrt on a machine with an NVIDIA GPU, or use backend='onnxruntime'")
     check_threads(threads)
