@@ -78,7 +78,8 @@ def main(tok_dir, chars, old_chars, repeat):
         t_trunc, ids_trunc = _time(lambda: bpe.encode(text, max_tokens=80), repeat)
         ok = ids_new == sp.encode(text) and ids_old == ids_new_old and ids_trunc[:80] == ids_new[:80]
         ratio = t_old / t_new_old
-        print(f"{name:<8}{len(text):>7}{t_old:>12.3f}{t_new:>10.4f}{t_fast:>10.4f}{ratio:>9.0f}x{t_new / t_fast:>10.1f}x"
+        print(f"{name:<8}{len(text):>7}{t_old:>12.3f}{t_new:>10.4f}{t_fast:>10.4f}{ratio:>9.0f}x"
+              f"{t_new / t_fast:>10.1f}x"
               f"{t_trunc:>11.5f}  {ok}" + (f"  (old loop on the first {old_n} chars)" if old_n != len(text) else ""))
 
 

@@ -37,6 +37,22 @@ def _debug() -> bool:
     return bool(root and root.params.get("debug")) or os.environ.get("BRIDGE_EXPORT_DEBUG") == "1"
 
 
+# Top-level modules of each optional extra: a command that needs a missing one says which extra to install.
+EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export",
+          "transformers": "export", "sentencepiece": "export", "google": "export",
+          "tensorrt": "tensorrt", "polygraphy": "tensorrt", "cuda": "tensorrt", "sklearn": "train",
+          "pyarrow": "ray", "ray": "ray", "pytriton": "serve"}
+
+
+def missing_extra(e: ModuleNotFoundError) -> str | None:
+    """The one-line advice for a missing optional dependency, or None if it belongs to no extra."""
+    top = (e.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    return f'this command needs {top}, which is not installed: pip install "bridge-export[{extra}]"'
+
+
 def friendly(fn):
     """Turn user errors into one-line messages and Ctrl-C into a clean exit (code 130); --debug: tracebacks."""
 
@@ -49,6 +65,11 @@ def friendly(fn):
             sys.exit(130)
         except click.ClickException:
             raise
+        except ModuleNotFoundError as e:
+            advice = missing_extra(e)
+            if advice is None:
+                raise
+            raise click.ClickException(advice) from e
         except USER_ERRORS as e:
             if _debug():
                 raise
@@ -57,11 +78,35 @@ def friendly(fn):
     return wrapper
 
 
+def run_options(fn):
+    """--backend and --device for the commands that run a bundle (see runtime.load)."""
+    fn = click.option("--device", default=None,
+                      help="cpu (onnxruntime's default) or cuda / cuda:N (KV cache on the GPU; TensorRT's default)")(fn)
+    return click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+                        show_default=True, help="tensorrt runs the engines/ that `bridge-export engine` built")(fn)
+
+
+def load_pipeline(bundle, backend: str, device):
+    """runtime.load, closed when the command ends (frees device memory on a GPU)."""
+    import runtime
+
+    pipe = runtime.load(bundle, backend=backend, device=device)
+    click.get_current_context().call_on_close(pipe.close)
+    return pipe
+
+
 @click.group()
 @click.version_option(package_name="bridge-export", message="%(version)s")
 @click.option("--debug", is_flag=True, help="show full tracebacks for errors")
-def main(debug):
+@click.option("-q", "--quiet", is_flag=True, help="show warnings and errors only")
+def main(debug, quiet):
     """Export InternVL-14B (InternVL-C / InternVL-G) to ONNX and TensorRT, and run the result."""
+    import logging
+
+    from runtime.progress import log_to_stderr, quiet_third_party
+
+    log_to_stderr(logging.WARNING if quiet else logging.INFO)
+    quiet_third_party()
 
 
 @main.command("onnx")
@@ -113,20 +158,26 @@ def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="the model the bundle came from")
 @click.option("--preset", help="or the preset (with --seed) it came from")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--checksums", is_flag=True, help="hash every file against the manifest's sha256 (no torch needed)")
 @friendly
-def verify(bundle, checkpoint, preset, seed):
-    """Check every graph and the end-to-end outputs against the PyTorch reference."""
+def verify(bundle, checkpoint, preset, seed, checksums):
+    """Check every graph and the end-to-end outputs against the PyTorch reference (and/or every file's sha256)."""
+    from runtime.manifest import read_manifest
+
+    man = read_manifest(bundle, verify_checksums=checksums)
+    if checksums:
+        click.echo(f"checksums: all {len(man.files)} files match the manifest "
+                   f"({sum(e.size for e in man.files.values()) / 1e6:.1f} MB hashed)")
+        if checkpoint is None and preset is None:
+            return
+    if man.precision.mode != "fp32":
+        raise click.ClickException(f"{bundle} is a {man.precision.mode} bundle: verify checks fp32 parity with the "
+                                   "reference; its accuracy against fp32 is in its manifest (bridge-export inspect)")
     from .bundle import load_source
     from .verify import verify_bundle
 
-    from runtime.manifest import read_manifest
-
-    precision = read_manifest(bundle, verify_checksums=False)["precision"]
-    if precision != "fp32":
-        raise click.ClickException(f"{bundle} is a {precision} bundle: verify checks fp32 parity with the reference; "
-                                   "its accuracy against fp32 is in its manifest (bridge-export inspect)")
     model, _ = load_source(checkpoint, preset, seed)
-    report = verify_bundle(bundle, model, progress=lambda m: click.echo(m, err=True))
+    report = verify_bundle(bundle, model)
     click.echo(report.format())
     if not report.passed:
         sys.exit(1)
@@ -143,7 +194,7 @@ def inspect(bundle, as_json):
     from .inspect_bundle import format_manifest
 
     man = read_manifest(bundle, verify_checksums=False)
-    click.echo(json.dumps(man.data, indent=2) if as_json else format_manifest(man))
+    click.echo(json.dumps(man.to_dict(), indent=2) if as_json else format_manifest(man))
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -208,12 +259,11 @@ class _ImageReader:
               help="embeddings file: NAME.npy (names in NAME.npy.names.txt) or NAME.parquet")
 @click.option("--overwrite", is_flag=True, help="replace an existing --out")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, MAX_BATCH))
+@run_options
 @friendly
-def embed(bundle, images, texts, mode, out, overwrite, batch_size):
+def embed(bundle, images, texts, mode, out, overwrite, batch_size, backend, device):
     """Embed images (files or folders) and texts."""
     import numpy as np
-
-    import runtime
 
     from .output import atomic_file, check_output_file
 
@@ -229,7 +279,7 @@ def embed(bundle, images, texts, mode, out, overwrite, batch_size):
                 import pyarrow  # noqa: F401
             except ImportError as e:
                 raise click.ClickException("writing .parquet needs pyarrow: pip install pyarrow, or use .npy") from e
-    pipe = runtime.load(bundle)
+    pipe = load_pipeline(bundle, backend, device)
     txt = pipe.embed_texts(list(texts)) if texts else None
     reader = _ImageReader(_expand_images(images), batch_size) if images else None
     files, parts = [], []
@@ -267,23 +317,23 @@ def embed(bundle, images, texts, mode, out, overwrite, batch_size):
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
-@click.option("--beams", default=5, show_default=True, type=click.IntRange(1, MAX_BEAMS))
-@click.option("--max-new-tokens", default=30, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--beams", type=click.IntRange(1, MAX_BEAMS),
+              help="beam width (default: the manifest's, 5 as the original)")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), help="(default: the manifest's, 30)")
 @click.option("--min-new-tokens", type=click.IntRange(0, 4096),
-              help="at least this many tokens before EOS (default: the bundle's, at most --max-new-tokens)")
-@click.option("--prompt", default="English caption:", show_default=True)
+              help="at least this many tokens before EOS (default: the manifest's, 8, at most --max-new-tokens)")
+@click.option("--prompt", help="(default: the manifest's, 'English caption:')")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1, MAX_CAPTION_BATCH),
               help="images per generate call (bounds the KV cache's memory)")
 @click.option("--stream", is_flag=True, help="print tokens as they arrive (greedy)")
+@run_options
 @friendly
-def caption(bundle, images, beams, max_new_tokens, min_new_tokens, prompt, batch_size, stream):
+def caption(bundle, images, beams, max_new_tokens, min_new_tokens, prompt, batch_size, stream, backend, device):
     """Caption images."""
-    import runtime
-
-    if min_new_tokens is not None and min_new_tokens > max_new_tokens:
+    if min_new_tokens is not None and max_new_tokens is not None and min_new_tokens > max_new_tokens:
         raise click.ClickException(f"--min-new-tokens {min_new_tokens} is above --max-new-tokens {max_new_tokens}")
-    pipe = runtime.load(bundle)
-    pipe.codec.prompt_ids(prompt)  # a prompt the tokenizer cannot read is refused before any image
+    pipe = load_pipeline(bundle, backend, device)
+    pipe.codec.prompt_ids(pipe.caption_defaults.prompt if prompt is None else prompt)  # refused before any image
     reader = _ImageReader(_expand_images(images), batch_size)
     n = 0
     for names, ims in reader:
@@ -307,15 +357,15 @@ def caption(bundle, images, beams, max_new_tokens, min_new_tokens, prompt, batch
 @click.option("--labels", required=True, help="comma-separated class names")
 @click.option("--template", default="a photo of a {}.", show_default=True, help="one {} where the label goes")
 @click.option("--mode", type=click.Choice(["C", "G"]), default="C", show_default=True)
+@run_options
 @friendly
-def classify(bundle, images, labels, template, mode):
+def classify(bundle, images, labels, template, mode, backend, device):
     """Zero-shot classification of images over --labels."""
-    import runtime
     from runtime.pipeline import check_labels, check_template
 
     names = check_labels([s.strip() for s in labels.split(",") if s.strip()])
     check_template(template)
-    pipe = runtime.load(bundle)
+    pipe = load_pipeline(bundle, backend, device)
     reader = _ImageReader(_expand_images(images), 64)
     n = 0
     for files, ims in reader:
@@ -342,7 +392,7 @@ def classify(bundle, images, labels, template, mode):
 @friendly
 def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, compare):
     """Throughput and memory of a bundle (and the reference, side by side, in this one process)."""
-    from runtime.bench import run_bench
+    from .bench import run_bench
 
     from .bundle import load_source
 

@@ -66,7 +66,7 @@ def ours(path: Path) -> bool:
 
 
 def check_output_dir(out, overwrite: bool, flag: str = "--out") -> Path:
-    """Refuse, before any work starts, an output directory that exists (unless ours and `overwrite`) or cannot be made."""
+    """Refuse, before any work starts, an output folder that exists (unless ours and `overwrite`) or cannot be made."""
     out = Path(out).absolute()
     if out.is_symlink():
         raise OutputError(f"{flag} {out} is a symbolic link: give the real path (links are never replaced)")
@@ -94,7 +94,7 @@ def _check_parent(out: Path, flag: str) -> None:
 
 
 def clean_stale(out: Path) -> None:
-    """Remove `.NAME.partial-PID-*` / `.NAME.old-PID-*` siblings left by a killed run: only ours, only if PID is gone."""
+    """Remove `.NAME.partial-PID-*` / `.NAME.old-PID-*` siblings of a killed run: only ours, only if PID is gone."""
     out = Path(out).absolute()
     if not out.parent.is_dir():
         return
@@ -182,7 +182,7 @@ def owned_folder(out, owner: str, flag: str = "--out", legacy=None) -> Path:
 
 @contextmanager
 def output_dir(out, overwrite: bool) -> Iterator[Path]:
-    """`with output_dir(out, overwrite) as tmp:` build into tmp; on success it replaces `out`, on failure it vanishes."""
+    """`with output_dir(out, overwrite) as tmp:` build into tmp; success replaces `out`, failure removes tmp."""
     tmp = prepare_output(out, overwrite)
     try:
         yield tmp
@@ -193,7 +193,7 @@ def output_dir(out, overwrite: bool) -> Iterator[Path]:
 
 
 def check_output_file(out, overwrite: bool, suffixes: tuple[str, ...], flag: str = "--out") -> Path:
-    """Refuse, before any work, a file output with the wrong suffix, in an unwritable place, or existing without --overwrite."""
+    """Refuse, before any work, a file output with a wrong suffix, in an unwritable place, or existing (no --overwrite)."""
     out = Path(out).absolute()
     if out.suffix.lower() not in suffixes:
         raise OutputError(f"{flag} {out.name}: the file must end in {' or '.join(suffixes)} (its format)")

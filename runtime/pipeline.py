@@ -13,6 +13,7 @@ from .device_cache import DeviceKVCache
 from .errors import UserError
 from .kv_cache import CachedDecoder, KVCache
 from .manifest import Manifest
+from .numeric import normalize
 from .preprocess import preprocess
 from .search import MAX_BEAMS, SearchConfig, iter_tokens, search
 from .sessions import Session
@@ -21,7 +22,6 @@ from .text import TextCodec
 MODES = {"C": "InternVL-C", "G": "InternVL-G", "InternVL-C": "InternVL-C", "InternVL-G": "InternVL-G"}
 MAX_BATCH = 1024  # images or texts per graph call; larger lists are processed in batches anyway
 MAX_CAPTION_BATCH = 64  # images per generate call in captions()
-DEFAULT_MIN_NEW_TOKENS = 8  # the original's caption setting
 log = logging.getLogger(__name__)
 
 
@@ -39,7 +39,8 @@ class PipelineClosed(UserError, RuntimeError):
 
 def _check_int(value, name: str, lo: int, hi: int | None = None) -> int:
     """`value` as an int in [lo, hi], else a ValueError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or (hi is not None and value > hi):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo \
+            or (hi is not None and value > hi):
         bound = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
     return int(value)
@@ -77,10 +78,6 @@ def check_labels(labels) -> list[str]:
     return labels
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
 @dataclass
 class Caption:
     """One caption: its text, the new token ids (EOS and padding dropped) and the sequence score."""
@@ -96,24 +93,23 @@ class Pipeline:
 
     def __init__(self, manifest: Manifest, sessions: dict[str, Session], codec: TextCodec, memory=None):
         self.manifest, self.sessions, self.codec, self.memory = manifest, sessions, codec, memory
-        m = manifest.model
-        self.num_query = m["num_query_token"]
-        self.max_positions = m["qllama_config"]["max_position_embeddings"]
-        self.special = manifest["special_tokens"]
-        self.preprocessing = manifest["preprocessing"]
+        self.num_query = manifest.dims.num_query_token
+        self.max_positions = manifest.dims.max_positions
+        self.special = manifest.special_tokens
+        self.preprocessing = manifest.preprocessing
+        self.caption_defaults = manifest.prompts.caption
         self.text_projection = manifest.host_tensor("text_projection")
         self.logit_scale = float(manifest.host_tensor("logit_scale"))
-        L = m["qllama_config"]["num_hidden_layers"]
-        self.kv_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                          f"present.{i}.key", f"present.{i}.value") for i in range(L)]
-        self.prefix_names = [f"prefix.{i}.{k}" for i in range(L) for k in ("key", "value")]
+        self.kv_names = manifest.kv_layout.layers()  # per layer (past k, past v, present k, present v)
+        self.prefix_names = manifest.kv_layout.names("prefix")
         dec = sessions["text_decoder"]
         limits = [s.max_batch for s in sessions.values() if s.max_batch]
         self.max_batch = min(limits) if limits else None  # TensorRT engines: their profiles' largest batch
         self._empty_past = {n: np.zeros((0,) + (dec.inputs[n].shape[1], 0, dec.inputs[n].shape[3]), np.float32)
                             for names in self.kv_names for n in names[:2]}
-        self.vocab_size = m["qllama_config"]["vocab_size"]
-        self._kv_bytes_per_position = 2 * L * m["qllama_config"]["hidden_size"] * 4  # K and V, fp32, per row
+        self.vocab_size = manifest.dims.vocab_size
+        kv = manifest.kv_layout
+        self._kv_bytes_per_position = 2 * kv.num_layers * kv.num_heads * kv.head_dim * 4  # K and V, fp32, per row
         self.closed = False
 
     def close(self) -> None:
@@ -158,7 +154,7 @@ class Pipeline:
         if x.dtype == object or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
             raise ValueError(f"pixel_values must be a float array, got dtype {x.dtype}")
         x = x.astype(np.float32, copy=False)
-        s = self.preprocessing["image_size"]
+        s = self.preprocessing.image_size
         if x.ndim != 4 or x.shape[1:] != (3, s, s):
             raise ValueError(f"pixel_values must be [B, 3, {s}, {s}], got {list(x.shape)}: resize images to "
                              f"{s}x{s} (embed_images/caption do it for you)")
@@ -189,7 +185,7 @@ class Pipeline:
         if MODES[mode] == "InternVL-C":
             return c
         g, _ = self.bridge(hidden)
-        return _normalize(c) + _normalize(g)
+        return normalize(c) + normalize(g)
 
     def encode_text(self, input_ids) -> np.ndarray:
         """Last non-pad token's final-norm state @ text_projection (right padding, pad 0)."""
@@ -205,7 +201,8 @@ class Pipeline:
                  "attention_mask": mask}
         heads_dim = {n: a.shape for n, a in self._empty_past.items()}
         feeds.update({n: np.zeros((B, s[1], 0, s[3]), np.float32) for n, s in heads_dim.items()})
-        hidden = self._run("text_decoder", feeds, ("present.", "logits"))["hidden_states"]  # only these come down
+        stay = (*self.manifest.kv_layout.names("present"), "logits")  # only hidden_states comes down
+        hidden = self._run("text_decoder", feeds, stay)["hidden_states"]
         return hidden[np.arange(B), last] @ self.text_projection
 
     def _decoder(self, pixel_values, input_ids, attention_mask, max_new_tokens, num_beams: int = 1) -> CachedDecoder:
@@ -231,7 +228,7 @@ class Pipeline:
                              f"{self.max_batch}: caption fewer images at once or rebuild with a larger --max-batch")
         dec = self.sessions["text_decoder"]
         memory = getattr(dec, "memory", None)  # device sessions: the cache and its prefix stay on the device
-        keep = ("vision_hidden", "prefix.") if memory is not None else ()
+        keep = ("vision_hidden", *self.prefix_names) if memory is not None else ()
         hidden = self._run("vision_encoder", {"pixel_values": self._pixels(pixel_values)}, keep)["vision_hidden"]
         if hidden.shape[0] != ids.shape[0]:
             raise ValueError(f"{hidden.shape[0]} images but {ids.shape[0]} prompts: give one prompt per image")
@@ -255,7 +252,7 @@ class Pipeline:
         return m.astype(np.int64)
 
     def _search_config(self, **kw) -> SearchConfig:
-        return SearchConfig(eos_token_id=self.special["eos"], pad_token_id=self.special["pad"], **kw)
+        return SearchConfig(eos_token_id=self.special.eos, pad_token_id=self.special.pad, **kw)
 
     def generate(self, pixel_values, input_ids, attention_mask=None, max_new_tokens: int = 20,
                  min_new_tokens: int = 0, num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0,
@@ -310,8 +307,8 @@ class Pipeline:
 
     def similarity(self, images, texts, mode: str = "C") -> np.ndarray:
         """exp(logit_scale) * normalized image @ normalized text.T, [N_images, N_texts]."""
-        img = _normalize(self.embed_images(images, mode))
-        txt = _normalize(self.embed_texts(texts))
+        img = normalize(self.embed_images(images, mode))
+        txt = normalize(self.embed_texts(texts))
         return np.exp(self.logit_scale) * img @ txt.T
 
     def classify(self, images, labels, template: str = "a photo of a {}.", mode: str = "C") -> np.ndarray:
@@ -321,32 +318,40 @@ class Pipeline:
         """
         labels = check_labels(labels)
         check_template(template)
-        txt = _normalize(self.embed_texts([template.format(lb) for lb in labels]))
-        img = _normalize(self.embed_images(images, mode, crop=True))
+        txt = normalize(self.embed_texts([template.format(lb) for lb in labels]))
+        img = normalize(self.embed_images(images, mode, crop=True))
         logits = np.exp(self.logit_scale) * img @ txt.T
         e = np.exp(logits - logits.max(1, keepdims=True))
         return e / e.sum(1, keepdims=True)
 
-    def _caption_lengths(self, max_new_tokens, min_new_tokens) -> tuple[int, int]:
-        """max/min new tokens; min defaults to the bundle's caption default (the original's 8), never above max."""
-        max_new_tokens = _check_int(max_new_tokens, "max_new_tokens", 1, self.max_positions)
-        if min_new_tokens is None:
-            default = self.manifest.get("prompts", {}).get("caption", {}).get("min_new_tokens", DEFAULT_MIN_NEW_TOKENS)
-            min_new_tokens = min(default, max_new_tokens)
-        return max_new_tokens, _check_int(min_new_tokens, "min_new_tokens", 0, max_new_tokens)
+    def _caption_args(self, prompt, max_new_tokens, min_new_tokens, num_beams=None):
+        """Fill unset caption options from the manifest's defaults (the original's: 5 beams, 8..30 tokens).
 
-    def captions(self, images, prompt: str = "English caption:", max_new_tokens: int = 30,
-                 min_new_tokens: int | None = None, num_beams: int = 5, batch_size: int = 4, **kw) -> list[Caption]:
+        An unset min_new_tokens never exceeds max_new_tokens (a small max lowers it); set ones are checked.
+        """
+        d = self.caption_defaults
+        prompt = d.prompt if prompt is None else prompt
+        max_new_tokens = _check_int(d.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                                    "max_new_tokens", 1, self.max_positions)
+        if min_new_tokens is None:
+            min_new_tokens = min(d.min_new_tokens, max_new_tokens)
+        min_new_tokens = _check_int(min_new_tokens, "min_new_tokens", 0, max_new_tokens)
+        num_beams = _check_int(d.num_beams if num_beams is None else num_beams, "num_beams", 1, MAX_BEAMS)
+        return prompt, max_new_tokens, min_new_tokens, num_beams
+
+    def captions(self, images, prompt: str | None = None, max_new_tokens: int | None = None,
+                 min_new_tokens: int | None = None, num_beams: int | None = None, batch_size: int = 4,
+                 **kw) -> list[Caption]:
         """Captions of several images (one prompt for all), `batch_size` images per generate call.
 
-        min_new_tokens defaults to the bundle's caption default (8 for InternVL, as the original), lowered
-        to max_new_tokens when that is smaller.
+        Unset options are the manifest's (the original's: 5 beams, 8..30 new tokens); an unset
+        min_new_tokens is lowered to max_new_tokens when that is smaller.
         """
+        prompt, max_new_tokens, min_new_tokens, num_beams = self._caption_args(prompt, max_new_tokens,
+                                                                               min_new_tokens, num_beams)
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         if not images:
             raise ValueError("no images given: pass at least one")
-        max_new_tokens, min_new_tokens = self._caption_lengths(max_new_tokens, min_new_tokens)
-        num_beams = _check_int(num_beams, "num_beams", 1, MAX_BEAMS)
         chunk = _check_int(batch_size, "batch_size", 1, MAX_CAPTION_BATCH)
         if self.max_batch:  # stay within TensorRT's largest batch
             chunk = min(chunk, max(1, self.max_batch // num_beams))
@@ -360,21 +365,21 @@ class Pipeline:
             out += [self._caption(t, sc) for t, sc in zip(tokens, scores)]
         return out
 
-    def caption(self, image, prompt: str = "English caption:", max_new_tokens: int = 30,
-                min_new_tokens: int | None = None, num_beams: int = 5, **kw) -> Caption:
-        """Caption one image: text, token ids and score (beam search by default, as the original)."""
+    def caption(self, image, prompt: str | None = None, max_new_tokens: int | None = None,
+                min_new_tokens: int | None = None, num_beams: int | None = None, **kw) -> Caption:
+        """Caption one image: text, token ids and score (the manifest's defaults: beam search as the original)."""
         return self.captions([image], prompt, max_new_tokens, min_new_tokens, num_beams, **kw)[0]
 
-    def caption_stream(self, image, prompt: str = "English caption:", max_new_tokens: int = 30,
+    def caption_stream(self, image, prompt: str | None = None, max_new_tokens: int | None = None,
                        min_new_tokens: int | None = None, **kw) -> Iterator[str]:
         """Yield the caption's new text as each token arrives (greedy or sampled decoding)."""
-        max_new_tokens, min_new_tokens = self._caption_lengths(max_new_tokens, min_new_tokens)
+        prompt, max_new_tokens, min_new_tokens, _ = self._caption_args(prompt, max_new_tokens, min_new_tokens)
         pix = preprocess([image], self.preprocessing)
         ids, text = [], ""
         for tok in self.iter_generate(pix, self.codec.prompt_ids(prompt), max_new_tokens=max_new_tokens,
                                       min_new_tokens=min_new_tokens, **kw):
             t = int(tok[0])
-            if t in (self.special["eos"], self.special["pad"]):
+            if t in (self.special.eos, self.special.pad):
                 break
             ids.append(t)
             full = self.codec.decode(ids)
@@ -384,7 +389,7 @@ class Pipeline:
 
     def _caption(self, tokens: np.ndarray, score: float) -> Caption:
         ids = [int(t) for t in tokens]
-        if self.special["eos"] in ids:
-            ids = ids[: ids.index(self.special["eos"])]
-        ids = [t for t in ids if t != self.special["pad"]]
+        if self.special.eos in ids:
+            ids = ids[: ids.index(self.special.eos)]
+        ids = [t for t in ids if t != self.special.pad]
         return Caption(self.codec.decode(ids), ids, float(score))

@@ -56,6 +56,10 @@ class SearchConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not np.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: no top-k filtering), got {self.top_k}")
         if self.num_beams > MAX_BEAMS:
             raise ValueError(f"num_beams must be at most {MAX_BEAMS}, got {self.num_beams}")
         if self.max_new_tokens < 1:

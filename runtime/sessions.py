@@ -97,6 +97,7 @@ class OrtSession(Session):
             check_threads(threads)
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        check_providers(providers)
         try:
             self.sess = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
@@ -128,6 +129,22 @@ class OrtSession(Session):
     def close(self) -> None:
         """Release the backend's resources."""
         self.sess = None
+
+
+def check_providers(providers) -> None:
+    """ValueError naming a requested onnxruntime execution provider this onnxruntime does not have."""
+    if providers is None:
+        return
+    import onnxruntime as ort
+
+    if isinstance(providers, str):
+        raise ValueError(f"providers must be a list, e.g. [{providers!r}], got one string")
+    have = ort.get_available_providers()
+    for p in providers:
+        name = p[0] if isinstance(p, (tuple, list)) else p
+        if name not in have:
+            raise ValueError(f"onnxruntime here has no {name!r} provider (it has {have}): install the matching "
+                             "onnxruntime build or leave providers unset")
 
 
 def tensorrt_available() -> bool:

@@ -14,7 +14,8 @@ from exporter.cli import main
 
 # (id, argv, exit code, message regex, paths under {t} that must NOT exist afterwards)
 CASES = [
-    ("opset too high", "onnx --preset tiny --out {t}/o --opset 99", 1, r"--opset 99 is not supported: use 13-20", ["o"]),
+    ("opset too high", "onnx --preset tiny --out {t}/o --opset 99", 1, "--opset 99 is not supported: use 13-20",
+     ["o"]),
     ("opset too low", "onnx --preset tiny --out {t}/o --opset 5", 1, "--opset 5 is not supported", ["o"]),
     ("max-batch 0", "onnx --preset tiny --out {t}/o --max-batch 0", 1, "--max-batch must be between 1", ["o"]),
     ("max-batch negative", "onnx --preset tiny --out {t}/o --max-batch -3", 1, "--max-batch must be", ["o"]),
