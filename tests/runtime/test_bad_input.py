@@ -196,22 +196,27 @@ def _edit(key_path, value=None, delete=False):
     return edit
 
 
+# (edit, re-seal the digest as another tool writing the manifest would, message)
 MANIFEST_EDITS = [
-    ("mean changed", _edit(["preprocessing", "mean"], [0.5, 0.5, 0.5]), "was edited after export"),
-    ("eos changed", _edit(["special_tokens", "eos"], 5), "was edited after export"),
-    ("prefix changed", _edit(["prompts", "text_embedding", "prefix"], "describe:"), "was edited after export"),
-    ("mean missing", _edit(["preprocessing", "mean"], delete=True), "lacks the field 'preprocessing.mean'"),
-    ("special tokens missing", _edit(["special_tokens"], delete=True), "lacks the field 'special_tokens'"),
-    ("graphs missing", _edit(["graphs"], delete=True), "lacks the field 'graphs'"),
+    ("mean changed", _edit(["preprocessing", "mean"], [0.5, 0.5, 0.5]), False, "was edited after export"),
+    ("eos changed", _edit(["special_tokens", "eos"], 5), False, "was edited after export"),
+    ("prefix changed", _edit(["prompts", "text_embedding", "prefix"], "describe:"), False, "was edited after export"),
+    ("mean deleted", _edit(["preprocessing", "mean"], delete=True), False, "was edited after export"),
+    ("bos missing", _edit(["special_tokens", "bos"], delete=True), True, r"special_tokens lacks \['bos'\]"),
+    ("image size missing", _edit(["preprocessing", "image_size"], delete=True), True,
+     r"preprocessing lacks \['image_size'\]"),
+    ("graphs missing", _edit(["graphs"], delete=True), True, r"lacks \['graphs'\]"),
+    ("eos not a number", _edit(["special_tokens", "eos"], "two"), True, "special_tokens.eos must be int"),
 ]
 
 
-@pytest.mark.parametrize("edit,match", [r[1:] for r in MANIFEST_EDITS], ids=[r[0] for r in MANIFEST_EDITS])
-def test_edited_manifest_detected(tiny_bundle, tmp_path, edit, match):
+@pytest.mark.parametrize("edit,reseal,match", [r[1:] for r in MANIFEST_EDITS], ids=[r[0] for r in MANIFEST_EDITS])
+def test_edited_manifest_detected(tiny_bundle, tmp_path, edit, reseal, match):
     import json
     import shutil
 
     from runtime import BundleError
+    from runtime.manifest import manifest_digest
 
     b = tmp_path / "b"
     b.mkdir()
@@ -219,6 +224,9 @@ def test_edited_manifest_detected(tiny_bundle, tmp_path, edit, match):
         (b / f.name).symlink_to(f) if f.name != "manifest.json" else shutil.copy(f, b / f.name)
     m = json.loads((b / "manifest.json").read_text())
     edit(m)
+    if reseal:
+        m["manifest_sha256"] = manifest_digest(m)
     (b / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BundleError, match=match):
-        runtime.load(b, verify_checksums=False)
+    with pytest.raises(BundleError, match=match) as e:
+        runtime.load(b)
+    assert "\n" not in str(e.value)
