@@ -330,6 +330,8 @@ def embed(bundle, images, texts, mode, out, overwrite, batch_size, backend, devi
 @friendly
 def caption(bundle, images, beams, max_new_tokens, min_new_tokens, prompt, batch_size, stream, backend, device):
     """Caption images."""
+    if stream and beams not in (None, 1):
+        raise click.ClickException("--stream prints tokens as they are chosen, which beam search cannot: drop --beams")
     if min_new_tokens is not None and max_new_tokens is not None and min_new_tokens > max_new_tokens:
         raise click.ClickException(f"--min-new-tokens {min_new_tokens} is above --max-new-tokens {max_new_tokens}")
     pipe = load_pipeline(bundle, backend, device)

@@ -36,6 +36,17 @@ class OutputError(ExportError):
     """An output that cannot or must not be written; the message says what to do."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: Path, directory: bool) -> None:
+    """Give a temporary (created private by tempfile) the mode a plain mkdir/open would have given it."""
+    path.chmod((0o777 if directory else 0o666) & ~_umask())
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -121,6 +132,7 @@ def prepare_output(out, overwrite: bool) -> Path:
     except OSError as e:
         raise OutputError(f"cannot write in {out.parent}: {e.strerror}; choose a writable --out") from e
     try:
+        _usual_mode(tmp, directory=True)
         (tmp / PARTIAL_MARKER).write_text("a bridge-export output being written; safe to delete\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -169,7 +181,10 @@ def owned_folder(out, owner: str, flag: str = "--out", legacy=None) -> Path:
     if out.exists():
         if not out.is_dir():
             raise OutputError(f"{flag} {out} is a file: give a folder")
-        if not ((out / OWNER_FILE).is_file() or ours(out) or (legacy and legacy(out))):
+        if (out / MANIFEST).is_file():
+            raise OutputError(f"{out} is a bundle: write {owner} to a folder of its own (e.g. {out / owner})")
+        empty = not any(out.iterdir())
+        if not ((out / OWNER_FILE).is_file() or empty or (legacy and legacy(out))):
             raise OutputError(f"{out} holds files bridge-export did not write: refusing to write {owner} into it; "
                               f"choose another {flag}")
     else:
@@ -214,6 +229,7 @@ def atomic_file(out) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
+        _usual_mode(tmp, directory=False)
         yield tmp
         os.replace(tmp, out)
     except BaseException:

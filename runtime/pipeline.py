@@ -46,6 +46,15 @@ def _check_int(value, name: str, lo: int, hi: int | None = None) -> int:
     return int(value)
 
 
+def _image_list(images) -> list:
+    """A list of images from a list/tuple, a 4-D array (N, H, W, C) / (N, C, H, W), or one image."""
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    return [images]
+
+
 def check_template(template) -> str:
     """A classify template holds exactly one `{}` (where the label goes) and no other fields."""
     if not isinstance(template, str):
@@ -285,7 +294,7 @@ class Pipeline:
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of C / G (or InternVL-C / InternVL-G), got {mode!r}")
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        images = _image_list(images)
         if not images:
             raise ValueError("no images given: pass at least one")
         batch_size = min(_check_int(batch_size, "batch_size", 1, MAX_BATCH), self.max_batch or MAX_BATCH)
@@ -349,7 +358,7 @@ class Pipeline:
         """
         prompt, max_new_tokens, min_new_tokens, num_beams = self._caption_args(prompt, max_new_tokens,
                                                                                min_new_tokens, num_beams)
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        images = _image_list(images)
         if not images:
             raise ValueError("no images given: pass at least one")
         chunk = _check_int(batch_size, "batch_size", 1, MAX_CAPTION_BATCH)

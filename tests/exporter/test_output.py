@@ -193,3 +193,19 @@ def test_demo_refuses_a_foreign_folder_before_any_work(tmp_path):
     with pytest.raises(OutputError, match="did not write"):
         run_demo(tmp_path / "d", limit=2, precisions=["fp32"], progress=lambda s: None)
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["thesis.tex"]
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    """Temporaries are created private; the finished output has the mode mkdir/open would give it."""
+    from exporter.output import atomic_file
+
+    mask = os.umask(0o022)
+    try:
+        with output_dir(tmp_path / "b", overwrite=False) as tmp:
+            (tmp / "manifest.json").write_text("{}")
+        with atomic_file(tmp_path / "e.npy") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "e.npy").stat().st_mode & 0o777 == 0o644

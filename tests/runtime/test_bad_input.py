@@ -126,6 +126,11 @@ def test_silent_nonsense_refused(text_pipe, call, match):
     assert "\n" not in str(e.value)
 
 
+def test_a_4d_array_is_a_batch_of_images(text_pipe):
+    batch = np.random.default_rng(0).random((3, 20, 20, 3)).astype(np.float32)
+    np.testing.assert_allclose(text_pipe.embed_images(batch), text_pipe.embed_images(list(batch)), rtol=1e-5)
+
+
 def test_partly_unknown_words_warn(text_pipe, caplog):
     with caplog.at_level("WARNING"):
         e = text_pipe.embed_texts(["a zebra cat"])
