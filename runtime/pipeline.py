@@ -341,7 +341,7 @@ class Pipeline:
         d = self.caption_defaults
         prompt = d.prompt if prompt is None else prompt
         max_new_tokens = _check_int(d.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                                    "max_new_tokens", 1, self.max_positions)
+                                    "max_new_tokens", 1)  # its upper bound (the positions left) is checked later
         if min_new_tokens is None:
             min_new_tokens = min(d.min_new_tokens, max_new_tokens)
         min_new_tokens = _check_int(min_new_tokens, "min_new_tokens", 0, max_new_tokens)
