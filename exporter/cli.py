@@ -117,12 +117,14 @@ def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer
 @click.option("--seed", default=0, show_default=True, help="same seed, same weights")
 @click.option("--shard-size", default="5GB", show_default=True, help="largest shard file (as transformers)")
 @click.option("--overwrite", is_flag=True, help="replace an existing --out")
+@click.option("--workers", default=0, help="threads drawing random numbers (default: cores, at most 8)")
 @friendly
-def random_checkpoint(preset, dtype, out, seed, shard_size, overwrite):
+def random_checkpoint(preset, dtype, out, seed, shard_size, overwrite, workers):
     """Write a seeded random checkpoint in the published layout, in bounded memory (dry runs, scale tests)."""
     from reference_model.checkpoint_writer import write_random_checkpoint
 
-    path = write_random_checkpoint(out, preset, dtype=dtype, seed=seed, shard_size=shard_size, overwrite=overwrite)
+    path = write_random_checkpoint(out, preset, dtype=dtype, seed=seed, shard_size=shard_size, overwrite=overwrite,
+                                  workers=workers or None)
     click.echo(f"wrote {path}")
 
 

@@ -217,7 +217,7 @@ def _e2e_inputs(config, seed: int):
     return pix, ids, np.repeat(prompt, 2, 0)
 
 
-def _reference_end_to_end(source: ReferenceSource, pix, ids, prompts, max_new_tokens: int) -> dict:
+def _reference_end_to_end(source: ReferenceSource, pix, ids, prompts, max_new_tokens: int, beams=(1, 3)) -> dict:
     """The reference's end-to-end outputs, with the vision tower and the language side loaded in turn."""
     tp, ti = torch.from_numpy(pix), torch.from_numpy(ids)
     vision = source.part(VISION_PART)
@@ -237,20 +237,23 @@ def _reference_end_to_end(source: ReferenceSource, pix, ids, prompts, max_new_to
         for m in "CG":
             img = out[f"image_embeds {m}"] / out[f"image_embeds {m}"].norm(dim=1, keepdim=True)
             out[f"logits_per_image {m}"] = lang.logit_scale.exp() * img @ txt.t()
-        for beams in (1, 3):
-            out[f"tokens {beams}"] = lang.generate(tp, torch.from_numpy(prompts), max_new_tokens=max_new_tokens,
-                                                   num_beams=beams)
+        for b in beams:
+            out[f"tokens {b}"] = lang.generate(tp, torch.from_numpy(prompts), max_new_tokens=max_new_tokens,
+                                               num_beams=b)
     del lang
     gc.collect()
     return {k: v.numpy() for k, v in out.items()}
 
 
 def verify_end_to_end(bundle, model, report: VerifyReport, cosine_min: float = 0.99999,
-                      seed: int = 0, max_new_tokens: int = 8, progress=None) -> None:
+                      seed: int = 0, max_new_tokens: int = 8, progress=None, beams=(1, 3),
+                      one_session_at_a_time: bool = True) -> None:
     """Embeddings, similarity and greedy/beam tokens through the runtime pipeline.
 
     The reference runs first (vision tower, then the language side), then the runtime Pipeline with
-    one graph session open at a time, so neither side's memory stacks on the other's.
+    one graph session open at a time (re-opened as the pipeline moves between graphs; pass
+    one_session_at_a_time=False to open all three once when memory allows), so neither side's
+    memory stacks on the other's.
     """
     from runtime.manifest import read_manifest
     from runtime.pipeline import Pipeline
@@ -259,25 +262,31 @@ def verify_end_to_end(bundle, model, report: VerifyReport, cosine_min: float = 0
     progress = reporter(progress, log)
     source = _as_source(model)
     pix, ids, prompts = _e2e_inputs(source.config, seed)
-    ref = _reference_end_to_end(source, pix, ids, prompts, max_new_tokens)
+    ref = _reference_end_to_end(source, pix, ids, prompts, max_new_tokens, beams)
     manifest = read_manifest(bundle, verify_checksums=False)
-    sessions = OneSessionAtATime(manifest, on_open=lambda n: progress(f"[verify] end to end: opening {n}"))
-    with Pipeline(manifest, sessions, TextCodec.from_manifest(manifest)) as pipe:
+    if one_session_at_a_time:
+        sessions = OneSessionAtATime(manifest, on_open=lambda n: progress(f"[verify] end to end: opening {n}"))
+        pipeline = Pipeline(manifest, sessions, TextCodec.from_manifest(manifest))
+    else:
+        import runtime
+
+        pipeline = runtime.load(bundle)
+    with pipeline as pipe:
         got = {f"image_embeds {m[-1]}": pipe.encode_image(pix, m) for m in ("InternVL-C", "InternVL-G")}
         got["text_embeds"] = pipe.encode_text(ids)
         for m in "CG":
             got[f"logits_per_image {m}"] = (np.exp(pipe.logit_scale) * normalize(got[f"image_embeds {m}"])
                                             @ normalize(got["text_embeds"]).T)
-        for beams in (1, 3):
-            got[f"tokens {beams}"] = pipe.generate(pix, prompts, max_new_tokens=max_new_tokens, num_beams=beams)
+        for b in beams:
+            got[f"tokens {b}"] = pipe.generate(pix, prompts, max_new_tokens=max_new_tokens, num_beams=b)
     for name in ("image_embeds C", "image_embeds G", "text_embeds"):
         report.outputs.append(compare("end-to-end", name, ref[name], got[name], 1e-3, 1e-3, cosine_min))
     for m in "CG":
         name = f"logits_per_image {m}"
         report.outputs.append(compare("end-to-end", name, ref[name], got[name], 1e-3, 1e-4, cosine_min))
-    for beams in (1, 3):
-        r, g = ref[f"tokens {beams}"], got[f"tokens {beams}"]
-        report.tokens.append(TokenCheck("greedy" if beams == 1 else f"beam{beams}", r.tolist(), g.tolist(),
+    for b in beams:
+        r, g = ref[f"tokens {b}"], got[f"tokens {b}"]
+        report.tokens.append(TokenCheck("greedy" if b == 1 else f"beam{b}", r.tolist(), g.tolist(),
                                         np.array_equal(r, g)))
 
 

@@ -137,21 +137,51 @@ def _seed(seed: int, name: str, chunk: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def random_tensor_chunks(spec: TensorSpec, seed: int) -> Iterator[torch.Tensor]:
-    """The tensor `spec.name` of a seeded random checkpoint, as flat chunks of at most CHUNK elements.
+def random_chunk(spec: TensorSpec, seed: int, chunk: int) -> torch.Tensor:
+    """Chunk `chunk` (flat, at most CHUNK elements) of the tensor `spec.name` of a seeded random checkpoint.
 
-    Each chunk's generator is seeded from (seed, name, chunk index): the same seed gives the same
-    tensor whatever order or subset is written. Scales follow `loading.init_rule`.
+    Its generator is seeded from (seed, name, chunk index): the same seed gives the same tensor
+    whatever order, subset or parallelism writes it. Scales follow `loading.init_rule`.
     """
     kind, value = init_rule(spec.name)
     n = spec.nbytes // torch.empty((), dtype=spec.dtype).element_size()
-    for c, start in enumerate(range(0, n, CHUNK)):
-        size = min(CHUNK, n - start)
-        if kind == "fill":
-            yield torch.full((size,), value, dtype=spec.dtype)
-        else:
-            g = torch.Generator().manual_seed(_seed(seed, spec.name, c))
-            yield torch.empty(size, dtype=torch.float32).normal_(0.0, value, generator=g).to(spec.dtype)
+    size = min(CHUNK, n - chunk * CHUNK)
+    if kind == "fill":
+        return torch.full((size,), value, dtype=spec.dtype)
+    g = torch.Generator().manual_seed(_seed(seed, spec.name, chunk))
+    return torch.empty(size, dtype=torch.float32).normal_(0.0, value, generator=g).to(spec.dtype)
+
+
+def num_chunks(spec: TensorSpec) -> int:
+    """How many CHUNK-sized pieces the tensor is drawn in."""
+    n = spec.nbytes // torch.empty((), dtype=spec.dtype).element_size()
+    return -(-n // CHUNK)
+
+
+def random_tensor_chunks(spec: TensorSpec, seed: int) -> Iterator[torch.Tensor]:
+    """The tensor `spec.name` of a seeded random checkpoint, as its flat chunks in order."""
+    for c in range(num_chunks(spec)):
+        yield random_chunk(spec, seed, c)
+
+
+def ordered_parallel(jobs: list, fn: Callable, workers: int) -> Iterator:
+    """fn(*job) for each job, computed by `workers` threads, yielded in order with at most 2 * workers
+    results in memory (torch's kernels release the GIL, so the threads draw in parallel)."""
+    if workers <= 1:
+        for job in jobs:
+            yield fn(*job)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(pool.submit(fn, *job))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def checkpoint_specs(config: InternVLConfig, dtype: torch.dtype) -> list[TensorSpec]:
@@ -198,12 +228,13 @@ def commit_directory(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-def write_sharded(directory: Path, specs: list[TensorSpec], pieces: Callable[[TensorSpec], Iterable[torch.Tensor]],
+def write_sharded(directory: Path, specs: list[TensorSpec],
+                  pieces: Callable[[list[TensorSpec]], Iterable[torch.Tensor]],
                   shard_size: int | str = "5GB", progress: bool = True) -> list[str]:
     """Write `specs` as (sharded) safetensors plus index into an existing `directory`; returns the files.
 
-    `pieces(spec)` yields the tensor (whole or in flat chunks) when its turn comes, so only one
-    piece is ever in memory.
+    `pieces(shard_specs)` yields the shard's tensors in order (whole or as flat chunks) as they are
+    written, so only the pieces in flight are ever in memory.
     """
     from tqdm import tqdm
 
@@ -213,7 +244,7 @@ def write_sharded(directory: Path, specs: list[TensorSpec], pieces: Callable[[Te
     with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not progress, file=sys.stderr) as bar:
         for name, shard in zip(names, shards):
             log.info("writing %s (%d tensors)", name, len(shard))
-            write_safetensors(directory / name, shard, (p for s in shard for p in pieces(s)), bar.update)
+            write_safetensors(directory / name, shard, pieces(shard), bar.update)
     if len(shards) > 1:
         index = {"metadata": {"total_size": total},
                  "weight_map": {s.name: n for n, shard in zip(names, shards) for s in shard}}
@@ -223,12 +254,14 @@ def write_sharded(directory: Path, specs: list[TensorSpec], pieces: Callable[[Te
 
 def write_random_checkpoint(out, preset: str | None = None, *, config: InternVLConfig | None = None,
                             dtype: str | torch.dtype = "bf16", seed: int = 0, shard_size: int | str = "5GB",
-                            overwrite: bool = False, progress: bool = True) -> Path:
+                            overwrite: bool = False, progress: bool = True, workers: int | None = None) -> Path:
     """Write a seeded random checkpoint of `preset` (or `config`) in the published layout at `out`.
 
-    Peak memory is the meta model plus one CHUNK of random numbers, whatever the model's size.
-    Written into a temporary sibling and renamed into place when complete.
+    Peak memory is the meta model plus 2 * workers CHUNKs of random numbers (64 MB of fp32 each),
+    whatever the model's size; `workers` threads draw them (default: the cores, at most 8; the
+    values do not depend on it). Written into a temporary sibling, renamed into place when complete.
     """
+    workers = workers or min(8, os.cpu_count() or 1)
     if (preset is None) == (config is None):
         raise CheckpointWriteError("give a preset name or a config, not both")
     config = config or preset_config(preset)
@@ -243,7 +276,11 @@ def write_random_checkpoint(out, preset: str | None = None, *, config: InternVLC
                                    "free: free space or choose another --out")
     tmp = prepare_directory(Path(out), overwrite)
     try:
-        write_sharded(tmp, specs, lambda s: random_tensor_chunks(s, seed), shard_size, progress)
+        def pieces(shard: list[TensorSpec]) -> Iterator[torch.Tensor]:
+            jobs = [(s, seed, c) for s in shard for c in range(num_chunks(s))]
+            return ordered_parallel(jobs, random_chunk, workers)
+
+        write_sharded(tmp, specs, pieces, shard_size, progress)
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         commit_directory(tmp, Path(out))
     except BaseException:

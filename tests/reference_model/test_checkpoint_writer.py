@@ -46,8 +46,9 @@ def test_tiny_random_checkpoint_loads_sharded(tmp_path):
 
 
 def test_seeded_and_order_independent(tmp_path):
-    a = write_random_checkpoint(tmp_path / "a", "tiny", dtype="bf16", seed=5, progress=False)
-    b = write_random_checkpoint(tmp_path / "b", "tiny", dtype="bf16", seed=5, shard_size="100KB", progress=False)
+    a = write_random_checkpoint(tmp_path / "a", "tiny", dtype="bf16", seed=5, progress=False, workers=1)
+    b = write_random_checkpoint(tmp_path / "b", "tiny", dtype="bf16", seed=5, shard_size="100KB", progress=False,
+                                workers=3)  # other shards, parallel draws: same tensors
     c = write_random_checkpoint(tmp_path / "c", "tiny", dtype="bf16", seed=6, progress=False)
     ta, tb, tc = load_file(a / "model.safetensors"), _all_tensors(b), load_file(c / "model.safetensors")
     assert ta.keys() == tb.keys()
@@ -91,3 +92,15 @@ def test_real_width_preset_on_meta():
     for k, v in m.state_dict().items():
         assert full[k].shape == v.shape, k
     assert len(m.vision_model.encoder.layers) == 2 and len(m.qllama.model.layers) == 2
+
+
+def test_multi_chunk_tensors_in_parallel(tmp_path, monkeypatch):
+    import reference_model.checkpoint_writer as cw
+
+    monkeypatch.setattr(cw, "CHUNK", 1000)  # embed_tokens (128 x 48) is drawn in 7 chunks
+    a = write_random_checkpoint(tmp_path / "a", "tiny", dtype="fp32", seed=2, progress=False, workers=1)
+    b = write_random_checkpoint(tmp_path / "b", "tiny", dtype="fp32", seed=2, progress=False, workers=4)
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    emb = ta["qllama.model.embed_tokens.weight"]
+    assert emb.shape == (128, 48) and not torch.equal(emb.flatten()[:1000], emb.flatten()[1000:2000])
