@@ -17,6 +17,7 @@ from runtime.manifest import GRAPHS, Limits, read_manifest
 from runtime.progress import get_logger, reporter
 from runtime.trt_compat import EngineMismatch, check_engine_compat  # noqa: F401 (re-exported)
 
+from .errors import ExportError
 from .output import atomic_file, owned_folder
 from .profiles import from_json, graph_profiles
 
@@ -155,7 +156,7 @@ def build_engines(bundle, out_dir, opts: EngineOptions, progress=None) -> list[P
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(man.graph_path(g))):
             errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"TensorRT cannot parse {man.graph_path(g)}: {errs}")
+            raise ExportError(f"TensorRT cannot parse {man.graph_path(g)}: {errs}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gib * (1 << 30)))
         for f in plan["builder_flags"]:
@@ -173,7 +174,7 @@ def build_engines(bundle, out_dir, opts: EngineOptions, progress=None) -> list[P
             config.add_optimization_profile(p)
         blob = builder.build_serialized_network(network, config)
         if blob is None:
-            raise RuntimeError(f"TensorRT failed to build {g}; see the log above")
+            raise ExportError(f"TensorRT failed to build {g}; see the log above")
         path = out_dir / f"{g}.engine"
         with atomic_file(path) as tmp:
             tmp.write_bytes(bytes(blob))

@@ -10,3 +10,11 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Something the user can fix; the message says what was wrong and what to do."""
+
+
+class MissingDependency(UserError, RuntimeError):
+    """An optional package the requested feature needs is not installed; the message names the extra."""
+
+
+class SessionClosed(UserError, RuntimeError):
+    """A session or pipeline used after close(); load the bundle again."""

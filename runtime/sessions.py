@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import SessionClosed, UserError
 from .manifest import BundleError
 
 
@@ -111,7 +111,7 @@ class OrtSession(Session):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Bind every feed's memory (contiguous arrays are not copied) and return all outputs."""
         if self.sess is None:
-            raise RuntimeError(f"{self.name}: session is closed")
+            raise SessionClosed(f"{self.name}: session is closed; load the bundle again")
         if self.check:
             self.check_feeds(feeds)
         binding = self.sess.io_binding()
