@@ -6,6 +6,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .device_cache import DeviceKVCache
 from .kv_cache import CachedDecoder, KVCache
 from .manifest import Manifest
 from .preprocess import preprocess
@@ -30,10 +31,11 @@ class Caption:
 
 
 class Pipeline:
-    """Runs a bundle. Build it with `runtime.load(bundle)`."""
+    """Runs a bundle. Build it with `runtime.load(bundle)`; `close()` it (or use `with`) to free the
+    sessions and, on a GPU, the device memory's stream."""
 
-    def __init__(self, manifest: Manifest, sessions: dict[str, Session], codec: TextCodec):
-        self.manifest, self.sessions, self.codec = manifest, sessions, codec
+    def __init__(self, manifest: Manifest, sessions: dict[str, Session], codec: TextCodec, memory=None):
+        self.manifest, self.sessions, self.codec, self.memory = manifest, sessions, codec, memory
         m = manifest.model
         self.num_query = m["num_query_token"]
         self.max_positions = m["qllama_config"]["max_position_embeddings"]
@@ -52,9 +54,22 @@ class Pipeline:
                             for names in self.kv_names for n in names[:2]}
 
     def close(self) -> None:
-        """Release every backend session."""
+        """Release every backend session, then the device memory they shared (idempotent)."""
         for s in self.sessions.values():
             s.close()
+        if self.memory is not None:
+            self.memory.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _run(self, graph: str, feeds: dict, keep: tuple[str, ...]) -> dict:
+        """Run one graph; on a device session the outputs named by `keep` prefixes stay on the device."""
+        sess = self.sessions[graph]
+        return sess.run(feeds, on_device=keep) if keep and getattr(sess, "memory", None) else sess.run(feeds)
 
     # -- array level (numpy in, numpy out; mirrors reference_model call for call) ---------------
     def _pixels(self, pixel_values) -> np.ndarray:
@@ -121,13 +136,15 @@ class Pipeline:
         if self.max_batch and ids.shape[0] * num_beams > self.max_batch:
             raise ValueError(f"{ids.shape[0]} prompts x {num_beams} beams exceeds the engines' largest batch "
                              f"{self.max_batch}: caption fewer images at once or rebuild with a larger --max-batch")
-        hidden, _ = self.vision(pixel_values)
+        dec = self.sessions["text_decoder"]
+        memory = getattr(dec, "memory", None)  # device sessions: the cache and its prefix stay on the device
+        keep = ("vision_hidden", "prefix.") if memory is not None else ()
+        hidden = self._run("vision_encoder", {"pixel_values": self._pixels(pixel_values)}, keep)["vision_hidden"]
         if hidden.shape[0] != ids.shape[0]:
             raise ValueError(f"{hidden.shape[0]} images but {ids.shape[0]} prompts: give one prompt per image")
-        _, prefix = self.bridge(hidden)  # once per image, shared by every beam and step
-        dec = self.sessions["text_decoder"]
-        make = getattr(dec, "make_kv_cache", None)  # TensorRT keeps the cache on the device
-        cache = make(prefix, need) if make else KVCache(prefix, capacity=need)
+        out = self._run("query_bridge", {"vision_hidden": hidden}, keep)  # once per image, for every beam and step
+        prefix = [out[n] for n in self.prefix_names]
+        cache = DeviceKVCache(prefix, need, memory) if memory is not None else KVCache(prefix, capacity=need)
         return CachedDecoder(dec, self.kv_names, cache, ids, mask)
 
     def _search_config(self, **kw) -> SearchConfig:
@@ -142,7 +159,8 @@ class Pipeline:
                                   num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                   top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
         cfg.validate()
-        result = search(self._decoder(pixel_values, input_ids, attention_mask, max_new_tokens, num_beams), cfg)
+        with self._decoder(pixel_values, input_ids, attention_mask, max_new_tokens, num_beams) as dec:
+            result = search(dec, cfg)
         return (result.tokens, result.scores) if return_scores else result.tokens
 
     def iter_generate(self, pixel_values, input_ids, attention_mask=None, **kw) -> Iterator[np.ndarray]:
@@ -151,7 +169,8 @@ class Pipeline:
         if cfg.num_beams != 1:
             raise ValueError("streaming yields tokens as they are chosen, which beam search cannot: use num_beams=1")
         cfg.validate()
-        yield from iter_tokens(self._decoder(pixel_values, input_ids, attention_mask, cfg.max_new_tokens), cfg)
+        with self._decoder(pixel_values, input_ids, attention_mask, cfg.max_new_tokens) as dec:
+            yield from iter_tokens(dec, cfg)
 
     # -- user level ---------------------------------------------------------------------------
     def embed_images(self, images, mode: str = "C", batch_size: int = 8, crop: bool = False) -> np.ndarray:

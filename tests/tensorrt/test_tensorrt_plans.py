@@ -6,7 +6,7 @@ import pytest
 
 from exporter.tensorrt import EngineOptions, engine_profiles, precision_plan, sidecar, trtexec_command, \
     write_trtexec_script
-from runtime.cuda import kv_slot_geometry
+from runtime.device_cache import kv_slot_geometry
 from runtime.manifest import read_manifest
 from runtime.trt_compat import EngineMismatch, check_engine_compat, read_sidecar
 from runtime.trt_session import pick_profile
