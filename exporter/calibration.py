@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.errors import UserError
 from runtime.sessions import Session
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError, ValueError):
     """Calibration data that cannot be used: the message says what to give instead."""
 
 

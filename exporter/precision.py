@@ -23,9 +23,10 @@ import onnx
 from runtime.manifest import PrecisionInfo, read_manifest
 from runtime.progress import get_logger, quiet_third_party, reporter
 
-from .bundle import commit_output, prepare_output, write_manifest
+from .bundle import write_manifest
 from .checks import check_graph
 from .onnx_export import relink_weights
+from .output import OutputError, check_output_dir, commit_output, discard, prepare_output
 
 MODES = ("fp16", "int8", "int8-cpu", "int4-cpu")
 ONNXRUNTIME_ONLY = ("int8-cpu", "int4-cpu")  # contrib / integer ops TensorRT does not parse
@@ -298,6 +299,9 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
     if mode not in MODES:
         raise ValueError(f"precision must be one of {MODES}, got {mode!r}")
     src = read_manifest(bundle)
+    if Path(out).absolute().resolve() == src.root.absolute().resolve():
+        raise OutputError(f"--out {out} is the source bundle itself: write the {mode} bundle to another folder")
+    check_output_dir(out, overwrite)  # before calibration: refused outputs cost no work
     if src.precision.mode != "fp32":
         raise ValueError(f"{bundle} is already {src.precision.mode}: make precision bundles from an fp32 bundle")
     if mode == "int8" and calib is None:
@@ -371,7 +375,7 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
         progress(f"[precision] {mode} bundle written to {Path(out).absolute()}")
         return Path(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
 
 

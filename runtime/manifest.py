@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UserError
+
 FORMAT = "bridge-export-bundle"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -41,7 +43,7 @@ GRAPHS = ("vision_encoder", "query_bridge", "text_decoder")
 log = logging.getLogger(__name__)
 
 
-class BundleError(ValueError):
+class BundleError(UserError, ValueError):
     """A bundle that is missing, corrupt or from an incompatible exporter: the message says what to do."""
 
 
