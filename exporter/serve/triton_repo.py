@@ -20,6 +20,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.errors import MissingDependency
+
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -169,7 +171,7 @@ def parse_config(text: str):
 
     pb2 = _model_config_pb2()
     if pb2 is None:
-        raise RuntimeError("validating config.pbtxt needs tritonclient: pip install tritonclient")
+        raise MissingDependency("validating config.pbtxt needs tritonclient: pip install tritonclient")
     try:
         return text_format.Parse(text, pb2.ModelConfig())
     except text_format.ParseError as e:
@@ -265,6 +267,10 @@ def write_repo(bundle, out, opts: RepoOptions | None = None, entries=ENTRIES, ov
             _copy_code(vdir, "entry_model.py")
             _place_bundle(bundle, vdir / "bundle", opts.backend == "tensorrt", tally)
             configs[e] = entry_config(e, embed_dim, opts, max_batch, bls)
+        if validate and _model_config_pb2() is None:
+            log.warning("tritonclient is not installed: config.pbtxt files written without validation "
+                        "(pip install tritonclient to check them against Triton's ModelConfig)")
+            validate = False
         for name, text in configs.items():
             if validate:
                 parse_config(text)
