@@ -227,10 +227,21 @@ def _reference_end_to_end(source: ReferenceSource, pix, ids, prompts, max_new_to
     del vision
     gc.collect()
     lang = source.part(LANGUAGE_PART)
+    tower = lang.vision_model  # a model given by the caller must come back unchanged
     lang.vision_model = _CachedVision(hidden)
+    try:
+        out.update(_language_outputs(lang, hidden, out["image_embeds C"], tp, ti, prompts, max_new_tokens, beams))
+    finally:
+        lang.vision_model = tower
+    del lang, tower
+    gc.collect()
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def _language_outputs(lang, hidden, c, tp, ti, prompts, max_new_tokens: int, beams) -> dict:
+    out = {"image_embeds C": c}
     with torch.no_grad():
         g = lang.clip_projector2(lang.query_features(hidden)[0])
-        c = out["image_embeds C"]
         out["image_embeds G"] = c / c.norm(dim=1, keepdim=True) + g / g.norm(dim=1, keepdim=True)
         out["text_embeds"] = lang.encode_text(ti)
         txt = out["text_embeds"] / out["text_embeds"].norm(dim=1, keepdim=True)
@@ -240,9 +251,7 @@ def _reference_end_to_end(source: ReferenceSource, pix, ids, prompts, max_new_to
         for b in beams:
             out[f"tokens {b}"] = lang.generate(tp, torch.from_numpy(prompts), max_new_tokens=max_new_tokens,
                                                num_beams=b)
-    del lang
-    gc.collect()
-    return {k: v.numpy() for k, v in out.items()}
+    return out
 
 
 def verify_end_to_end(bundle, model, report: VerifyReport, cosine_min: float = 0.99999,

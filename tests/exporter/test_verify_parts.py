@@ -65,3 +65,15 @@ def test_source_of_a_model_in_memory(tiny_model):
     src = ReferenceSource.from_model(tiny_model)
     assert src.part(GRAPH_PARTS["vision_encoder"]) is tiny_model
     assert isinstance(src.full(), reference_model.InternVLModel)
+
+
+def test_reference_end_to_end_leaves_a_given_model_unchanged(tiny_model):
+    from exporter.verify import _e2e_inputs, _reference_end_to_end
+    from reference_model.vision import InternViT
+
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    pix, ids, prompts = _e2e_inputs(tiny_model.config, 0)
+    _reference_end_to_end(ReferenceSource.from_model(tiny_model), pix, ids, prompts, 2, beams=(1,))
+    assert isinstance(tiny_model.vision_model, InternViT)
+    after = tiny_model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
