@@ -46,24 +46,48 @@ def main():
 @click.option("--max-seq", default=0, help="longest sequence incl. queries (default: max positions)")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="directory with tokenizer.model/json")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-cpu"]), default="fp32",
-              show_default=True, help="also make a reduced-precision bundle (see `precision`)")
+              show_default=True, help="fp16/int8-cpu: written directly at --out; int8 (calibrated Q/DQ): "
+              "an fp32 bundle at --out plus OUT-int8")
 @click.option("--calib", type=click.Path(path_type=Path), help="calibration images folder (int8)")
-@click.option("--dynamo", is_flag=True, help="use the torch.export-based exporter (slower)")
+@click.option("--exporter", "exporter", type=click.Choice(["stream", "torchscript", "dynamo"]), default="stream",
+              show_default=True, help="stream: graphs written from the config, weights streamed tensor by "
+              "tensor (bounded memory); torchscript/dynamo: trace the model in memory (legacy)")
+@click.option("--dynamo", is_flag=True, help="same as --exporter dynamo")
 @click.option("--overwrite", is_flag=True, help="replace an existing --out")
 @friendly
-def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer, precision, calib, dynamo,
+def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer, precision, calib, exporter, dynamo,
              overwrite):
     """Export a checkpoint or preset into a bundle of ONNX graphs plus manifest."""
-    from .bundle import export_bundle, load_source
+    from .bundle import ExportError, export_bundle, load_source
     from .specs import Limits
 
-    model, source = load_source(checkpoint, preset, seed)
-    path = export_bundle(model, out, checkpoint=checkpoint, tokenizer=tokenizer, opset=opset,
-                         limits=Limits(max_batch, max_seq), overwrite=overwrite, dynamo=dynamo, source=source)
-    if precision != "fp32":
-        from .precision import make_precision_bundle
+    if (checkpoint is None) == (preset is None):
+        raise ExportError("give exactly one of --checkpoint DIR or --preset NAME")
+    exporter = "dynamo" if dynamo else exporter
+    limits = Limits(max_batch, max_seq)
+    if exporter == "stream":
+        from .stream_export import export_checkpoint, export_model
 
-        make_precision_bundle(path, Path(f"{path}-{precision}"), precision, calib=calib, overwrite=overwrite)
+        direct = precision if precision in ("fp16", "int8-cpu") else "fp32"
+        common = dict(precision=direct, tokenizer=tokenizer, opset=opset, limits=limits, overwrite=overwrite)
+        if checkpoint is not None:
+            path = export_checkpoint(checkpoint, out, **common)
+        else:
+            import reference_model
+
+            model = reference_model.from_preset(preset, seed=seed)
+            path = export_model(model, out, source_desc=f"preset:{preset}:seed={seed}", **common)
+        if precision != "int8":
+            return
+    else:
+        model, source = load_source(checkpoint, preset, seed)
+        path = export_bundle(model, out, checkpoint=checkpoint, tokenizer=tokenizer, opset=opset, limits=limits,
+                             overwrite=overwrite, exporter=exporter, source=source)
+        if precision == "fp32":
+            return
+    from .precision import make_precision_bundle
+
+    make_precision_bundle(path, Path(f"{path}-{precision}"), precision, calib=calib, overwrite=overwrite)
 
 
 @main.command()

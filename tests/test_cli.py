@@ -68,7 +68,7 @@ def test_precision_at_export_time(tmp_path):
     assert r.exit_code == 0, r.output
     from runtime.manifest import read_manifest
 
-    assert read_manifest(out)["precision"] == "fp32"
-    assert read_manifest(tmp_path / "b-fp16")["precision"] == "fp16"
+    assert read_manifest(out)["precision"] == "fp16"  # written directly, no fp32 bundle first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
     r = _run("precision", out, "--int8", "--out", tmp_path / "q")
     assert r.exit_code == 1 and "--int8 needs --calib" in r.output

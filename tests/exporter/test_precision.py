@@ -78,7 +78,8 @@ def test_fp16_block_list_covers_norms_softmax_rope_logits(tiny_bundle):
     by_type = {}
     for n in m.graph.node:
         by_type.setdefault(n.op_type, set()).add(n.name)
-    assert by_type["Softmax"] <= block and by_type["Cos"] <= block and by_type["Sin"] <= block
+    # streamed graphs gather precomputed RoPE tables (no Cos/Sin nodes); traced ones compute them
+    assert by_type["Softmax"] <= block and by_type.get("Cos", set()) <= block and by_type.get("Sin", set()) <= block
     assert any("input_layernorm" in b for b in block) and any("lm_head" in b for b in block)
     assert not any(n.op_type == "MatMul" and "mlp" in n.name for n in m.graph.node if n.name in block)
 

@@ -1,0 +1,222 @@
+"""Checkpoint tensors into weights.bin one at a time: read lazily, convert, write aligned, once.
+
+Sources: an original-format checkpoint directory (safetensors shards opened with `safe_open`,
+each tensor read on request; `pytorch_model.bin` shards with `torch.load(mmap=True)`) or an
+in-memory state dict (presets). Memory: the tensor being converted and its converted copy, never
+the model (peak RSS of an export ~ base + 2x the largest tensor).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from reference_model.config import InternVLConfig
+from reference_model.loading import IGNORED_PREFIXES, CheckpointError, _weight_files
+
+from .graph_builder import WeightRef
+
+ALIGN = 4096  # onnxruntime can map aligned external tensors
+
+
+class StateDictSource:
+    """Tensors from an in-memory state dict (a preset's seeded weights)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], description: str = "state dict"):
+        self.state, self.description = state, description
+
+    def keys(self) -> list[str]:
+        """Every key the source holds."""
+        return list(self.state)
+
+    def shape(self, key: str) -> tuple:
+        """Shape of `key` without reading it."""
+        return tuple(self.state[key].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor `key` (detached, on CPU)."""
+        return self.state[key].detach()
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class CheckpointSource:
+    """Tensors of an original-format checkpoint directory, read one at a time from its shards."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self.description = str(self.directory)
+        self._where: dict[str, Path] = {}
+        self._open: dict[Path, object] = {}
+        for f in _weight_files(self.directory):
+            for k in self._handle(f).keys():
+                self._where[k] = f
+
+    def _handle(self, f: Path):
+        if f not in self._open:
+            try:
+                if f.suffix == ".safetensors":
+                    from safetensors import safe_open
+
+                    self._open[f] = safe_open(str(f), framework="pt")
+                else:
+                    self._open[f] = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # corrupt files raise many types; name the file either way
+                raise CheckpointError(f"cannot read weights from {f}: {e}; re-download it") from e
+        return self._open[f]
+
+    def keys(self) -> list[str]:
+        """Every key the shards hold."""
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple:
+        """Shape of `key` from the shard header (no data read)."""
+        h = self._handle(self._where[key])
+        return tuple(h.get_slice(key).get_shape()) if hasattr(h, "get_slice") else tuple(h[key].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read one tensor from its shard."""
+        h = self._handle(self._where[key])
+        try:
+            return h.get_tensor(key) if hasattr(h, "get_tensor") else h[key]
+        except Exception as e:
+            raise CheckpointError(f"cannot read {key} from {self._where[key]}: {e}; re-download it") from e
+
+    def close(self) -> None:
+        """Drop the shard handles (and their mappings)."""
+        self._open.clear()
+
+
+def expected_shapes(config: InternVLConfig) -> dict[str, tuple]:
+    """Every state-dict key the model needs and its shape (from a meta-device model: no memory)."""
+    from reference_model.model import InternVLModel
+
+    with torch.device("meta"):
+        model = InternVLModel(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(IGNORED_PREFIXES)}
+
+
+def resolve_keys(source, config: InternVLConfig) -> tuple[dict[str, str], dict[str, tuple]]:
+    """Map every model key to the source key that holds it, checking names and shapes.
+
+    Mirrors reference_model.load_state: itm_head ignored; with tie_word_embeddings lm_head and
+    embed_tokens are one tensor (lm_head wins when both are stored). Raises CheckpointError
+    listing missing, unexpected and mis-shaped keys.
+    """
+    want = expected_shapes(config)
+    have = {k for k in source.keys() if not k.startswith(IGNORED_PREFIXES)}
+    mapping = {k: k for k in want if k in have}
+    tied = ("qllama.lm_head.weight", "qllama.model.embed_tokens.weight")
+    if config.tie_word_embeddings:
+        src = next((k for k in tied if k in have), None)
+        if src is not None:
+            mapping.update({k: src for k in tied})
+    missing = sorted(set(want) - set(mapping))
+    unexpected = sorted(have - set(want))
+    shapes = [f"{k}: checkpoint {list(source.shape(s))} vs model {list(want[k])}"
+              for k, s in mapping.items() if tuple(source.shape(s)) != want[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    if shapes:
+        problems.append(f"mis-shaped keys {shapes[:8]}")
+    if problems:
+        raise CheckpointError("checkpoint does not match its config.json: " + "; ".join(problems))
+    return mapping, want
+
+
+# -- conversion ------------------------------------------------------------------------------------
+def quantize_columns(w: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-column asymmetric uint8 of a [K, N] fp32 matrix, as onnxruntime's quantize_dynamic does
+    for a MatMul weight (QUInt8, per_channel, no reduced range): range always includes 0,
+    scale = (max - min) / 255, zero point = round(-min / scale), q = clip(round(w / scale) + zp)."""
+    lo = w.amin(0).clamp(max=0.0)
+    hi = w.amax(0).clamp(min=0.0)
+    scale = (hi - lo) / 255.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zp = torch.round(-lo / scale).clamp(0, 255)
+    q = torch.round(w / scale).add_(zp).clamp_(0, 255).to(torch.uint8)
+    return q.numpy(), scale.numpy().astype(np.float32), zp.to(torch.uint8).numpy()
+
+
+def materialize(ref: WeightRef, tensor: torch.Tensor) -> list[np.ndarray]:
+    """The stored array(s) of `ref` from the checkpoint tensor (one copy in the target layout)."""
+    t = tensor.t() if ref.transpose else tensor
+    if ref.storage == "uint8-cols":
+        w = torch.empty(t.shape, dtype=torch.float32).copy_(t)
+        del t
+        return list(quantize_columns(w))
+    dtype = torch.float16 if ref.storage == "float16" else torch.float32
+    if t.dtype == dtype and t.is_contiguous():
+        out = t
+    else:
+        out = torch.empty(t.shape, dtype=dtype).copy_(t)
+    if dtype == torch.float16 and tensor.is_floating_point() and not torch.isfinite(out).all():
+        raise CheckpointError(f"{ref.key} has values beyond fp16's range (|x| > 65504): export it with "
+                              "--precision fp32 or bf16-safe scaling")
+    return [out.numpy()]
+
+
+class WeightWriter:
+    """Appends arrays to weights.bin at 4 KiB-aligned offsets, hashing the bytes as they go."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.f = open(self.path, "wb")
+        self.sha = hashlib.sha256()
+        self.pos = 0
+        self._literals: dict[str, tuple[int, int]] = {}
+
+    def _write(self, data: memoryview) -> None:
+        self.f.write(data)
+        self.sha.update(data)
+        self.pos += len(data)
+
+    def write(self, arr: np.ndarray) -> tuple[int, int]:
+        """Write one array; returns (offset, length)."""
+        pad = (-self.pos) % ALIGN
+        if pad:
+            self._write(memoryview(b"\0" * pad))
+        offset = self.pos
+        data = memoryview(np.ascontiguousarray(arr)).cast("B")
+        self._write(data)
+        return offset, len(data)
+
+    def write_literal(self, arr: np.ndarray) -> tuple[int, int]:
+        """Write a computed constant once, however many graphs use it (by content)."""
+        key = hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest() + arr.dtype.str + str(arr.shape)
+        if key not in self._literals:
+            self._literals[key] = self.write(arr)
+        return self._literals[key]
+
+    def close(self) -> str:
+        """Flush, fsync and close; returns the file's sha256."""
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        return self.sha.hexdigest()
+
+
+def read_config(directory) -> InternVLConfig:
+    """config.json of a checkpoint directory as an InternVLConfig (CheckpointError if unusable)."""
+    from reference_model.config import ConfigError
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory: give a checkpoint directory holding config.json")
+    try:
+        return InternVLConfig.from_file(path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def describe(source) -> str:
+    """A one-line JSON-able description of a source for the manifest."""
+    return json.dumps(getattr(source, "description", type(source).__name__))
