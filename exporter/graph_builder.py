@@ -67,6 +67,7 @@ class GraphBuilder:
         self._scope: list[str] = []
         self._count: dict[str, int] = {}
         self._quantized_inputs: dict[str, tuple[str, str, str]] = {}
+        self._alias: dict[str, str] = {}
 
     # -- naming --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -91,9 +92,19 @@ class GraphBuilder:
         return name
 
     def output(self, value: str, name: str, elem: int, shape: list) -> None:
-        """Expose `value` as graph output `name` (through an Identity when the names differ)."""
-        if value != name:
-            self.op("Identity", [value], outputs=[name])
+        """Expose `value` as graph output `name` (renaming its producer's output: no Identity node)."""
+        value = self._alias.get(value, value)
+        producer = next((n for n in reversed(self.nodes) if value in n.output), None)
+        if value != name and (producer is None or any(value == o.name for o in self.outputs)):
+            self.op("Identity", [value], outputs=[name])  # a graph input, or already another output
+        elif value != name:
+            producer.output[list(producer.output).index(value)] = name
+            for n in self.nodes:
+                for j, i in enumerate(n.input):
+                    if i == value:
+                        n.input[j] = name
+            self._quantized_inputs = {name if k == value else k: v for k, v in self._quantized_inputs.items()}
+            self._alias[value] = name  # later nodes may still use the old name
         self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
 
     def const(self, value, dtype=np.float32) -> str:
@@ -127,6 +138,7 @@ class GraphBuilder:
            domain: str = "", **attrs) -> str | list[str]:
         """Append a node; returns its output name (or names when n_out > 1)."""
         name = self._node_name(op_type)
+        inputs = [self._alias.get(i, i) for i in inputs]
         outs = outputs or [f"{name}_output_{i}" for i in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain or None, **attrs))
         return outs[0] if len(outs) == 1 else outs

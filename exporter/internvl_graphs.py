@@ -40,7 +40,7 @@ def rope_tables(head_dim: int, positions: int) -> dict[str, np.ndarray]:
 
 
 def _rope(b: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
-    """x (B, T, H, Dh) rotated: x * cos + rotate_half(x) * sin, rotate_half as one Gather."""
+    """x (B, H, T, Dh) rotated: x * cos + rotate_half(x) * sin, rotate_half as one Gather."""
     h = head_dim // 2
     perm = b.ints(list(range(h, head_dim)) + list(range(h)))
     return b.op("Add", [b.op("Mul", [x, cos]), b.op("Mul", [b.op("Gather", [x, perm], axis=3), sin])])
@@ -122,14 +122,12 @@ def _self_attention(b: GraphBuilder, cfg, x: str, p: str, rope: tuple, mask: str
     """Returns (attention output (B, T, D), K after RoPE (B, H, T, Dh), V (B, H, T, Dh))."""
     D, H, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
     cos_q, sin_q, cos_k, sin_k = rope
-    shape = b.ints([0, 0, H, Dh])
-    q = _rope(b, b.op("Reshape", [b.linear(x, f"{p}.q_proj.weight"), shape]), cos_q, sin_q, Dh)  # (B, T, H, Dh)
-    k = _rope(b, b.op("Reshape", [b.linear(x, f"{p}.k_proj.weight"), shape]), cos_k, sin_k, Dh)
-    v = b.op("Transpose", [b.op("Reshape", [b.linear(x, f"{p}.v_proj.weight"), shape])], perm=[0, 2, 1, 3])
-    q = b.op("Transpose", [q], perm=[0, 2, 1, 3])  # (B, H, T, Dh), scaled by 1/sqrt(Dh) via the tables
-    k_t = b.op("Transpose", [k], perm=[0, 2, 3, 1])  # (B, H, Dh, T)
-    k = b.op("Transpose", [k], perm=[0, 2, 1, 3])  # (B, H, T, Dh): the cache layout
-    scores = b.op("MatMul", [q, k_t])  # (B, H, T, T)
+    q = _rope(b, b.heads(b.linear(x, f"{p}.q_proj.weight"), H, Dh, [0, 2, 1, 3]), cos_q, sin_q, Dh)  # (B, H, T, Dh)
+    k = _rope(b, b.heads(b.linear(x, f"{p}.k_proj.weight"), H, Dh, [0, 2, 1, 3]), cos_k, sin_k, Dh)  # cache layout
+    v = b.heads(b.linear(x, f"{p}.v_proj.weight"), H, Dh, [0, 2, 1, 3])
+    # q carries 1/sqrt(Dh) (from its tables); a last-two-axes Transpose right before a MatMul is
+    # fused by onnxruntime (FusedMatMul transB)
+    scores = b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])])  # (B, H, T, T)
     if past is None:
         o = b.op("MatMul", [b.softmax(scores, mask), v])
     else:  # attend over [past ; new] without concatenating the cache (reference: attend_with_past)
@@ -165,7 +163,7 @@ def build_bridge(config: InternVLConfig, precision: str) -> GraphBuilder:
     batch = b.op("Shape", ["vision_hidden"], start=0, end=1)
     x = b.op("Expand", [b.weight("query_tokens"), b.op("Concat", [batch, b.ints([1, 1])], axis=0)])  # (B, Q, D)
     tables = rope_tables(Dh, Q)  # positions 0..Q-1 are constants here
-    rope = tuple(b.to_act(b.const(tables[n][None, :, None, :])) for n in ("cos_q", "sin_q", "cos_k", "sin_k"))
+    rope = tuple(b.to_act(b.const(tables[n][None, None])) for n in ("cos_q", "sin_q", "cos_k", "sin_k"))
     for i in range(q.num_hidden_layers):
         p = f"qllama.model.layers.{i}"
         with b.scope(f"qllama/layers.{i}"):
@@ -225,7 +223,7 @@ def build_decoder(config: InternVLConfig, precision: str) -> GraphBuilder:
     with b.scope("rope"):
         tables = rope_tables(Dh, q.max_position_embeddings)
         rope = tuple(b.to_act(b.op("Unsqueeze", [b.op("Gather", [b.const(tables[n]), "position_ids"]),
-                                                 b.ints([2])]))  # (B, T, 1, Dh)
+                                                 b.ints([1])]))  # (B, 1, T, Dh)
                      for n in ("cos_q", "sin_q", "cos_k", "sin_k"))
     with b.scope("qllama/embed_tokens"):
         x = b.op("Gather", [b.weight("qllama.model.embed_tokens.weight"), "input_ids"])  # (B, T, D)

@@ -62,7 +62,7 @@ def test_engine_emit_trtexec(tiny_bundle, tmp_path):
     assert r.exit_code == 0 and (tmp_path / "e" / "build_engines.sh").is_file()
 
 
-def test_precision_at_export_time(tmp_path):
+def test_precision_at_export_time(tmp_path, tiny_bundle):
     out = tmp_path / "b"
     r = _run("onnx", "--preset", "tiny", "--out", out, "--precision", "fp16")
     assert r.exit_code == 0, r.output
@@ -70,5 +70,5 @@ def test_precision_at_export_time(tmp_path):
 
     assert read_manifest(out)["precision"] == "fp16"  # written directly, no fp32 bundle first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
-    r = _run("precision", out, "--int8", "--out", tmp_path / "q")
+    r = _run("precision", tiny_bundle, "--int8", "--out", tmp_path / "q")
     assert r.exit_code == 1 and "--int8 needs --calib" in r.output
