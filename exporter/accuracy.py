@@ -3,19 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime.numeric import min_row_cosine, normalize
+
 from .calibration import record_feeds
 
-
-def min_row_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Smallest row-wise cosine over the leading axis (the whole tensor when 1-D; 1.0 when empty)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    a2 = a.reshape(a.shape[0], -1) if a.ndim > 1 else a[None]
-    b2 = b.reshape(b.shape[0], -1) if b.ndim > 1 else b[None]
-    if a2.size == 0:
-        return 1.0
-    num = (a2 * b2).sum(1)
-    den = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
-    return float(np.min(np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)))
+__all__ = ["accuracy_report", "format_report", "min_row_cosine"]
 
 
 def accuracy_report(ref_pipe, new_pipe, images, texts=None, caption_tokens: int = 8) -> dict:
@@ -42,18 +34,17 @@ def accuracy_report(ref_pipe, new_pipe, images, texts=None, caption_tokens: int 
         ids = ref_pipe.codec.embedding_ids(texts[:16])
     else:
         rng = np.random.default_rng(1)
-        vocab = ref_pipe.manifest.model["qllama_config"]["vocab_size"]
+        vocab = ref_pipe.manifest.dims.vocab_size
         ids = rng.integers(3, vocab, (8, 10)).astype(np.int64)
-        ids[:, 0] = ref_pipe.special["bos"]
+        ids[:, 0] = ref_pipe.special.bos
     t_ref, t_new = ref_pipe.encode_text(ids), new_pipe.encode_text(ids)
     e2e["text_embeds_cosine"] = round(min_row_cosine(t_ref, t_new), 6)
-    norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
-    top_ref = (norm(ref_pipe.encode_image(pix)) @ norm(t_ref).T).argmax(1)
-    top_new = (norm(new_pipe.encode_image(pix)) @ norm(t_new).T).argmax(1)
+    top_ref = (normalize(ref_pipe.encode_image(pix)) @ normalize(t_ref).T).argmax(1)
+    top_new = (normalize(new_pipe.encode_image(pix)) @ normalize(t_new).T).argmax(1)
     e2e["zero_shot_top1_agreement"] = float((top_ref == top_new).mean())
-    prompt = np.array([[ref_pipe.special["bos"]]], np.int64)
+    prompt = np.array([[ref_pipe.special.bos]], np.int64)
     if ref_pipe.codec.tok:
-        prompt = ref_pipe.codec.prompt_ids(ref_pipe.manifest["prompts"]["caption"]["prompt"])
+        prompt = ref_pipe.codec.prompt_ids(ref_pipe.manifest.prompts.caption.prompt)
     prompts = np.repeat(prompt, len(pix), 0)
     g_ref = ref_pipe.generate(pix, prompts, max_new_tokens=caption_tokens)
     g_new = new_pipe.generate(pix, prompts, max_new_tokens=caption_tokens)

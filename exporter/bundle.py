@@ -3,23 +3,26 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 import torch
 
 import reference_model
-from runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from runtime.manifest import (MANIFEST, CaptionPrompt, FileEntry, GraphInfo, Limits, Manifest, Preprocessing,
+                              PrecisionInfo, Prompts, SpecialTokens, TensorInfo, TextEmbeddingPrompt,
+                              TokenizerInfo, sha256_file)
+from runtime.progress import get_logger, reporter
 
 from .checks import check_graph
-from .onnx_export import DEFAULT_OPSET, export_graph, relink_weights
-from .specs import Limits, all_specs
+from .onnx_export import DEFAULT_OPSET, WEIGHTS_FILE, export_graph, relink_weights
+from .profiles import to_json as profiles_json
+from .specs import all_specs, kv_layout, model_dims
 from .tokenizer import write_tokenizer
+
+log = get_logger(__name__)
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -27,10 +30,6 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 class ExportError(RuntimeError):
     """An export that cannot proceed; the message says what to do."""
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def prepare_output(out: Path, overwrite: bool) -> Path:
@@ -63,28 +62,74 @@ def commit_output(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-def write_manifest(directory: Path, data: dict, known: dict[str, str] | None = None) -> None:
-    """Record every file's sha256 and write manifest.json (last, so its presence means complete).
+def write_manifest(directory: Path, manifest: Manifest, known: dict[str, str] | None = None) -> Manifest:
+    """Record every file's size and sha256 and write manifest.json (last, so its presence means complete).
 
-    `known` holds digests computed while the files were written (weights.bin: not read back).
+    `known` holds sha256 digests computed while files were written (weights.bin is not read back).
     """
-    import json
-
+    directory = Path(directory)
     known = known or {}
-    data["files"] = {p.name: known.get(p.name) or sha256_file(p) for p in sorted(directory.iterdir())
-                     if p.is_file() and p.name != MANIFEST}
-    (directory / MANIFEST).write_text(json.dumps(data, indent=2))
+    manifest.files = {p.name: FileEntry(size=p.stat().st_size, sha256=known.get(p.name) or sha256_file(p))
+                      for p in sorted(directory.iterdir())
+                      if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    manifest.save(directory)
+    return manifest
+
+
+def graph_info(spec, config, limits: Limits, precision: str = "fp32") -> GraphInfo:
+    """The manifest entry of one graph from its export spec (checks are filled in after export)."""
+    return GraphInfo(file=spec.filename,
+                     inputs=[TensorInfo(t.name, t.dtype, list(t.shape)) for t in spec.inputs],
+                     outputs=[TensorInfo(t.name, t.dtype, list(t.shape)) for t in spec.outputs],
+                     precision=precision, tolerance=dict(spec.tolerance),
+                     tensorrt_profiles=profiles_json(spec.profiles(config, limits)))
+
+
+def build_manifest(config, *, limits: Limits | None = None, tokenizer: dict | TokenizerInfo | None = None,
+                   source: str = "", opset: int = DEFAULT_OPSET, exporter: str = "torchscript",
+                   precision: str = "fp32", checks: dict[str, dict] | None = None) -> Manifest:
+    """The whole manifest of a bundle of `config` (every writer of bundles builds it here).
+
+    `checks` maps graph name -> what exporter.checks.check_graph found; `files` is filled by
+    `write_manifest` when the bundle's files are final.
+    """
+    limits = limits or Limits()
+    q = config.qllama
+    graphs = {}
+    for spec in all_specs(config):
+        graphs[spec.name] = graph_info(spec, config, limits, precision)
+        if checks and spec.name in checks:
+            graphs[spec.name].checks = checks[spec.name]
+    if isinstance(tokenizer, dict):
+        tokenizer = TokenizerInfo.from_dict(tokenizer, "tokenizer")
+    return Manifest(
+        source=source,
+        model=config.to_dict(),
+        dims=model_dims(config),
+        graphs=graphs,
+        weights=WEIGHTS_FILE,
+        kv_layout=kv_layout(config),
+        special_tokens=SpecialTokens(bos=q.bos_token_id, eos=q.eos_token_id, pad=q.pad_token_id, unk=0),
+        prompts=Prompts(text_embedding=TextEmbeddingPrompt(pad_id=q.pad_token_id), caption=CaptionPrompt()),
+        preprocessing=Preprocessing(image_size=config.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        tokenizer=tokenizer,
+        host_tensors={"text_projection": "text_projection.npy", "logit_scale": "logit_scale.npy"},
+        limits=limits,
+        precision=PrecisionInfo(mode=precision),
+        versions={"bridge_export": _version(), "torch": _version("torch"), "onnx": _version("onnx"),
+                  "opset": opset, "exporter": exporter},
+    )
 
 
 def export_bundle(model: torch.nn.Module, out, *, checkpoint: Path | None = None, tokenizer: Path | None = None,
                   opset: int = DEFAULT_OPSET, limits: Limits | None = None, overwrite: bool = False,
-                  dynamo: bool = False, progress: Callable[[str], None] = _stderr, source: str = "",
+                  dynamo: bool = False, progress: Callable[[str], None] | None = None, source: str = "",
                   exporter: str = "stream", precision: str = "fp32") -> Path:
     """Export `model` (a reference InternVLModel) into the bundle directory `out`.
 
     exporter "stream" (default) writes the graphs from the config and streams the model's state
     dict into weights.bin (stream_export); "torchscript" / "dynamo" (or dynamo=True) trace the
-    model in memory (legacy; the model is converted to fp32 in place) and support fp32 only.
+    model in memory (legacy; the model is converted to fp32 in place) and write fp32 only.
     """
     exporter = "dynamo" if dynamo else exporter
     if exporter == "stream":
@@ -98,101 +143,49 @@ def export_bundle(model: torch.nn.Module, out, *, checkpoint: Path | None = None
     if precision != "fp32":
         raise ExportError(f"the {exporter} exporter writes fp32 only: use exporter='stream' for {precision}")
     dynamo = exporter == "dynamo"
+    say = reporter(progress, log)
     limits = limits or Limits()
     config = model.config
     out = Path(out).absolute()
     tmp = prepare_output(out, overwrite)
     try:
-        (tmp / ".trace").mkdir()
-        paths, graphs = [], {}
+        paths = []
         model = model.float().eval()
+        (tmp / ".trace").mkdir()
         for spec in all_specs(config):
             t0 = time.perf_counter()
-            progress(f"[export] {spec.name} ...")
+            say(f"[export] {spec.name} ...")
             # traced into a scratch folder: over 2 GB the exporter writes one file per tensor beside it
-            path = export_graph(model, spec, config, tmp / ".trace" / spec.filename, opset=opset, dynamo=dynamo)
-            paths.append(path)
-            graphs[spec.name] = {
-                "file": spec.filename,
-                "inputs": [asdict(t) for t in spec.inputs],
-                "outputs": [asdict(t) for t in spec.outputs],
-                "precision": "fp32",
-                "tolerance": spec.tolerance,
-                "tensorrt_profiles": [{k: [list(s) for s in v] for k, v in p.items()}
-                                      for p in spec.profiles(config, limits)],
-            }
-            progress(f"[export] {spec.name} done in {time.perf_counter() - t0:.1f}s")
+            paths.append(export_graph(model, spec, config, tmp / ".trace" / spec.filename, opset=opset,
+                                      dynamo=dynamo))
+            say(f"[export] {spec.name} done in {time.perf_counter() - t0:.1f}s")
         saved = relink_weights(paths, tmp)
         shutil.rmtree(tmp / ".trace")
-        progress(f"[export] weights shared across graphs ({saved / 1e6:.1f} MB stored once)")
-        for spec in all_specs(config):
-            graphs[spec.name]["checks"] = check_graph(tmp / spec.filename)
+        say(f"[export] weights shared across graphs ({saved / 1e6:.1f} MB stored once)")
+        checks = {spec.name: check_graph(tmp / spec.filename) for spec in all_specs(config)}
         tok = write_tokenizer(checkpoint, tokenizer, tmp, vocab_size=config.qllama.vocab_size)
         if tok is None:
-            progress("[export] no tokenizer found (give --tokenizer DIR): the bundle serves the array API only")
+            say("[export] no tokenizer found (give --tokenizer DIR): the bundle serves the array API only")
         np.save(tmp / "text_projection.npy", model.text_projection.detach().float().numpy())
         np.save(tmp / "logit_scale.npy", model.logit_scale.detach().float().numpy())
-        manifest = manifest_data(config, graphs, limits, opset, source, tok, "fp32",
-                                 "dynamo" if dynamo else "torchscript")
+        manifest = build_manifest(config, limits=limits, tokenizer=tok, source=source, opset=opset,
+                                  exporter="dynamo" if dynamo else "torchscript", checks=checks)
         write_manifest(tmp, manifest)
         commit_output(tmp, out)
-        progress(f"[export] bundle written to {out}")
+        say(f"[export] bundle written to {out}")
         return out
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def manifest_data(config, graphs: dict, limits: Limits, opset: int, source: str, tok, precision: str,
-                  exporter: str) -> dict:
-    """The manifest of a bundle (the runtime's only contract), without the file checksums."""
-    q = config.qllama
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "source": source,
-        "model": config.to_dict(),
-        "precision": precision,
-        "graphs": graphs,
-        "weights": "weights.bin",
-        "kv_layout": {
-            "num_layers": q.num_hidden_layers, "num_heads": q.num_attention_heads, "head_dim": q.head_dim,
-            "axes": ["batch", "heads", "positions", "head_dim"],
-            "visual_prefix": {"graph": "query_bridge", "outputs": "prefix.{i}.key / prefix.{i}.value",
-                              "length": config.num_query_token, "positions": [0, config.num_query_token - 1]},
-            "past_inputs": "past_key_values.{i}.key / past_key_values.{i}.value",
-            "present_outputs": "present.{i}.key / present.{i}.value",
-            "present_holds": "the K/V of this step's new positions only; the runtime writes them into its cache",
-            "key_rope": "keys are stored after RoPE",
-            "text_start_position": config.num_query_token,
-            "max_positions": q.max_position_embeddings,
-        },
-        "special_tokens": {"bos": q.bos_token_id, "eos": q.eos_token_id, "pad": q.pad_token_id, "unk": 0},
-        "prompts": {
-            "text_embedding": {"prefix": "summarize:", "add_bos": True, "add_eos": True, "padding": "right",
-                               "max_length": 80, "truncation": "first tokens kept, then BOS and EOS added",
-                               "pad_id": q.pad_token_id, "mask": "ids > 0", "pool": "last non-pad token"},
-            "caption": {"prompt": "English caption:", "add_bos": True, "add_eos": False,
-                        "num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8},
-        },
-        "preprocessing": {"image_size": config.image_size, "resize": "bicubic",
-                          "retrieval": "resize to (size, size)",
-                          "classification": "resize shorter side to size, center crop",
-                          "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "channels": "RGB"},
-        "tokenizer": tok,
-        "host_tensors": {"text_projection": "text_projection.npy", "logit_scale": "logit_scale.npy"},
-        "limits": asdict(limits),
-        "versions": {"bridge_export": _version(), "torch": torch.__version__, "onnx": onnx.__version__,
-                     "opset": opset, "exporter": exporter},
-    }
+def _version(package: str = "bridge-export") -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-def _version() -> str:
     try:
-        from importlib.metadata import version
-
-        return version("bridge-export")
-    except Exception:  # running from a source tree without installing
-        return "0+source"
+        return version(package)
+    except PackageNotFoundError:  # running from a source tree without installing
+        return "0+source" if package == "bridge-export" else "absent"
 
 
 def load_source(checkpoint: Path | None, preset: str | None, seed: int = 0):

@@ -89,17 +89,17 @@ def record_feeds(pipe, images, texts: list[str] | None, max_new_tokens: int = 4)
         for i in range(0, len(pix), 4):
             batch = pix[i:i + 4]
             pipe.encode_image(batch, "InternVL-G")
-            prompt = (pipe.codec.prompt_ids(pipe.manifest["prompts"]["caption"]["prompt"]) if pipe.codec.tok
-                      else np.array([[pipe.special["bos"]]], np.int64))
+            prompt = (pipe.codec.prompt_ids(pipe.manifest.prompts.caption.prompt) if pipe.codec.tok
+                      else np.array([[pipe.special.bos]], np.int64))
             pipe.generate(batch, np.repeat(prompt, len(batch), 0), max_new_tokens=max_new_tokens)
         if texts and pipe.codec.tok:
             for i in range(0, len(texts), 8):
                 pipe.encode_text(pipe.codec.embedding_ids(texts[i:i + 8]))
         else:  # no tokenizer or texts: random token ids still exercise the text path at P = 0
-            vocab = pipe.manifest.model["qllama_config"]["vocab_size"]
+            vocab = pipe.manifest.dims.vocab_size
             rng = np.random.default_rng(0)
             ids = rng.integers(3, vocab, (4, 12)).astype(np.int64)
-            ids[:, 0] = pipe.special["bos"]
+            ids[:, 0] = pipe.special.bos
             pipe.encode_text(ids)
     finally:
         pipe.sessions.update(originals)

@@ -11,6 +11,21 @@ import click
 # Errors that carry a message fit for the user: shown as one line, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, RuntimeError)
 
+# Top-level modules of each optional extra: a command that needs a missing one says which extra to install.
+EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export",
+          "transformers": "export", "sentencepiece": "export", "google": "export",
+          "tensorrt": "tensorrt", "polygraphy": "tensorrt", "cuda": "tensorrt", "sklearn": "train",
+          "pyarrow": "ray", "ray": "ray", "pytriton": "serve"}
+
+
+def missing_extra(e: ModuleNotFoundError) -> str | None:
+    """The one-line advice for a missing optional dependency, or None if it belongs to no extra."""
+    top = (e.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    return f'this command needs {top}, which is not installed: pip install "bridge-export[{extra}]"'
+
 
 def friendly(fn):
     """Turn user errors into one-line messages and Ctrl-C into a clean exit (code 130)."""
@@ -24,16 +39,45 @@ def friendly(fn):
             sys.exit(130)
         except click.ClickException:
             raise
+        except ModuleNotFoundError as e:
+            advice = missing_extra(e)
+            if advice is None:
+                raise
+            raise click.ClickException(advice) from e
         except USER_ERRORS as e:
             raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
 
     return wrapper
 
 
+def run_options(fn):
+    """--backend and --device for the commands that run a bundle (see runtime.load)."""
+    fn = click.option("--device", default=None,
+                      help="cpu (onnxruntime's default) or cuda / cuda:N (KV cache on the GPU; TensorRT's default)")(fn)
+    return click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+                        show_default=True, help="tensorrt runs the engines/ that `bridge-export engine` built")(fn)
+
+
+def load_pipeline(bundle, backend: str, device):
+    """runtime.load, closed when the command ends (frees device memory on a GPU)."""
+    import runtime
+
+    pipe = runtime.load(bundle, backend=backend, device=device)
+    click.get_current_context().call_on_close(pipe.close)
+    return pipe
+
+
 @click.group()
 @click.version_option(package_name="bridge-export", message="%(version)s")
-def main():
+@click.option("-q", "--quiet", is_flag=True, help="show warnings and errors only")
+def main(quiet):
     """Export InternVL-14B (InternVL-C / InternVL-G) to ONNX and TensorRT, and run the result."""
+    import logging
+
+    from runtime.progress import log_to_stderr, quiet_third_party
+
+    log_to_stderr(logging.WARNING if quiet else logging.INFO)
+    quiet_third_party()
 
 
 @main.command("onnx")
@@ -95,20 +139,26 @@ def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="the model the bundle came from")
 @click.option("--preset", help="or the preset (with --seed) it came from")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--checksums", is_flag=True, help="hash every file against the manifest's sha256 (no torch needed)")
 @friendly
-def verify(bundle, checkpoint, preset, seed):
-    """Check every graph and the end-to-end outputs against the PyTorch reference."""
+def verify(bundle, checkpoint, preset, seed, checksums):
+    """Check every graph and the end-to-end outputs against the PyTorch reference (and/or every file's sha256)."""
+    from runtime.manifest import read_manifest
+
+    man = read_manifest(bundle, verify_checksums=checksums)
+    if checksums:
+        click.echo(f"checksums: all {len(man.files)} files match the manifest "
+                   f"({sum(e.size for e in man.files.values()) / 1e6:.1f} MB hashed)")
+        if checkpoint is None and preset is None:
+            return
+    if man.precision.mode != "fp32":
+        raise click.ClickException(f"{bundle} is a {man.precision.mode} bundle: verify checks fp32 parity with the "
+                                   "reference; its accuracy against fp32 is in its manifest (bridge-export inspect)")
     from .bundle import load_source
     from .verify import verify_bundle
 
-    from runtime.manifest import read_manifest
-
-    precision = read_manifest(bundle, verify_checksums=False)["precision"]
-    if precision != "fp32":
-        raise click.ClickException(f"{bundle} is a {precision} bundle: verify checks fp32 parity with the reference; "
-                                   "its accuracy against fp32 is in its manifest (bridge-export inspect)")
     model, _ = load_source(checkpoint, preset, seed)
-    report = verify_bundle(bundle, model, progress=lambda m: click.echo(m, err=True))
+    report = verify_bundle(bundle, model)
     click.echo(report.format())
     if not report.passed:
         sys.exit(1)
@@ -125,7 +175,7 @@ def inspect(bundle, as_json):
     from .inspect_bundle import format_manifest
 
     man = read_manifest(bundle, verify_checksums=False)
-    click.echo(json.dumps(man.data, indent=2) if as_json else format_manifest(man))
+    click.echo(json.dumps(man.to_dict(), indent=2) if as_json else format_manifest(man))
 
 
 def _expand_images(images) -> list[Path]:
@@ -147,15 +197,14 @@ def _expand_images(images) -> list[Path]:
 @click.option("--mode", type=click.Choice(["C", "G"]), default="C", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="embeddings.npy or .parquet")
 @click.option("--batch-size", default=8, show_default=True)
+@run_options
 @friendly
-def embed(bundle, images, texts, mode, out, batch_size):
+def embed(bundle, images, texts, mode, out, batch_size, backend, device):
     """Embed images (files or folders) and texts."""
     import numpy as np
     from tqdm import tqdm
 
-    import runtime
-
-    pipe = runtime.load(bundle)
+    pipe = load_pipeline(bundle, backend, device)
     files = _expand_images(images) if images else []
     parts = []
     for i in tqdm(range(0, len(files), batch_size), desc="images", disable=len(files) <= batch_size, file=sys.stderr):
@@ -187,17 +236,16 @@ def embed(bundle, images, texts, mode, out, batch_size):
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
-@click.option("--beams", default=5, show_default=True)
-@click.option("--max-new-tokens", default=30, show_default=True)
-@click.option("--min-new-tokens", default=8, show_default=True)
-@click.option("--prompt", default="English caption:", show_default=True)
+@click.option("--beams", type=int, help="beam width (default: the manifest's, 5 as the original)")
+@click.option("--max-new-tokens", type=int, help="(default: the manifest's, 30)")
+@click.option("--min-new-tokens", type=int, help="(default: the manifest's, 8)")
+@click.option("--prompt", help="(default: the manifest's, 'English caption:')")
 @click.option("--stream", is_flag=True, help="print tokens as they arrive (greedy)")
+@run_options
 @friendly
-def caption(bundle, images, beams, max_new_tokens, min_new_tokens, prompt, stream):
+def caption(bundle, images, beams, max_new_tokens, min_new_tokens, prompt, stream, backend, device):
     """Caption images."""
-    import runtime
-
-    pipe = runtime.load(bundle)
+    pipe = load_pipeline(bundle, backend, device)
     for f in _expand_images(images):
         if stream:
             click.echo(f"{f}\t", nl=False)
@@ -215,12 +263,11 @@ def caption(bundle, images, beams, max_new_tokens, min_new_tokens, prompt, strea
 @click.option("--labels", required=True, help="comma-separated class names")
 @click.option("--template", default="a photo of a {}.", show_default=True)
 @click.option("--mode", type=click.Choice(["C", "G"]), default="C", show_default=True)
+@run_options
 @friendly
-def classify(bundle, images, labels, template, mode):
+def classify(bundle, images, labels, template, mode, backend, device):
     """Zero-shot classification of images over --labels."""
-    import runtime
-
-    pipe = runtime.load(bundle)
+    pipe = load_pipeline(bundle, backend, device)
     names = [s.strip() for s in labels.split(",") if s.strip()]
     files = _expand_images(images)
     probs = pipe.classify([str(f) for f in files], names, template=template, mode=mode)
@@ -243,7 +290,7 @@ def classify(bundle, images, labels, template, mode):
 @friendly
 def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, compare):
     """Throughput and memory of a bundle (and the reference, side by side, in this one process)."""
-    from runtime.bench import run_bench
+    from .bench import run_bench
 
     from .bundle import load_source
 

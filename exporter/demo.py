@@ -1,7 +1,6 @@
 """`bridge-export demo`: the shipped digits model through the whole chain, with a side-by-side report."""
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -9,10 +8,9 @@ import numpy as np
 
 from reference_model.digits import (CAPTION_PROMPT, WORDS, ReferenceRunner, evaluate, load_test_split,
                                    names_digit)
+from runtime.progress import get_logger, reporter
 
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+log = get_logger(__name__)
 
 
 class BundleRunner:
@@ -54,7 +52,7 @@ def save_grid(images, labels, texts, path: Path, n: int = 32) -> Path:
 
 
 def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "fp16", "int8", "int8-cpu"),
-             progress=_say) -> dict:
+             progress=None) -> dict:
     """Export the shipped checkpoint, run every variant over the test digits, print and return the report."""
     import runtime
     from reference_model import DEMO_CHECKPOINT, load_pretrained
@@ -63,6 +61,7 @@ def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "
     from .bundle import export_bundle
     from .precision import make_precision_bundle
 
+    progress = reporter(progress, log)
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -113,11 +113,10 @@ def measure(bundle: Path, threads: int, new_tokens: int = 20) -> dict:
     bundle = Path(bundle)
     res = {}
     t0 = time.perf_counter()
-    pipe = runtime.load(bundle, threads=threads) if "threads" in runtime.load.__code__.co_varnames \
-        else runtime.load(bundle)
+    pipe = runtime.load(bundle, threads=threads)
     res["load_s"] = round(time.perf_counter() - t0, 1)
     man = pipe.manifest
-    s = man["preprocessing"]["image_size"]
+    s = man.preprocessing.image_size
     px = np.random.default_rng(0).standard_normal((1, 3, s, s), dtype=np.float32)
     t0 = time.perf_counter()
     hidden, c = pipe.vision(px)
@@ -142,9 +141,9 @@ def measure(bundle: Path, threads: int, new_tokens: int = 20) -> dict:
     res["caption_tokens"] = [int(t) for t in np.asarray(toks)[0]]
     # decode speed alone: steps timed through the decoder session with a growing cache
     dec = pipe.sessions["text_decoder"]
-    q = man.model["qllama_config"]
-    H, Dh, L = q["num_attention_heads"], q["hidden_size"] // q["num_attention_heads"], q["num_hidden_layers"]
-    P = man.model["num_query_token"] + 4
+    kv = man.kv_layout
+    H, Dh, L = kv.num_heads, kv.head_dim, kv.num_layers
+    P = kv.prefix_length + 4
     feeds = {"input_ids": np.array([[5]]), "position_ids": np.array([[P]]),
              "attention_mask": np.ones((1, P + 1), np.int64)}
     for i in range(L):

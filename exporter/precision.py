@@ -10,14 +10,15 @@
 """
 from __future__ import annotations
 
-import json
-import sys
+import copy
+import shutil
 import time
 from pathlib import Path
 
 import onnx
 
-from runtime.manifest import read_manifest
+from runtime.manifest import PrecisionInfo, read_manifest
+from runtime.progress import get_logger, quiet_third_party, reporter
 
 from .bundle import commit_output, prepare_output, write_manifest
 from .checks import check_graph
@@ -28,8 +29,7 @@ MODES = ("fp16", "int8", "int8-cpu")
 DEFAULT_INT8_EXCLUDE = ["norm", "Softmax", "lm_head", "clip_projector"]
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+log = get_logger(__name__)
 
 
 # -- plans (pure functions over the graph; tested without running anything) --------------------
@@ -182,7 +182,7 @@ def to_int8_dynamic(src: Path, dst: Path, exclude) -> dict:
 
 
 def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, method: str = "max",
-                          exclude: list[str] | None = None, overwrite: bool = False, progress=_say,
+                          exclude: list[str] | None = None, overwrite: bool = False, progress=None,
                           report: bool = True) -> Path:
     """Write a new bundle at `out` whose graphs are `mode` (fp16 / int8 / int8-cpu), with an accuracy report."""
     import runtime
@@ -190,14 +190,16 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
     from .accuracy import accuracy_report, format_report
     from .calibration import read_image_folder, read_texts, record_feeds, synthetic_images
 
+    progress = reporter(progress, log)
+    quiet_third_party()
     if mode not in MODES:
         raise ValueError(f"precision must be one of {MODES}, got {mode!r}")
     src = read_manifest(bundle)
-    if src["precision"] != "fp32":
-        raise ValueError(f"{bundle} is already {src['precision']}: make precision bundles from an fp32 bundle")
+    if src.precision.mode != "fp32":
+        raise ValueError(f"{bundle} is already {src.precision.mode}: make precision bundles from an fp32 bundle")
     if mode == "int8" and calib is None:
         raise ValueError("--int8 needs --calib IMAGES_DIR: INT8 scales are calibrated on your images")
-    size = src["preprocessing"]["image_size"]
+    size = src.preprocessing.image_size
     images = read_image_folder(calib) if calib else synthetic_images(12, size)
     texts = read_texts(calib_texts) if calib_texts else None
     # hold out a quarter of the images (at least one) for the accuracy report
@@ -207,12 +209,12 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
     try:
         pipe = runtime.load(bundle)
         feeds = record_feeds(pipe, calib_images, texts) if mode == "int8" else {}
-        manifest = json.loads((src.root / "manifest.json").read_text())
+        manifest = copy.deepcopy(src)
         paths = []
-        for name, g in manifest["graphs"].items():
+        for name, g in manifest.graphs.items():
             t0 = time.perf_counter()
             progress(f"[precision] {name} -> {mode} ...")
-            srcp, dst = src.graph_path(name), tmp / g["file"]
+            srcp, dst = src.graph_path(name), tmp / g.file
             if mode == "fp16":
                 how = to_fp16(srcp, dst)
             elif mode == "int8":
@@ -220,31 +222,30 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
             else:
                 how = to_int8_dynamic(srcp, dst, exclude)
             paths.append(dst)
-            g["precision"], g["how"] = mode, how
+            g.precision, g.how = mode, how
             progress(f"[precision] {name} done in {time.perf_counter() - t0:.1f}s")
         relink_weights(paths, tmp)
-        for name, g in manifest["graphs"].items():
-            g["checks"] = check_graph(tmp / g["file"], tensorrt=mode != "int8-cpu")
-        for f in ("tokenizer.json", "tokenizer_bpe_scores.npy", "text_projection.npy", "logit_scale.npy"):
-            if (src.root / f).is_file():
-                (tmp / f).write_bytes((src.root / f).read_bytes())
-        manifest["precision"] = mode
-        manifest["derived_from"] = {"bundle": str(Path(bundle).absolute()), "precision": "fp32",
-                                    "weights_sha256": src["files"]["weights.bin"]}
+        for name, g in manifest.graphs.items():
+            g.checks = check_graph(tmp / g.file, tensorrt=mode != "int8-cpu")
+        rewritten = {g.file for g in manifest.graphs.values()} | {manifest.weights}
+        for f in src.files:  # tokenizer, host tensors and anything else the source bundle holds
+            if f not in rewritten and not (tmp / f).exists():
+                shutil.copyfile(src.path(f), tmp / f)
+        manifest.precision = PrecisionInfo(mode=mode, derived_from={
+            "bundle": str(Path(bundle).absolute()), "precision": "fp32",
+            "weights_sha256": src.files[src.weights].sha256})
         write_manifest(tmp, manifest)
         if report:
             progress("[precision] measuring accuracy against fp32 on held-out inputs ...")
             rep = accuracy_report(pipe, runtime.load(tmp), held_out, texts)
             progress(format_report(rep, mode))
-            manifest["accuracy"] = rep
-            for name, g in manifest["graphs"].items():
-                g["report"] = rep["graphs"].get(name)
+            manifest.precision.accuracy = rep
+            for name, g in manifest.graphs.items():
+                g.report = rep["graphs"].get(name)
             write_manifest(tmp, manifest)
         commit_output(tmp, Path(out))
         progress(f"[precision] {mode} bundle written to {Path(out).absolute()}")
         return Path(out)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,8 +8,13 @@ import torch
 from torch import nn
 
 from reference_model.config import InternVLConfig
+from runtime.manifest import KVLayout, Limits, ModelDims
 
+from .profiles import graph_profiles
 from .wrappers import QueryBridgeGraph, TextDecoderGraph, VisionEncoderGraph
+
+__all__ = ["TensorSpec", "Limits", "GraphSpec", "model_dims", "kv_layout", "vision_spec", "bridge_spec",
+           "decoder_spec", "all_specs"]
 
 
 @dataclass
@@ -19,18 +24,6 @@ class TensorSpec:
     name: str
     dtype: str
     shape: list
-
-
-@dataclass
-class Limits:
-    """User limits that decide the dynamic ranges (and TensorRT profiles)."""
-
-    max_batch: int = 8
-    max_seq: int = 0  # 0: max_position_embeddings
-
-    def seq(self, config: InternVLConfig) -> int:
-        """The longest sequence (queries + text) the profiles must admit."""
-        return min(self.max_seq or config.qllama.max_position_embeddings, config.qllama.max_position_embeddings)
 
 
 @dataclass
@@ -61,17 +54,24 @@ class GraphSpec:
         return out
 
 
-def _kv_names(config: InternVLConfig, prefix: str) -> list[str]:
-    return [f"{prefix}.{i}.{kind}" for i in range(config.qllama.num_hidden_layers) for kind in ("key", "value")]
+def model_dims(config: InternVLConfig) -> ModelDims:
+    """The manifest's typed summary of a config."""
+    return ModelDims(image_size=config.image_size, num_image_tokens=config.num_image_tokens,
+                     vision_hidden_size=config.vision.hidden_size, embed_dim=config.clip_embed_dim,
+                     text_hidden_size=config.qllama.hidden_size, vocab_size=config.qllama.vocab_size,
+                     num_query_token=config.num_query_token, max_positions=config.qllama.max_position_embeddings)
+
+
+def kv_layout(config: InternVLConfig) -> KVLayout:
+    """The decoder's KV layout (sizes and the name templates every graph and the runtime use)."""
+    q = config.qllama
+    return KVLayout(num_layers=q.num_hidden_layers, num_heads=q.num_attention_heads, head_dim=q.head_dim,
+                    prefix_length=config.num_query_token, max_positions=q.max_position_embeddings)
 
 
 def vision_spec(config: InternVLConfig) -> GraphSpec:
     """Spec of vision_encoder.onnx: pixel_values -> vision_hidden, image_embeds_c."""
     s, v = config.image_size, config.vision
-
-    def profiles(c, lim):
-        return [{"pixel_values": ([1, 3, s, s], [max(1, lim.max_batch // 2), 3, s, s], [lim.max_batch, 3, s, s])}]
-
     return GraphSpec(
         name="vision_encoder",
         module=VisionEncoderGraph,
@@ -79,7 +79,7 @@ def vision_spec(config: InternVLConfig) -> GraphSpec:
         outputs=[TensorSpec("vision_hidden", "float32", ["batch", config.num_image_tokens, v.hidden_size]),
                  TensorSpec("image_embeds_c", "float32", ["batch", config.clip_embed_dim])],
         dummy=lambda c: (torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(0)),),
-        profiles=profiles,
+        profiles=lambda c, lim: graph_profiles("vision_encoder", model_dims(c), kv_layout(c), lim),
     )
 
 
@@ -88,18 +88,15 @@ def bridge_spec(config: InternVLConfig) -> GraphSpec:
     q = config.qllama
     Q, H, Dh = config.num_query_token, q.num_attention_heads, q.head_dim
     n, dv = config.num_image_tokens, config.vision.hidden_size
-
-    def profiles(c, lim):
-        return [{"vision_hidden": ([1, n, dv], [max(1, lim.max_batch // 2), n, dv], [lim.max_batch, n, dv])}]
-
+    kv = kv_layout(config)
     return GraphSpec(
         name="query_bridge",
         module=QueryBridgeGraph,
         inputs=[TensorSpec("vision_hidden", "float32", ["batch", n, dv])],
         outputs=[TensorSpec("image_embeds_g", "float32", ["batch", config.clip_embed_dim])]
-        + [TensorSpec(nm, "float32", ["batch", H, Q, Dh]) for nm in _kv_names(config, "prefix")],
+        + [TensorSpec(nm, "float32", ["batch", H, Q, Dh]) for nm in kv.names("prefix")],
         dummy=lambda c: (torch.randn(2, n, dv, generator=torch.Generator().manual_seed(1)),),
-        profiles=profiles,
+        profiles=lambda c, lim: graph_profiles("query_bridge", model_dims(c), kv_layout(c), lim),
     )
 
 
@@ -107,6 +104,7 @@ def decoder_spec(config: InternVLConfig) -> GraphSpec:
     """Spec of text_decoder.onnx: one QLLaMA step with past K/V (prefill and decode alike)."""
     q = config.qllama
     H, Dh = q.num_attention_heads, q.head_dim
+    kv = kv_layout(config)
 
     def dummy(c):
         B, P, T = 2, 3, 4
@@ -117,35 +115,18 @@ def decoder_spec(config: InternVLConfig) -> GraphSpec:
         past = [torch.randn(B, H, P, Dh, generator=g) for _ in range(2 * q.num_hidden_layers)]
         return (ids, pos, mask, *past)
 
-    def profiles(c, lim):
-        B, S = lim.max_batch, lim.seq(c)
-        ob = max(1, B // 2)
-        kv = lambda p: ([1, H, p[0], Dh], [ob, H, p[1], Dh], [B, H, p[2], Dh])  # noqa: E731
-
-        def one(t, p):
-            prof = {"input_ids": ([1, t[0]], [ob, t[1]], [B, t[2]]),
-                    "position_ids": ([1, t[0]], [ob, t[1]], [B, t[2]]),
-                    "attention_mask": ([1, t[0] + p[0]], [ob, t[1] + p[1]], [B, min(S, t[2] + p[2])])}
-            prof.update({nm: kv(p) for nm in _kv_names(c, "past_key_values")})
-            return prof
-
-        Q = c.num_query_token
-        prefill = one((1, min(64, S // 2), S), (0, min(Q, S // 2), S - 1))
-        decode = one((1, 1, 1), (0, min(S // 2, Q + 64), S - 1))
-        return [prefill, decode]
-
     return GraphSpec(
         name="text_decoder",
         module=TextDecoderGraph,
         inputs=[TensorSpec("input_ids", "int64", ["batch", "seq"]),
                 TensorSpec("position_ids", "int64", ["batch", "seq"]),
                 TensorSpec("attention_mask", "int64", ["batch", "total"])]
-        + [TensorSpec(nm, "float32", ["batch", H, "past", Dh]) for nm in _kv_names(config, "past_key_values")],
+        + [TensorSpec(nm, "float32", ["batch", H, "past", Dh]) for nm in kv.names("past")],
         outputs=[TensorSpec("logits", "float32", ["batch", q.vocab_size]),
                  TensorSpec("hidden_states", "float32", ["batch", "seq", q.hidden_size])]
-        + [TensorSpec(nm, "float32", ["batch", H, "seq", Dh]) for nm in _kv_names(config, "present")],
+        + [TensorSpec(nm, "float32", ["batch", H, "seq", Dh]) for nm in kv.names("present")],
         dummy=dummy,
-        profiles=profiles,
+        profiles=lambda c, lim: graph_profiles("text_decoder", model_dims(c), kv_layout(c), lim),
     )
 
 

@@ -8,7 +8,6 @@ that precision (graph_builder), so no fp32 bundle is made first.
 """
 from __future__ import annotations
 
-import logging
 import shutil
 import sys
 import time
@@ -22,7 +21,9 @@ from tqdm import tqdm
 
 from reference_model.config import InternVLConfig
 
-from .bundle import commit_output, manifest_data, prepare_output, write_manifest
+from runtime.progress import get_logger, reporter
+
+from .bundle import build_manifest, commit_output, prepare_output, write_manifest
 from .checks import check_graph
 from .graph_builder import INLINE_BYTES, WeightRef
 from .internvl_graphs import build_graphs, check_against_spec
@@ -31,19 +32,16 @@ from .specs import Limits, all_specs
 from .tokenizer import write_tokenizer
 from .weight_stream import CheckpointSource, StateDictSource, WeightWriter, materialize, read_config, resolve_keys
 
-log = logging.getLogger("exporter")
+log = get_logger(__name__)
 
 HOW = {
-    "fp32": "streamed fp32",
-    "fp16": "streamed fp16 weights and activations; norms, softmax chain, RoPE tables and logits (lm_head) "
-            "fp32; fp32 graph inputs/outputs",
-    "int8-cpu": "streamed dynamic INT8 (DynamicQuantizeLinear + MatMulInteger, uint8 weights per output "
-                "column, as onnxruntime.quantization.quantize_dynamic); norms and pooling heads fp32",
+    "fp32": {"method": "streamed fp32"},
+    "fp16": {"method": "streamed fp16 weights and activations; norms, softmax chain, RoPE tables and logits "
+                       "(lm_head) fp32; fp32 graph inputs/outputs"},
+    "int8-cpu": {"method": "streamed dynamic INT8 (DynamicQuantizeLinear + MatMulInteger, uint8 weights per "
+                           "output column, as onnxruntime.quantization.quantize_dynamic); norms and pooling heads "
+                           "fp32", "tensorrt": False},
 }
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _ordered_refs(models: dict[str, onnx.ModelProto], refs: dict[str, dict[str, WeightRef]]) -> list[WeightRef]:
@@ -98,8 +96,10 @@ def stream_weights(models: dict[str, onnx.ModelProto], refs: dict[str, dict[str,
 def export_streamed(source, config: InternVLConfig, out, *, precision: str = "fp32",
                     checkpoint: Path | None = None, tokenizer: Path | None = None, opset: int = DEFAULT_OPSET,
                     limits: Limits | None = None, overwrite: bool = False,
-                    progress: Callable[[str], None] = _stderr, source_desc: str = "") -> Path:
+                    progress: Callable[[str], None] | None = None, source_desc: str = "") -> Path:
     """Write the bundle of `config` with weights from `source` (CheckpointSource / StateDictSource)."""
+    show_bar = progress is None
+    progress = reporter(progress, log)
     limits = limits or Limits()
     out = Path(out).absolute()
     mapping, shapes = resolve_keys(source, config)
@@ -116,31 +116,23 @@ def export_streamed(source, config: InternVLConfig, out, *, precision: str = "fp
                  f"({', '.join(f'{n}: {len(m.graph.node)} nodes' for n, m in models.items())})")
         t0 = time.perf_counter()
         digest = stream_weights(models, refs, source, mapping, tmp / WEIGHTS_FILE,
-                                show_progress=progress is _stderr)
+                                show_progress=show_bar)
         progress(f"[export] weights streamed ({(tmp / WEIGHTS_FILE).stat().st_size / 1e9:.2f} GB, {precision}) "
                  f"in {time.perf_counter() - t0:.1f}s")
-        graphs = {}
+        checks = {}
         for name, model in models.items():
-            spec = specs[name]
-            onnx.save_model(model, str(tmp / spec.filename))
-            graphs[name] = {
-                "file": spec.filename,
-                "inputs": [vars(t) for t in spec.inputs],
-                "outputs": [vars(t) for t in spec.outputs],
-                "precision": precision,
-                "how": HOW[precision],
-                "tolerance": spec.tolerance,
-                "tensorrt_profiles": [{k: [list(s) for s in v] for k, v in p.items()}
-                                      for p in spec.profiles(config, limits)],
-                "checks": check_graph(tmp / spec.filename, tensorrt=precision != "int8-cpu"),
-            }
+            onnx.save_model(model, str(tmp / specs[name].filename))
+            checks[name] = check_graph(tmp / specs[name].filename, tensorrt=precision != "int8-cpu")
         del models
         tok = write_tokenizer(checkpoint, tokenizer, tmp, vocab_size=config.qllama.vocab_size)
         if tok is None:
             progress("[export] no tokenizer found (give --tokenizer DIR): the bundle serves the array API only")
         for host in ("text_projection", "logit_scale"):
             np.save(tmp / f"{host}.npy", source.get(mapping[host]).to(torch.float32).numpy())
-        manifest = manifest_data(config, graphs, limits, opset, source_desc, tok, precision, "stream")
+        manifest = build_manifest(config, limits=limits, tokenizer=tok, source=source_desc, opset=opset,
+                                  exporter="stream", precision=precision, checks=checks)
+        for g in manifest.graphs.values():
+            g.how = dict(HOW[precision])
         write_manifest(tmp, manifest, known={WEIGHTS_FILE: digest})
         commit_output(tmp, out)
         progress(f"[export] bundle written to {out}")

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.manifest import read_manifest
+from runtime.manifest import GRAPHS, Limits, read_manifest
+from runtime.progress import get_logger, reporter
 from runtime.trt_compat import EngineMismatch, check_engine_compat  # noqa: F401 (re-exported)
 
-GRAPHS = ["vision_encoder", "query_bridge", "text_decoder"]
+from .profiles import from_json, graph_profiles
+
+log = get_logger(__name__)
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -37,21 +39,17 @@ class EngineOptions:
 
 
 def engine_profiles(manifest, graph: str, opts: EngineOptions) -> list[dict[str, tuple]]:
-    """Optimization profiles (input -> (min, opt, max)) from the export spec and the user's limits."""
-    from reference_model.config import InternVLConfig
+    """Optimization profiles (input -> (min, opt, max)): the manifest's, or recomputed for the user's limits.
 
-    from .specs import Limits, all_specs
-
-    config = InternVLConfig.from_dict(manifest["model"])
-    lim = manifest.get("limits", {})
-    limits = Limits(max_batch=opts.max_batch or lim.get("max_batch", 8), max_seq=opts.max_seq or lim.get("max_seq", 0))
-    spec = {s.name: s for s in all_specs(config)}[graph]
-    profiles = spec.profiles(config, limits)
-    for prof in profiles:
-        for name, (mn, opt, mx) in prof.items():
-            if not all(a <= b <= c for a, b, c in zip(mn, opt, mx)):
-                raise ValueError(f"{graph}: profile for {name} is not min <= opt <= max: {mn} {opt} {mx}")
-    return profiles
+    Torch-free: recomputing needs only the manifest's dims and KV layout (exporter.profiles).
+    """
+    stored = manifest.limits
+    limits = Limits(max_batch=opts.max_batch or stored.max_batch,
+                    max_seq=stored.max_seq if opts.max_seq is None else opts.max_seq)
+    info = manifest.graph(graph)
+    if limits == stored and info.tensorrt_profiles:
+        return from_json(info.tensorrt_profiles)
+    return graph_profiles(graph, manifest.dims, manifest.kv_layout, limits)
 
 
 def precision_plan(trt_major: int, precision: str) -> dict:
@@ -94,12 +92,12 @@ def write_trtexec_script(bundle, out_dir, opts: EngineOptions, trt_major: int = 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["#!/usr/bin/env bash", "# Build the bundle's TensorRT engines on the target device (e.g. a Jetson).",
-             f"# precision: {man['precision']}; flags for TensorRT {trt_major}.x", "set -euo pipefail",
+             f"# precision: {man.precision.mode}; flags for TensorRT {trt_major}.x", "set -euo pipefail",
              'cd "$(dirname "$0")"']
     for g in opts.graphs:
-        cmd = trtexec_command(Path("..") / man["graphs"][g]["file"] if out_dir == man.root / "engines"
+        cmd = trtexec_command(Path("..") / man.graph(g).file if out_dir == man.root / "engines"
                               else man.graph_path(g).absolute(), Path(f"{g}.engine"),
-                              engine_profiles(man, g, opts), precision_plan(trt_major, man["precision"]), opts)
+                              engine_profiles(man, g, opts), precision_plan(trt_major, man.precision.mode), opts)
         lines += [f"echo 'building {g}'", cmd]
     path = out_dir / "build_engines.sh"
     path.write_text("\n".join(lines) + "\n")
@@ -110,10 +108,11 @@ def write_trtexec_script(bundle, out_dir, opts: EngineOptions, trt_major: int = 
 def sidecar(man, graph: str, trt_version: str, gpu_name: str, compute_capability: str, profiles, plan,
             opts: EngineOptions) -> dict:
     """The JSON written beside each engine; the runtime checks it before deserializing."""
-    return {"graph": graph, "source_onnx": man["graphs"][graph]["file"],
-            "source_sha256": man["files"][man["graphs"][graph]["file"]],
-            "weights_sha256": man["files"].get("weights.bin"),
-            "precision": man["precision"], "tensorrt_version": trt_version, "gpu": gpu_name,
+    weights = man.files.get(man.weights)
+    return {"graph": graph, "source_onnx": man.graph(graph).file,
+            "source_sha256": man.files[man.graph(graph).file].sha256,
+            "weights_sha256": weights.sha256 if weights else None,
+            "precision": man.precision.mode, "tensorrt_version": trt_version, "gpu": gpu_name,
             "compute_capability": compute_capability, "version_compatible": opts.version_compatible,
             "hardware_compatible": opts.hardware_compatible, "strongly_typed": plan["strongly_typed"],
             "builder_flags": plan["builder_flags"],
@@ -122,7 +121,7 @@ def sidecar(man, graph: str, trt_version: str, gpu_name: str, compute_capability
 
 def build_engines(bundle, out_dir, opts: EngineOptions, progress=None) -> list[Path]:
     """Build one engine per graph with the TensorRT Python API (the only code here that needs TensorRT)."""
-    progress = progress or (lambda s: print(s, file=sys.stderr, flush=True))
+    progress = reporter(progress, log)
     try:
         import tensorrt as trt
     except ImportError as e:
@@ -140,9 +139,9 @@ def build_engines(bundle, out_dir, opts: EngineOptions, progress=None) -> list[P
     cache_bytes = opts.timing_cache.read_bytes() if opts.timing_cache and opts.timing_cache.is_file() else b""
     built = []
     for g in opts.graphs:
-        plan = precision_plan(major, man["precision"])
+        plan = precision_plan(major, man.precision.mode)
         profiles = engine_profiles(man, g, opts)
-        progress(f"[engine] {g}: TensorRT {trt.__version__}, {man['precision']}, {len(profiles)} profile(s) ...")
+        progress(f"[engine] {g}: TensorRT {trt.__version__}, {man.precision.mode}, {len(profiles)} profile(s) ...")
         flags = 0
         if plan["strongly_typed"] and major < 11:
             flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)

@@ -15,8 +15,12 @@ import torch
 import runtime
 from reference_model.model import InternVLModel
 
-from .accuracy import min_row_cosine
-from .specs import all_specs
+from runtime.numeric import min_row_cosine, normalize
+from runtime.progress import get_logger, reporter
+
+from .specs import all_specs, kv_layout
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -95,10 +99,8 @@ def _decoder_feeds(config, B, P, T, pad_tail: int, seed: int) -> dict[str, np.nd
         mask[0, P + T - pad_tail:] = 0
     feeds = {"input_ids": ids, "position_ids": np.broadcast_to(np.arange(P, P + T), (B, T)).copy(),
              "attention_mask": mask}
-    for i in range(q.num_hidden_layers):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = rng.standard_normal((B, q.num_attention_heads, P, q.head_dim),
-                                                                       dtype=np.float32)
+    for name in kv_layout(config).names("past"):
+        feeds[name] = rng.standard_normal((B, q.num_attention_heads, P, q.head_dim), dtype=np.float32)
     return feeds
 
 
@@ -162,13 +164,10 @@ def _polygraphy_compare(module, spec, path, cases) -> bool | None:
     return bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=tol["atol"], rtol=tol["rtol"])))
 
 
-def _quiet(msg: str) -> None:
-    pass
-
-
 def verify_graphs(bundle, model: InternVLModel, report: VerifyReport, batch_sizes=(1, 2), seed: int = 0,
-                  use_polygraphy: bool = True, progress=_quiet) -> None:
+                  use_polygraphy: bool = True, progress=None) -> None:
     """Each graph on onnxruntime against its PyTorch module on the same feeds."""
+    progress = reporter(progress, log)
     pipe = runtime.load(bundle)
     config = model.config
     cases = graph_cases(config, batch_sizes, seed)
@@ -213,8 +212,7 @@ def verify_end_to_end(bundle, model: InternVLModel, report: VerifyReport, cosine
     for mode in ("InternVL-C", "InternVL-G"):
         ref = model(tp, ti, mode)[0].numpy()
         img, txt = pipe.encode_image(pix, mode), pipe.encode_text(ids)
-        img, txt = img / np.linalg.norm(img, axis=1, keepdims=True), txt / np.linalg.norm(txt, axis=1, keepdims=True)
-        got = np.exp(pipe.logit_scale) * img @ txt.T
+        got = np.exp(pipe.logit_scale) * normalize(img) @ normalize(txt).T
         report.outputs.append(compare("end-to-end", f"logits_per_image {mode[-1]}", ref, got, 1e-3, 1e-4, cosine_min))
     prompt = np.array([[q.bos_token_id] + list(rng.integers(3, q.vocab_size, 3))], np.int64)
     prompts = np.repeat(prompt, 2, 0)
@@ -227,8 +225,9 @@ def verify_end_to_end(bundle, model: InternVLModel, report: VerifyReport, cosine
 
 
 def verify_bundle(bundle, model: InternVLModel, cosine_min: float = 0.99999, batch_sizes=(1, 2), seed: int = 0,
-                  use_polygraphy: bool = True, progress=_quiet) -> VerifyReport:
+                  use_polygraphy: bool = True, progress=None) -> VerifyReport:
     """Verify an fp32 bundle against `model`: every graph, then end to end. See VerifyReport.passed."""
+    progress = reporter(progress, log)
     report = VerifyReport()
     model = model.float().eval()
     verify_graphs(bundle, model, report, batch_sizes, seed, use_polygraphy, progress)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.preprocess import preprocess
+from runtime.manifest import Preprocessing, SpecialTokens, TextConventions
 from runtime.text import TextCodec
 
 from . import DEMO_CHECKPOINT
@@ -28,7 +29,7 @@ from .heads import additive_mask
 from .loading import from_preset
 from .model import InternVLModel
 
-PREPROCESS = {"image_size": 16, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+PREPROCESS = Preprocessing(image_size=16)
 
 
 def load_split(seed: int = 0, test_fraction: float = 0.2):
@@ -46,9 +47,7 @@ def load_split(seed: int = 0, test_fraction: float = 0.2):
 
 
 def _codec(tokenizer_json: Path) -> TextCodec:
-    manifest = {"special_tokens": {"bos": 1, "eos": 2, "pad": 0},
-                "prompts": {"text_embedding": {"prefix": "summarize:", "pad_id": 0}}}
-    return TextCodec(tokenizer_json, manifest)
+    return TextCodec(tokenizer_json, TextConventions(SpecialTokens(bos=1, eos=2, pad=0)))
 
 
 def losses(model: InternVLModel, pix, labels, class_ids, caption_ids, caption_start: int):

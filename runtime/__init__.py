@@ -6,26 +6,66 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .manifest import BundleError, read_manifest
+from .manifest import GRAPHS, BundleError, Manifest, read_manifest
 from .pipeline import Caption, Pipeline
 from .text import TextCodec, TokenizerMissing
 
-GRAPHS = ("vision_encoder", "query_bridge", "text_decoder")
-
 
 def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | None = None,
-         verify_checksums: bool = True) -> Pipeline:
-    """Open a bundle directory and return a Pipeline (sessions for all three graphs)."""
+         verify_checksums: bool = False, device=None) -> Pipeline:
+    """Open a bundle directory and return a Pipeline (sessions for all three graphs).
+
+    Checks what is cheap (the manifest's digest, file sizes, graph headers); `verify_checksums=True`
+    also hashes every byte of the bundle (slow on a bundle of many GB).
+    `device`: "cpu" (onnxruntime's default; numpy in and out), "cuda" / "cuda:N" (onnxruntime's CUDA
+    provider or TensorRT, with the KV cache in device memory and I/O bound there), or a
+    runtime.device_memory.DeviceMemory to bind onnxruntime's I/O in (the tests' host stand-in).
+    TensorRT defaults to "cuda:0". Close the pipeline (or use `with`) to free the device memory.
+    """
     from .sessions import open_session
 
+    memory, providers = _device(device, backend, providers)
     manifest = read_manifest(bundle, verify_checksums=verify_checksums)
     sessions = {}
-    for name in GRAPHS:
-        path = manifest.graph_path(name)
+    try:
+        for name in GRAPHS:
+            path = manifest.graph_path(name)
+            if backend == "tensorrt":
+                path = Path(bundle) / "engines" / f"{name}.engine"
+            sessions[name] = open_session(path, backend, providers=providers, threads=threads, memory=memory)
+    except BaseException:
+        for s in sessions.values():
+            s.close()
+        if memory is not None:
+            memory.close()
+        raise
+    return Pipeline(manifest, sessions, TextCodec.from_manifest(manifest), memory=memory)
+
+
+def _device(device, backend: str, providers):
+    """(DeviceMemory or None, onnxruntime providers) for `load`'s device argument."""
+    from .device_memory import DeviceMemory
+
+    if isinstance(device, DeviceMemory):
+        return device, providers
+    if device is None:
+        device = "cuda:0" if backend == "tensorrt" else "cpu"
+    if device == "cpu":
         if backend == "tensorrt":
-            path = Path(bundle) / "engines" / f"{name}.engine"
-        sessions[name] = open_session(path, backend, providers=providers, threads=threads)
-    return Pipeline(manifest, sessions, TextCodec.from_manifest(manifest))
+            raise ValueError("TensorRT runs on a GPU: use device='cuda:0' (or backend='onnxruntime' on the CPU)")
+        return None, providers
+    from .cuda import CudaMemory, parse_device
+
+    ordinal = parse_device(device)
+    if backend == "onnxruntime" and providers is None:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError(f"device={device!r} needs onnxruntime's CUDA provider, and this onnxruntime has only "
+                               f"{ort.get_available_providers()}: pip install onnxruntime-gpu (in place of "
+                               "onnxruntime), or use device='cpu'")
+        providers = [("CUDAExecutionProvider", {"device_id": ordinal}), "CPUExecutionProvider"]
+    return CudaMemory(ordinal), providers
 
 
-__all__ = ["load", "Pipeline", "Caption", "BundleError", "TokenizerMissing", "read_manifest"]
+__all__ = ["load", "Pipeline", "Caption", "BundleError", "TokenizerMissing", "read_manifest", "Manifest", "GRAPHS"]

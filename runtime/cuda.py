@@ -1,121 +1,150 @@
-"""The few CUDA runtime calls the TensorRT backend needs, through ctypes (no torch, no pycuda)."""
+"""CUDA through NVIDIA's cuda-python (`cuda.bindings.runtime`): device queries and `CudaMemory`.
+
+Imported lazily: `import runtime` works without cuda-python, a driver or a GPU; the first use
+says in one line what is missing.
+"""
 from __future__ import annotations
 
-import ctypes
-from dataclasses import dataclass
-
-import numpy as np
-
-H2D, D2H, D2D = 1, 2, 3  # cudaMemcpyKind
-_LIB = None
+from .device_memory import DeviceMemory
 
 
 class CudaError(RuntimeError):
-    """A CUDA runtime call failed, or no CUDA runtime/GPU is present."""
+    """A CUDA runtime call failed, or no usable CUDA driver/GPU (or cuda-python) is present."""
 
 
-def lib():
-    """The CUDA runtime library (libcudart), loaded once."""
-    global _LIB
-    if _LIB is None:
-        for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0"):
-            try:
-                _LIB = ctypes.CDLL(name)
-                break
-            except OSError:
-                continue
-        else:
-            raise CudaError("libcudart not found: the TensorRT backend needs the CUDA runtime and an NVIDIA GPU")
-    return _LIB
+def _cudart():
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError as e:
+        raise CudaError("cuda-python is not installed: pip install 'bridge-export[gpu]' (or cuda-bindings), "
+                        "or run on device='cpu'") from e
+    return cudart
 
 
-def check(err: int) -> None:
-    """Raise CudaError for a non-zero cudaError_t."""
-    if err:
-        lib().cudaGetErrorString.restype = ctypes.c_char_p
-        raise CudaError(f"CUDA error {err}: {lib().cudaGetErrorString(err).decode()}")
+def _bindings_version() -> str:
+    try:
+        import cuda.bindings
+
+        return cuda.bindings.__version__
+    except (ImportError, AttributeError):
+        return "?"
+
+
+def check(result):
+    """Unpack a cuda-python result `(cudaError_t, *values)`; raise CudaError naming the failure."""
+    cudart = _cudart()
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise CudaError(_describe(err))
+    return values[0] if len(values) == 1 else (tuple(values) or None)
+
+
+def _describe(err) -> str:
+    cudart = _cudart()
+    name = cudart.cudaGetErrorName(err)[1].decode()
+    text = cudart.cudaGetErrorString(err)[1].decode()
+    if err in (cudart.cudaError_t.cudaErrorInsufficientDriver, cudart.cudaError_t.cudaErrorNoDevice):
+        driver = cudart.cudaDriverGetVersion()[1]
+        runtime = cudart.cudaRuntimeGetVersion()[1]
+        if not driver:
+            return (f"no NVIDIA driver/GPU found ({name}: {text}): install the NVIDIA driver on a GPU machine, "
+                    "or run on device='cpu'")
+        return (f"{name}: {text} (driver supports CUDA {driver // 1000}.{driver % 1000 // 10}, cuda-bindings "
+                f"{_bindings_version()} is built for CUDA {runtime // 1000}.{runtime % 1000 // 10}): install the "
+                f"cuda-bindings matching the driver, e.g. pip install 'cuda-bindings>={driver // 1000},"
+                f"<{driver // 1000 + 1}', or update the driver")
+    return f"CUDA error {int(err)} {name}: {text}"
+
+
+def device_count() -> int:
+    """Number of CUDA devices; CudaError (one line, what to do) when there is no driver or GPU."""
+    n = check(_cudart().cudaGetDeviceCount())
+    if not n:
+        raise CudaError("no CUDA device is visible (check CUDA_VISIBLE_DEVICES), or run on device='cpu'")
+    return n
 
 
 def device_info(device: int = 0) -> tuple[str, str]:
-    """(GPU name, compute capability 'major.minor')."""
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    check(lib().cudaDeviceGetAttribute(ctypes.byref(major), 75, device))
-    check(lib().cudaDeviceGetAttribute(ctypes.byref(minor), 76, device))
-    props = ctypes.create_string_buffer(8192)  # cudaDeviceProp starts with char name[256]
-    fn = getattr(lib(), "cudaGetDeviceProperties_v2", None) or lib().cudaGetDeviceProperties
-    check(fn(props, device))
-    return props.raw[:256].split(b"\0", 1)[0].decode(), f"{major.value}.{minor.value}"
+    """(GPU name, compute capability 'major.minor') of a device."""
+    device_count()
+    props = check(_cudart().cudaGetDeviceProperties(device))
+    name = props.name.split(b"\0", 1)[0].decode() if isinstance(props.name, bytes) else str(props.name)
+    return name, f"{props.major}.{props.minor}"
 
 
-class Stream:
-    """One CUDA stream."""
+def parse_device(device: str) -> int:
+    """The ordinal of 'cuda' / 'cuda:N'; ValueError for anything else."""
+    if device == "cuda":
+        return 0
+    head, _, ordinal = device.partition(":")
+    if head != "cuda" or not ordinal.isdigit():
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return int(ordinal)
 
-    def __init__(self):
-        self.handle = ctypes.c_void_p()
-        check(lib().cudaStreamCreate(ctypes.byref(self.handle)))
+
+class CudaMemory(DeviceMemory):
+    """DeviceMemory on one GPU through cuda-python: cudaMalloc/cudaFree and async copies on one stream."""
+
+    ort_device = "cuda"
+
+    def __init__(self, device: int = 0):
+        super().__init__()
+        self.rt = cudart = _cudart()
+        n = device_count()
+        if device >= n:
+            raise CudaError(f"cuda:{device} requested but only {n} CUDA device(s) are visible")
+        self.device_id = device
+        check(cudart.cudaSetDevice(device))
+        self.stream = check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking))
+        self._h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._d2d = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+
+    @property
+    def stream_handle(self) -> int:
+        """The stream as an integer (what TensorRT's execute_async_v3 takes)."""
+        return int(self.stream)
+
+    def alloc(self, nbytes: int) -> int:
+        return int(check(self.rt.cudaMalloc(max(1, int(nbytes)))))
+
+    def free(self, ptr: int) -> None:
+        check(self.rt.cudaFree(ptr))
+
+    def memset(self, ptr: int, value: int, nbytes: int) -> None:
+        check(self.rt.cudaMemsetAsync(ptr, value, nbytes, self.stream))
+
+    def _htod(self, dst: int, src: int, nbytes: int) -> None:
+        check(self.rt.cudaMemcpyAsync(dst, src, nbytes, self._h2d, self.stream))
+
+    def _dtoh(self, dst: int, src: int, nbytes: int) -> None:
+        check(self.rt.cudaMemcpyAsync(dst, src, nbytes, self._d2h, self.stream))
+
+    def copy(self, dst, src, nbytes) -> None:
+        if nbytes:
+            check(self.rt.cudaMemcpyAsync(dst, src, nbytes, self._d2d, self.stream))
+
+    def copy_2d(self, dst, dpitch, src, spitch, width, height) -> None:
+        if width and height:
+            check(self.rt.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, self._d2d, self.stream))
+
+    def copy_3d(self, dst, dpitch, drows, src, spitch, srows, width, height, depth) -> None:
+        if not (width and height and depth):
+            return
+        rt = self.rt
+        p = rt.cudaMemcpy3DParms()
+        # linear memory: extents in bytes; a slab is pitch x rows bytes apart
+        p.srcPtr = rt.make_cudaPitchedPtr(src, spitch, spitch, srows)
+        p.dstPtr = rt.make_cudaPitchedPtr(dst, dpitch, dpitch, drows)
+        p.extent = rt.make_cudaExtent(width, height, depth)
+        p.kind = self._d2d
+        check(rt.cudaMemcpy3DAsync(p, self.stream))
 
     def sync(self) -> None:
-        """Wait for the stream's work to finish."""
-        check(lib().cudaStreamSynchronize(self.handle))
+        check(self.rt.cudaStreamSynchronize(self.stream))
 
-
-@dataclass
-class DeviceBuffer:
-    """Device memory holding an array of `shape` and `dtype` (capacity may exceed it)."""
-
-    ptr: int
-    nbytes: int
-    shape: tuple
-    dtype: np.dtype
-
-    @classmethod
-    def alloc(cls, shape, dtype) -> "DeviceBuffer":
-        """cudaMalloc a buffer for `shape` x `dtype`."""
-        n = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
-        p = ctypes.c_void_p()
-        check(lib().cudaMalloc(ctypes.byref(p), ctypes.c_size_t(n)))
-        return cls(p.value, n, tuple(shape), np.dtype(dtype))
-
-    def view(self, shape) -> "DeviceBuffer":
-        """The same memory seen as another shape (no larger than the allocation)."""
-        need = int(np.prod(shape)) * self.dtype.itemsize
-        if need > self.nbytes:
-            raise ValueError(f"view {shape} needs {need} bytes, buffer has {self.nbytes}")
-        return DeviceBuffer(self.ptr, self.nbytes, tuple(shape), self.dtype)
-
-    def free(self) -> None:
-        """Release the memory (idempotent)."""
-        if self.ptr:
-            lib().cudaFree(ctypes.c_void_p(self.ptr))
-            self.ptr = 0
-
-
-def copy_htod(dst: DeviceBuffer, src: np.ndarray, stream: Stream) -> None:
-    """Asynchronous host-to-device copy of `src` into `dst`."""
-    src = np.ascontiguousarray(src, dtype=dst.dtype)
-    check(lib().cudaMemcpyAsync(ctypes.c_void_p(dst.ptr), src.ctypes.data_as(ctypes.c_void_p),
-                                ctypes.c_size_t(src.nbytes), H2D, stream.handle))
-
-
-def copy_dtoh(src: DeviceBuffer, stream: Stream) -> np.ndarray:
-    """Asynchronous device-to-host copy into a new array (valid after Stream.sync)."""
-    out = np.empty(src.shape, src.dtype)
-    check(lib().cudaMemcpyAsync(out.ctypes.data_as(ctypes.c_void_p), ctypes.c_void_p(src.ptr),
-                                ctypes.c_size_t(out.nbytes), D2H, stream.handle))
-    return out
-
-
-def copy_2d(dst_ptr: int, dpitch: int, src_ptr: int, spitch: int, width: int, height: int, stream: Stream) -> None:
-    """Strided device-to-device copy (cudaMemcpy2DAsync)."""
-    if width and height:
-        check(lib().cudaMemcpy2DAsync(ctypes.c_void_p(dst_ptr), ctypes.c_size_t(dpitch), ctypes.c_void_p(src_ptr),
-                                      ctypes.c_size_t(spitch), ctypes.c_size_t(width), ctypes.c_size_t(height),
-                                      D2D, stream.handle))
-
-
-def kv_slot_geometry(heads: int, capacity: int, head_dim: int, start: int, length: int, itemsize: int = 4,
-                     rows: int = 1) -> dict:
-    """2-D copy geometry for slots [start, start+length) of a (rows, heads, capacity, head_dim) buffer
-    from/to a packed (rows, heads, length, head_dim) one: offsets, pitches, width and height in bytes."""
-    return {"dst_offset": start * head_dim * itemsize, "dpitch": capacity * head_dim * itemsize,
-            "spitch": length * head_dim * itemsize, "width": length * head_dim * itemsize, "height": rows * heads}
+    def close(self) -> None:
+        if getattr(self, "stream", None) is not None:
+            self.sync()
+            check(self.rt.cudaStreamDestroy(self.stream))
+            self.stream = None

@@ -4,6 +4,7 @@ Buffers (rows, heads, capacity, head_dim) per layer are allocated once per reque
 maximum length. The query bridge's visual prefix fills slots 0..Q-1 once; every decoder step
 reads the whole buffer in place (masked slots are ignored) and its new K/V are written at the
 current slot: only the step's own positions are copied. Beam search reorders the text slots only.
+runtime.device_cache.DeviceKVCache is the same cache in device memory; CachedDecoder drives either.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from .sessions import Session
 
 class KVCache:
     """Preallocated K/V buffers plus a key mask; `length` slots are filled (same for every row)."""
+
+    device_resident = False  # host memory: the decoder's outputs come back as numpy
 
     def __init__(self, prefix: list[np.ndarray], capacity: int):
         rows, heads, q_len, head_dim = prefix[0].shape
@@ -60,6 +63,9 @@ class KVCache:
             buf[:, :, s] = buf[src, :, s]
         self.mask[:, s] = self.mask[src, s]
 
+    def close(self) -> None:
+        """Nothing to free explicitly (host memory); here for the device cache's interface."""
+
 
 class CachedDecoder:
     """`runtime.search.Decoder` over the text_decoder session and a KVCache."""
@@ -76,10 +82,23 @@ class CachedDecoder:
                  "attention_mask": np.concatenate([c.mask, step_mask], axis=1)}
         for (pk, pv, _, _), k, v in zip(self.names, c.buffers[0::2], c.buffers[1::2]):
             feeds[pk], feeds[pv] = k, v
-        out = self.sess.run(feeds)
+        if c.device_resident:  # new K/V stay on the device for the cache; only the logits come down
+            out = self.sess.run(feeds, on_device=tuple(n for n in self.sess.output_names if n != "logits"))
+        else:
+            out = self.sess.run(feeds)
         present = [out[n] for names in self.names for n in names[2:]]
         c.write(present, step_mask)
         return out["logits"]
+
+    def close(self) -> None:
+        """Free the cache (device memory for a device cache)."""
+        self.cache.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def prefill(self) -> np.ndarray:
         """Run the prompt after the visual prefix; logits of the last position [rows, V]."""

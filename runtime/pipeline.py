@@ -6,18 +6,16 @@ from typing import Iterator
 
 import numpy as np
 
+from .device_cache import DeviceKVCache
 from .kv_cache import CachedDecoder, KVCache
 from .manifest import Manifest
+from .numeric import normalize
 from .preprocess import preprocess
 from .search import SearchConfig, iter_tokens, search
 from .sessions import Session
 from .text import TextCodec
 
 MODES = {"C": "InternVL-C", "G": "InternVL-G", "InternVL-C": "InternVL-C", "InternVL-G": "InternVL-G"}
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
 @dataclass
@@ -30,21 +28,20 @@ class Caption:
 
 
 class Pipeline:
-    """Runs a bundle. Build it with `runtime.load(bundle)`."""
+    """Runs a bundle. Build it with `runtime.load(bundle)`; `close()` it (or use `with`) to free the
+    sessions and, on a GPU, the device memory's stream."""
 
-    def __init__(self, manifest: Manifest, sessions: dict[str, Session], codec: TextCodec):
-        self.manifest, self.sessions, self.codec = manifest, sessions, codec
-        m = manifest.model
-        self.num_query = m["num_query_token"]
-        self.max_positions = m["qllama_config"]["max_position_embeddings"]
-        self.special = manifest["special_tokens"]
-        self.preprocessing = manifest["preprocessing"]
+    def __init__(self, manifest: Manifest, sessions: dict[str, Session], codec: TextCodec, memory=None):
+        self.manifest, self.sessions, self.codec, self.memory = manifest, sessions, codec, memory
+        self.num_query = manifest.dims.num_query_token
+        self.max_positions = manifest.dims.max_positions
+        self.special = manifest.special_tokens
+        self.preprocessing = manifest.preprocessing
+        self.caption_defaults = manifest.prompts.caption
         self.text_projection = manifest.host_tensor("text_projection")
         self.logit_scale = float(manifest.host_tensor("logit_scale"))
-        L = m["qllama_config"]["num_hidden_layers"]
-        self.kv_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                          f"present.{i}.key", f"present.{i}.value") for i in range(L)]
-        self.prefix_names = [f"prefix.{i}.{k}" for i in range(L) for k in ("key", "value")]
+        self.kv_names = manifest.kv_layout.layers()  # per layer (past k, past v, present k, present v)
+        self.prefix_names = manifest.kv_layout.names("prefix")
         dec = sessions["text_decoder"]
         limits = [s.max_batch for s in sessions.values() if s.max_batch]
         self.max_batch = min(limits) if limits else None  # TensorRT engines: their profiles' largest batch
@@ -52,14 +49,27 @@ class Pipeline:
                             for names in self.kv_names for n in names[:2]}
 
     def close(self) -> None:
-        """Release every backend session."""
+        """Release every backend session, then the device memory they shared (idempotent)."""
         for s in self.sessions.values():
             s.close()
+        if self.memory is not None:
+            self.memory.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _run(self, graph: str, feeds: dict, keep: tuple[str, ...]) -> dict:
+        """Run one graph; on a device session the outputs named by `keep` prefixes stay on the device."""
+        sess = self.sessions[graph]
+        return sess.run(feeds, on_device=keep) if keep and getattr(sess, "memory", None) else sess.run(feeds)
 
     # -- array level (numpy in, numpy out; mirrors reference_model call for call) ---------------
     def _pixels(self, pixel_values) -> np.ndarray:
         x = np.asarray(pixel_values, dtype=np.float32)
-        s = self.preprocessing["image_size"]
+        s = self.preprocessing.image_size
         if x.ndim != 4 or x.shape[1:] != (3, s, s):
             raise ValueError(f"pixel_values must be [B, 3, {s}, {s}], got {list(x.shape)}: resize images to "
                              f"{s}x{s} (embed_images/caption do it for you)")
@@ -85,7 +95,7 @@ class Pipeline:
         if MODES[mode] == "InternVL-C":
             return c
         g, _ = self.bridge(hidden)
-        return _normalize(c) + _normalize(g)
+        return normalize(c) + normalize(g)
 
     def encode_text(self, input_ids) -> np.ndarray:
         """Last non-pad token's final-norm state @ text_projection (right padding, pad 0)."""
@@ -103,7 +113,8 @@ class Pipeline:
                  "attention_mask": mask}
         heads_dim = {n: a.shape for n, a in self._empty_past.items()}
         feeds.update({n: np.zeros((B, s[1], 0, s[3]), np.float32) for n, s in heads_dim.items()})
-        hidden = self.sessions["text_decoder"].run(feeds)["hidden_states"]
+        stay = (*self.manifest.kv_layout.names("present"), "logits")  # only hidden_states comes down
+        hidden = self._run("text_decoder", feeds, stay)["hidden_states"]
         return hidden[np.arange(B), last] @ self.text_projection
 
     def _decoder(self, pixel_values, input_ids, attention_mask, max_new_tokens, num_beams: int = 1) -> CachedDecoder:
@@ -121,17 +132,19 @@ class Pipeline:
         if self.max_batch and ids.shape[0] * num_beams > self.max_batch:
             raise ValueError(f"{ids.shape[0]} prompts x {num_beams} beams exceeds the engines' largest batch "
                              f"{self.max_batch}: caption fewer images at once or rebuild with a larger --max-batch")
-        hidden, _ = self.vision(pixel_values)
+        dec = self.sessions["text_decoder"]
+        memory = getattr(dec, "memory", None)  # device sessions: the cache and its prefix stay on the device
+        keep = ("vision_hidden", *self.prefix_names) if memory is not None else ()
+        hidden = self._run("vision_encoder", {"pixel_values": self._pixels(pixel_values)}, keep)["vision_hidden"]
         if hidden.shape[0] != ids.shape[0]:
             raise ValueError(f"{hidden.shape[0]} images but {ids.shape[0]} prompts: give one prompt per image")
-        _, prefix = self.bridge(hidden)  # once per image, shared by every beam and step
-        dec = self.sessions["text_decoder"]
-        make = getattr(dec, "make_kv_cache", None)  # TensorRT keeps the cache on the device
-        cache = make(prefix, need) if make else KVCache(prefix, capacity=need)
+        out = self._run("query_bridge", {"vision_hidden": hidden}, keep)  # once per image, for every beam and step
+        prefix = [out[n] for n in self.prefix_names]
+        cache = DeviceKVCache(prefix, need, memory) if memory is not None else KVCache(prefix, capacity=need)
         return CachedDecoder(dec, self.kv_names, cache, ids, mask)
 
     def _search_config(self, **kw) -> SearchConfig:
-        return SearchConfig(eos_token_id=self.special["eos"], pad_token_id=self.special["pad"], **kw)
+        return SearchConfig(eos_token_id=self.special.eos, pad_token_id=self.special.pad, **kw)
 
     def generate(self, pixel_values, input_ids, attention_mask=None, max_new_tokens: int = 20,
                  min_new_tokens: int = 0, num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0,
@@ -142,7 +155,8 @@ class Pipeline:
                                   num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                   top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
         cfg.validate()
-        result = search(self._decoder(pixel_values, input_ids, attention_mask, max_new_tokens, num_beams), cfg)
+        with self._decoder(pixel_values, input_ids, attention_mask, max_new_tokens, num_beams) as dec:
+            result = search(dec, cfg)
         return (result.tokens, result.scores) if return_scores else result.tokens
 
     def iter_generate(self, pixel_values, input_ids, attention_mask=None, **kw) -> Iterator[np.ndarray]:
@@ -151,7 +165,8 @@ class Pipeline:
         if cfg.num_beams != 1:
             raise ValueError("streaming yields tokens as they are chosen, which beam search cannot: use num_beams=1")
         cfg.validate()
-        yield from iter_tokens(self._decoder(pixel_values, input_ids, attention_mask, cfg.max_new_tokens), cfg)
+        with self._decoder(pixel_values, input_ids, attention_mask, cfg.max_new_tokens) as dec:
+            yield from iter_tokens(dec, cfg)
 
     # -- user level ---------------------------------------------------------------------------
     def embed_images(self, images, mode: str = "C", batch_size: int = 8, crop: bool = False) -> np.ndarray:
@@ -175,23 +190,33 @@ class Pipeline:
 
     def similarity(self, images, texts, mode: str = "C") -> np.ndarray:
         """exp(logit_scale) * normalized image @ normalized text.T, [N_images, N_texts]."""
-        img = _normalize(self.embed_images(images, mode))
-        txt = _normalize(self.embed_texts(texts))
+        img = normalize(self.embed_images(images, mode))
+        txt = normalize(self.embed_texts(texts))
         return np.exp(self.logit_scale) * img @ txt.T
 
     def classify(self, images, labels, template: str = "a photo of a {}.", mode: str = "C") -> np.ndarray:
         """Zero-shot probabilities [N, len(labels)] (images center-cropped, as for classification)."""
         if not labels:
             raise ValueError("no labels given")
-        img = _normalize(self.embed_images(images, mode, crop=True))
-        txt = _normalize(self.embed_texts([template.format(lb) for lb in labels]))
+        img = normalize(self.embed_images(images, mode, crop=True))
+        txt = normalize(self.embed_texts([template.format(lb) for lb in labels]))
         logits = np.exp(self.logit_scale) * img @ txt.T
         e = np.exp(logits - logits.max(1, keepdims=True))
         return e / e.sum(1, keepdims=True)
 
-    def captions(self, images, prompt: str = "English caption:", max_new_tokens: int = 30,
-                 min_new_tokens: int = 8, num_beams: int = 5, **kw) -> list[Caption]:
-        """Captions of several images in one batch (one prompt for all)."""
+    def _caption_args(self, prompt, max_new_tokens, min_new_tokens, num_beams=None):
+        """Fill unset caption options from the manifest's defaults (the original's: 5 beams, 8..30 tokens)."""
+        d = self.caption_defaults
+        return (d.prompt if prompt is None else prompt,
+                d.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                d.min_new_tokens if min_new_tokens is None else min_new_tokens,
+                d.num_beams if num_beams is None else num_beams)
+
+    def captions(self, images, prompt: str | None = None, max_new_tokens: int | None = None,
+                 min_new_tokens: int | None = None, num_beams: int | None = None, **kw) -> list[Caption]:
+        """Captions of several images in one batch (one prompt for all); unset options: the manifest's."""
+        prompt, max_new_tokens, min_new_tokens, num_beams = self._caption_args(prompt, max_new_tokens,
+                                                                               min_new_tokens, num_beams)
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         if not images:
             raise ValueError("no images given: pass at least one")
@@ -205,20 +230,21 @@ class Pipeline:
             out += [self._caption(t, sc) for t, sc in zip(tokens, scores)]
         return out
 
-    def caption(self, image, prompt: str = "English caption:", max_new_tokens: int = 30, min_new_tokens: int = 8,
-                num_beams: int = 5, **kw) -> Caption:
-        """Caption one image: text, token ids and score (beam search by default, as the original)."""
+    def caption(self, image, prompt: str | None = None, max_new_tokens: int | None = None,
+                min_new_tokens: int | None = None, num_beams: int | None = None, **kw) -> Caption:
+        """Caption one image: text, token ids and score (the manifest's defaults: beam search as the original)."""
         return self.captions([image], prompt, max_new_tokens, min_new_tokens, num_beams, **kw)[0]
 
-    def caption_stream(self, image, prompt: str = "English caption:", max_new_tokens: int = 30,
-                       min_new_tokens: int = 8, **kw) -> Iterator[str]:
+    def caption_stream(self, image, prompt: str | None = None, max_new_tokens: int | None = None,
+                       min_new_tokens: int | None = None, **kw) -> Iterator[str]:
         """Yield the caption's new text as each token arrives (greedy or sampled decoding)."""
+        prompt, max_new_tokens, min_new_tokens, _ = self._caption_args(prompt, max_new_tokens, min_new_tokens)
         pix = preprocess([image], self.preprocessing)
         ids, text = [], ""
         for tok in self.iter_generate(pix, self.codec.prompt_ids(prompt), max_new_tokens=max_new_tokens,
                                       min_new_tokens=min_new_tokens, **kw):
             t = int(tok[0])
-            if t in (self.special["eos"], self.special["pad"]):
+            if t in (self.special.eos, self.special.pad):
                 break
             ids.append(t)
             full = self.codec.decode(ids)
@@ -228,7 +254,7 @@ class Pipeline:
 
     def _caption(self, tokens: np.ndarray, score: float) -> Caption:
         ids = [int(t) for t in tokens]
-        if self.special["eos"] in ids:
-            ids = ids[: ids.index(self.special["eos"])]
-        ids = [t for t in ids if t != self.special["pad"]]
+        if self.special.eos in ids:
+            ids = ids[: ids.index(self.special.eos)]
+        ids = [t for t in ids if t != self.special.pad]
         return Caption(self.codec.decode(ids), ids, float(score))

@@ -57,15 +57,15 @@ def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     return im.crop((left, top, left + size, top + size))
 
 
-def preprocess(images, config: dict, crop: bool = False) -> np.ndarray:
-    """Images -> pixel_values float32 (N, 3, S, S) as the bundle's manifest prescribes."""
+def preprocess(images, config, crop: bool = False) -> np.ndarray:
+    """Images -> pixel_values float32 (N, 3, S, S) as the manifest's `Preprocessing` prescribes."""
     if not isinstance(images, (list, tuple)):
         images = [images]
     if not images:
         raise ValueError("no images given: pass at least one")
-    size = config["image_size"]
-    mean = np.asarray(config["mean"], np.float32)[:, None, None]
-    std = np.asarray(config["std"], np.float32)[:, None, None]
+    size = config.image_size
+    mean = np.asarray(config.mean, np.float32)[:, None, None]
+    std = np.asarray(config.std, np.float32)[:, None, None]
     out = np.empty((len(images), 3, size, size), np.float32)
     for i, img in enumerate(images):
         im = to_pil(img)

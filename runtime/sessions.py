@@ -2,7 +2,9 @@
 
 The generation loop takes a Session and never knows which backend it has. The onnxruntime
 session feeds numpy buffers through I/O binding (the buffer's own memory, no copy), so a
-preallocated KV cache is read in place every step.
+preallocated KV cache is read in place every step. Sessions on a device (runtime.ort_device,
+runtime.trt_session) also take DeviceBuffers and return the outputs named in `on_device` as
+DeviceBuffers. Use a session as a context manager, or call `close()`.
 """
 from __future__ import annotations
 
@@ -52,8 +54,14 @@ class Session:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Release the backend's resources."""
+        """Release the backend's resources (idempotent)."""
         pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class OrtSession(Session):
@@ -80,6 +88,8 @@ class OrtSession(Session):
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Bind every feed's memory (contiguous arrays are not copied) and return all outputs."""
+        if self.sess is None:
+            raise RuntimeError(f"{self.name}: session is closed")
         if self.check:
             self.check_feeds(feeds)
         binding = self.sess.io_binding()
@@ -99,12 +109,17 @@ class OrtSession(Session):
         self.sess = None
 
 
-def open_session(path: Path, backend: str = "onnxruntime", providers=None, threads=None) -> Session:
-    """Open one graph on the named backend ("onnxruntime" or "tensorrt")."""
+def open_session(path: Path, backend: str = "onnxruntime", providers=None, threads=None, memory=None) -> Session:
+    """Open one graph on the named backend ("onnxruntime" or "tensorrt"); with a DeviceMemory
+    (`memory`), onnxruntime binds its inputs and outputs in that memory (runtime.ort_device)."""
     if backend == "onnxruntime":
+        if memory is not None:
+            from .ort_device import OrtDeviceSession
+
+            return OrtDeviceSession(path, memory, providers=providers, threads=threads)
         return OrtSession(path, providers=providers, threads=threads)
     if backend == "tensorrt":
         from .trt_session import TrtSession
 
-        return TrtSession(path)
+        return TrtSession(path, memory=memory)
     raise ValueError(f"unknown backend {backend!r}: use 'onnxruntime' or 'tensorrt'")

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .manifest import ExactBPEInfo
+
 
 class TokenizerMissing(RuntimeError):
     """The bundle has no tokenizer: only the array-level API (token ids) works."""
@@ -73,26 +75,30 @@ class ExactBPE:
 class TextCodec:
     """Encodes texts for embedding (prefix + BOS + EOS, right padding) and prompts; decodes ids."""
 
-    def __init__(self, path: Path | None, manifest, exact_bpe: dict | None = None, root: Path | None = None):
-        self.special = manifest["special_tokens"]
-        self.prompts = manifest["prompts"]
+    def __init__(self, path: Path | None, manifest, exact_bpe: ExactBPEInfo | dict | None = None,
+                 root: Path | None = None):
+        """`manifest`: a Manifest or a TextConventions (anything with `special_tokens` and `prompts`)."""
+        self.special = manifest.special_tokens
+        self.prompts = manifest.prompts
         self.tok, self.exact = None, None
+        if isinstance(exact_bpe, dict):  # as exporter.tokenizer.write_tokenizer returns it
+            exact_bpe = ExactBPEInfo.from_dict(exact_bpe, "exact_bpe")
         if path is not None:
             from tokenizers import Tokenizer
 
             self.tok = Tokenizer.from_file(str(path))
             if exact_bpe:
                 specials = [t.content for t in self.tok.get_added_tokens_decoder().values()]
-                scores = np.load(Path(root or Path(path).parent) / exact_bpe["scores"], allow_pickle=False)
-                self.exact = ExactBPE(self.tok.get_vocab(), scores, specials, exact_bpe["whitespace_only_pieces"])
+                scores = np.load(Path(root or Path(path).parent) / exact_bpe.scores, allow_pickle=False)
+                self.exact = ExactBPE(self.tok.get_vocab(), scores, specials, exact_bpe.whitespace_only_pieces)
 
     @classmethod
     def from_manifest(cls, manifest) -> "TextCodec":
         """The codec a bundle describes (no tokenizer: array API only)."""
-        entry = manifest.get("tokenizer")
-        if not entry:
+        entry = manifest.tokenizer
+        if entry is None:
             return cls(None, manifest)
-        return cls(manifest.path(entry["file"]), manifest, entry.get("exact_bpe"), manifest.root)
+        return cls(manifest.path(entry.file), manifest, entry.exact_bpe, manifest.root)
 
     def _need(self):
         if self.tok is None:
@@ -104,7 +110,7 @@ class TextCodec:
 
     def _ids(self, text: str) -> list[int]:
         ids = self.exact.encode(text) if self.exact else self._need().encode(text).ids
-        bos = self.special["bos"]
+        bos = self.special.bos
         if not ids or ids[0] != bos:
             ids = [bos] + ids
         return ids
@@ -117,15 +123,15 @@ class TextCodec:
         """
         if not texts:
             raise ValueError("no texts given: pass at least one")
-        conv = self.prompts["text_embedding"]
-        limit = conv.get("max_length")
+        conv = self.prompts.text_embedding
+        limit = conv.max_length
         rows = []
         for t in texts:
-            ids = self._ids(conv["prefix"] + t)
+            ids = self._ids(conv.prefix + t)
             if limit and len(ids) + 1 > limit:
                 ids = ids[: limit - 1]
-            rows.append(ids + [self.special["eos"]])
-        out = np.full((len(rows), max(map(len, rows))), conv["pad_id"], np.int64)
+            rows.append(ids + [self.special.eos])
+        out = np.full((len(rows), max(map(len, rows))), conv.pad_id, np.int64)
         for i, r in enumerate(rows):
             out[i, : len(r)] = r
         return out
@@ -137,7 +143,7 @@ class TextCodec:
     def decode(self, ids) -> str:
         """Text of `ids`, special tokens skipped, stopping at EOS."""
         ids = [int(i) for i in ids]
-        if self.special["eos"] in ids:
-            ids = ids[: ids.index(self.special["eos"])]
-        ids = [i for i in ids if i != self.special["pad"]]
+        if self.special.eos in ids:
+            ids = ids[: ids.index(self.special.eos)]
+        ids = [i for i in ids if i != self.special.pad]
         return self._need().decode(ids, skip_special_tokens=True).strip()

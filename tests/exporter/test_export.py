@@ -8,16 +8,16 @@ import pytest
 import reference_model
 from exporter.bundle import ExportError, export_bundle
 from exporter.checks import FORBIDDEN, GraphCheckError, check_graph
-from exporter.specs import Limits, all_specs
+from exporter.specs import Limits, all_specs, kv_layout
 from exporter.verify import verify_bundle
-from runtime.manifest import read_manifest
+from runtime.manifest import FORMAT_VERSION, GRAPHS, read_manifest
 
 
 def test_verify_passes_on_tiny(tiny_bundle, tiny_model):
     report = verify_bundle(tiny_bundle, tiny_model)
     assert report.passed, report.format()
     names = {(o.where.split("[")[0], o.name) for o in report.outputs}
-    assert ("text_decoder", "present.3.value") in names and ("end-to-end", "image_embeds G") in names
+    assert ("text_decoder", kv_layout(tiny_model.config).present(3)[1]) in names and ("end-to-end", "image_embeds G") in names
     assert {t.name for t in report.tokens} == {"greedy", "beam3"}
     assert set(report.polygraphy) == {"vision_encoder", "query_bridge", "text_decoder"}
 
@@ -49,19 +49,26 @@ def test_golden_bundle_reproduces_original_arrays(golden_bundle, golden_dir):
 
 def test_manifest_contents(tiny_bundle):
     man = read_manifest(tiny_bundle)
-    d = man.data
-    assert d["format_version"] == 1 and d["precision"] == "fp32"
-    assert set(d["graphs"]) == {"vision_encoder", "query_bridge", "text_decoder"}
-    dec = d["graphs"]["text_decoder"]
-    assert [t["name"] for t in dec["inputs"][:3]] == ["input_ids", "position_ids", "attention_mask"]
-    assert dec["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", 128]}
-    assert len(dec["tensorrt_profiles"]) == 2  # prefill and decode
-    assert d["prompts"]["text_embedding"]["prefix"] == "summarize:"
-    assert d["prompts"]["caption"] == {**d["prompts"]["caption"], "prompt": "English caption:", "add_eos": False}
-    assert d["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
-    assert set(d["files"]) >= {"vision_encoder.onnx", "query_bridge.onnx", "text_decoder.onnx", "weights.bin",
-                               "text_projection.npy", "logit_scale.npy", }
-    assert d["versions"]["opset"] == 18 and "torch" in d["versions"]
+    assert man.format_version == FORMAT_VERSION == 2 and man.precision.mode == "fp32"
+    assert tuple(man.graphs) == GRAPHS
+    dec = man.graphs["text_decoder"]
+    assert [t.name for t in dec.inputs[:3]] == ["input_ids", "position_ids", "attention_mask"]
+    assert dec.outputs[0].to_dict() == {"name": "logits", "dtype": "float32", "shape": ["batch", 128]}
+    assert len(dec.tensorrt_profiles) == 2  # prefill and decode
+    kv = man.kv_layout
+    assert [t.name for t in dec.inputs[3:]] == kv.names("past")
+    assert [t.name for t in dec.outputs[2:]] == kv.names("present") and kv.present(3)[1] == "present.3.value"
+    assert [t.name for t in man.graphs["query_bridge"].outputs[1:]] == kv.names("prefix")
+    assert man.prompts.text_embedding.prefix == "summarize:" and man.prompts.text_embedding.max_length == 80
+    cap = man.prompts.caption
+    assert (cap.prompt, cap.add_eos, cap.num_beams, cap.max_new_tokens, cap.min_new_tokens) == \
+        ("English caption:", False, 5, 30, 8)
+    assert man.preprocessing.mean == [0.485, 0.456, 0.406] and man.dims.num_query_token == 6
+    assert set(man.files) >= {"vision_encoder.onnx", "query_bridge.onnx", "text_decoder.onnx", "weights.bin",
+                              "text_projection.npy", "logit_scale.npy", }
+    assert man.files["weights.bin"].size == (tiny_bundle / "weights.bin").stat().st_size
+    assert man.versions["opset"] == 18 and "torch" in man.versions
+    assert man.manifest_sha256 == man.digest()
 
 
 def test_weights_stored_once(tiny_bundle, tiny_model):
@@ -125,7 +132,7 @@ def test_profiles_cover_limits(tiny_model):
     mn, opt, mx = prefill["input_ids"]
     assert mn == [1, 1] and mx == [4, 100] and mn[1] <= opt[1] <= mx[1]
     assert decode["input_ids"] == ([1, 1], [2, 1], [4, 1])
-    assert decode["past_key_values.0.key"][0][2] == 0  # P = 0 allowed
+    assert decode[kv_layout(tiny_model.config).past(0)[0]][0][2] == 0  # P = 0 allowed
     assert prefill["attention_mask"][2][1] <= 100
 
 

@@ -50,19 +50,20 @@ def test_bundles_run_and_stay_close(variants, tiny_bundle, mode, min_cos):
 def test_manifest_records_precision_and_report(variants):
     for mode, path in variants.items():
         man = read_manifest(path)
-        assert man["precision"] == mode
-        assert all(g["precision"] == mode and "method" in g["how"] for g in man["graphs"].values())
-        rep = man["accuracy"]
+        assert man.precision.mode == mode and man.precision.derived_from["precision"] == "fp32"
+        assert all(g.precision == mode and "method" in g.how for g in man.graphs.values())
+        rep = man.precision.accuracy
         assert set(rep["graphs"]) == {"vision_encoder", "query_bridge", "text_decoder"}
         assert {"image_embeds_C_cosine", "zero_shot_top1_agreement", "caption_token_agreement"} <= set(rep["end_to_end"])
-    assert read_manifest(variants["int8"])["graphs"]["vision_encoder"]["how"]["calibration_batches"] >= 1
+    assert read_manifest(variants["int8"]).graphs["vision_encoder"].how["calibration_batches"] >= 1
 
 
 def test_fp16_keeps_sensitive_ops_fp32(variants):
     m = onnx.load(str(variants["fp16"] / "text_decoder.onnx"), load_external_data=False)
     inputs = {i.name: i.type.tensor_type.elem_type for i in m.graph.input}
     outputs = {o.name: o.type.tensor_type.elem_type for o in m.graph.output}
-    assert inputs["past_key_values.0.key"] == onnx.TensorProto.FLOAT  # I/O stays fp32
+    past0 = read_manifest(variants["fp16"]).kv_layout.past(0)[0]
+    assert inputs[past0] == onnx.TensorProto.FLOAT  # I/O stays fp32
     assert outputs["logits"] == onnx.TensorProto.FLOAT
     inits = {t.name: t.data_type for t in m.graph.initializer}
     assert onnx.TensorProto.FLOAT16 in inits.values()  # weights became fp16
@@ -127,7 +128,7 @@ def test_other_calibration_methods(tiny_bundle, calib_dir, tmp_path, method):
     out = make_precision_bundle(tiny_bundle, tmp_path / method, "int8", calib=calib_dir, method=method,
                                 progress=lambda s: None, report=False)
     man = read_manifest(out)
-    assert method in man["graphs"]["vision_encoder"]["how"]["method"]
+    assert method in man.graphs["vision_encoder"].how["method"]
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32), dtype=np.float32)
     ref = runtime.load(tiny_bundle).encode_image(x)
     assert _cos(ref, runtime.load(out).encode_image(x)) >= 0.99

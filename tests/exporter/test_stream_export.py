@@ -146,7 +146,7 @@ def test_reduced_precision_written_directly(tmp_path, tiny_model, tiny_checkpoin
     out = export_checkpoint(tiny_checkpoint, tmp_path / precision, precision=precision, **QUIET)
     assert {p.name for p in out.iterdir()} == BUNDLE_FILES
     man = runtime.manifest.read_manifest(out)
-    assert man["precision"] == precision and all(g["precision"] == precision for g in man["graphs"].values())
+    assert man.precision.mode == precision and all(g.precision == precision for g in man.graphs.values())
     dec = onnx.load(str(out / "text_decoder.onnx"), load_external_data=False)
     ops = {n.op_type for n in dec.graph.node}
     types = {t.name: t.data_type for t in dec.graph.initializer}

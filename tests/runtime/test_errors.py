@@ -61,8 +61,9 @@ def test_checksum_mismatch(tiny_bundle, tmp_path):
     data = bytearray((b / "weights.bin").read_bytes())
     data[5000] ^= 0xFF
     (b / "weights.bin").write_bytes(bytes(data))
+    runtime.load(b).close()  # by default only sizes and headers are checked: a flipped byte passes
     with pytest.raises(BundleError, match="weights.bin is corrupt: sha256"):
-        runtime.load(b)
+        runtime.load(b, verify_checksums=True)
 
 
 def test_newer_format_version(tiny_bundle, tmp_path):
@@ -75,10 +76,37 @@ def test_newer_format_version(tiny_bundle, tmp_path):
 
 
 def test_corrupt_graph_without_checksums(tiny_bundle, tmp_path):
+    """The cheap checks on load: size, ONNX header; past them onnxruntime's own parse error is explained."""
     b = _copy(tiny_bundle, tmp_path)
-    (b / "text_decoder.onnx").write_bytes(b"garbage")
+    path = b / "text_decoder.onnx"
+    n = path.stat().st_size
+    path.write_bytes(b"garbage")
+    with pytest.raises(BundleError, match=r"text_decoder.onnx is 7 bytes but the manifest says \d+: .*re-copy"):
+        runtime.load(b)
+    path.write_bytes(b"g" * n)
+    with pytest.raises(BundleError, match="text_decoder.onnx is not an ONNX model .bad header.*re-export"):
+        runtime.load(b)
+    path.write_bytes(b"\x08\x08" + b"\xff" * (n - 2))
     with pytest.raises(BundleError, match="onnxruntime cannot load.*re-export"):
-        runtime.load(b, verify_checksums=False)
+        runtime.load(b)
+
+
+def test_edited_manifest_is_refused(tiny_bundle, tmp_path):
+    b = _copy(tiny_bundle, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    m["prompts"]["caption"]["num_beams"] = 2
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="manifest.json was edited after export.*re-export"):
+        runtime.load(b)
+
+
+def test_older_format_version_says_reexport(tiny_bundle, tmp_path):
+    b = _copy(tiny_bundle, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    m["format_version"] = 1
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"bridge-export-bundle v1 bundle; .* reads v2 only: re-export it"):
+        runtime.load(b)
 
 
 def test_not_a_bundle(tmp_path):

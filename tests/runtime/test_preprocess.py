@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from runtime.manifest import Preprocessing
 from runtime.preprocess import ImageError, preprocess
 
-CFG = {"image_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+CFG = Preprocessing(image_size=32, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 
 
 def _expected(im: Image.Image, crop: bool) -> np.ndarray:
@@ -23,7 +24,7 @@ def _expected(im: Image.Image, crop: bool) -> np.ndarray:
     else:
         im = im.resize((S, S), Image.BICUBIC)
     t = np.asarray(im, np.float32).transpose(2, 0, 1) / 255.0
-    return (t - np.array(CFG["mean"], np.float32)[:, None, None]) / np.array(CFG["std"], np.float32)[:, None, None]
+    return (t - np.array(CFG.mean, np.float32)[:, None, None]) / np.array(CFG.std, np.float32)[:, None, None]
 
 
 @pytest.mark.parametrize("crop", [False, True])
@@ -48,7 +49,7 @@ def test_grayscale_becomes_rgb():
     g = (np.random.default_rng(2).random((8, 8)) * 255).astype(np.uint8)
     x = preprocess([g], CFG)[0]
     # the three channels hold the same pixels, only mean/std differ
-    raw = x * np.array(CFG["std"])[:, None, None] + np.array(CFG["mean"])[:, None, None]
+    raw = x * np.array(CFG.std)[:, None, None] + np.array(CFG.mean)[:, None, None]
     np.testing.assert_allclose(raw[0], raw[1], atol=1e-6)
 
 

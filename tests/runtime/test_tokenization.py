@@ -4,10 +4,10 @@ import string
 import numpy as np
 import pytest
 
+from runtime.manifest import Prompts, SpecialTokens, TextConventions, TextEmbeddingPrompt
 from runtime.text import TextCodec
 
-MANIFEST = {"special_tokens": {"bos": 1, "eos": 2, "pad": 0},
-            "prompts": {"text_embedding": {"prefix": "summarize:", "pad_id": 0}}}
+MANIFEST = TextConventions(SpecialTokens(bos=1, eos=2, pad=0))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_long_texts_truncated_like_the_original(codec, sp):
     import copy
 
     limited = copy.copy(codec)
-    limited.prompts = {"text_embedding": {**MANIFEST["prompts"]["text_embedding"], "max_length": 80}}
+    limited.prompts = Prompts(text_embedding=TextEmbeddingPrompt(max_length=80))
     text = " ".join(["word"] * 200)
     row = limited.embedding_ids([text])[0]
     want = ([1] + sp.encode("summarize:" + text))[:79] + [2]

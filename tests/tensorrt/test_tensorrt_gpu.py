@@ -30,15 +30,27 @@ def test_build_and_run_engines_match_onnxruntime(tiny_bundle, tmp_path):
     built = build_engines(tiny_bundle, out, EngineOptions(max_batch=4, timing_cache=tmp_path / "tc.bin"))
     assert [p.name for p in built] == ["vision_encoder.engine", "query_bridge.engine", "text_decoder.engine"]
     assert (tmp_path / "tc.bin").stat().st_size > 0
-    ort, trt_pipe = runtime.load(tiny_bundle), runtime.load(tiny_bundle, backend="tensorrt")
-    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32)
-    np.testing.assert_allclose(trt_pipe.encode_image(x, "InternVL-G"), ort.encode_image(x, "InternVL-G"), atol=1e-3)
-    ids = np.array([[1, 5, 9, 2, 0], [1, 7, 8, 9, 2]])
-    np.testing.assert_allclose(trt_pipe.encode_text(ids), ort.encode_text(ids), atol=1e-3)
-    prompt = np.array([[1, 5, 6, 7]] * 2)
-    for beams in (1, 3):
-        np.testing.assert_array_equal(trt_pipe.generate(x, prompt, max_new_tokens=8, num_beams=beams),
-                                      ort.generate(x, prompt, max_new_tokens=8, num_beams=beams))
+    with runtime.load(tiny_bundle) as ort, runtime.load(tiny_bundle, backend="tensorrt") as trt_pipe:
+        x = np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32)
+        np.testing.assert_allclose(trt_pipe.encode_image(x, "InternVL-G"), ort.encode_image(x, "InternVL-G"),
+                                   atol=1e-3)
+        ids = np.array([[1, 5, 9, 2, 0], [1, 7, 8, 9, 2]])
+        np.testing.assert_allclose(trt_pipe.encode_text(ids), ort.encode_text(ids), atol=1e-3)
+        prompt = np.array([[1, 5, 6, 7]] * 2)
+        for beams in (1, 3):
+            np.testing.assert_array_equal(trt_pipe.generate(x, prompt, max_new_tokens=8, num_beams=beams),
+                                          ort.generate(x, prompt, max_new_tokens=8, num_beams=beams))
+        # per decode step only ids, positions and mask go up and the logits come down, at any past length
+        with trt_pipe._decoder(x, prompt, None, 8, 3) as dec:
+            dec.prefill()
+            dec.expand(3)
+            moved = set()
+            for _ in range(8):
+                snap = trt_pipe.memory.traffic.snapshot()
+                logits = dec.step(np.array([5, 6, 7, 5, 6, 7]), np.array([0, 0, 1, 3, 5, 4]))
+                d = trt_pipe.memory.traffic - snap
+                moved.add((d.up, d.down))
+            assert moved == {(6 * 8 * (dec.cache.capacity + 3), logits.nbytes)}
 
 
 def test_engine_from_other_tensorrt_version_is_refused(tiny_bundle, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from exporter.tensorrt import EngineOptions, engine_profiles, precision_plan, sidecar, trtexec_command, \
     write_trtexec_script
-from runtime.cuda import kv_slot_geometry
+from runtime.device_cache import kv_slot_geometry
 from runtime.manifest import read_manifest
 from runtime.trt_compat import EngineMismatch, check_engine_compat, read_sidecar
 from runtime.trt_session import pick_profile
@@ -55,7 +55,7 @@ def test_sidecar_and_mismatch_messages(tiny_bundle, tmp_path):
     opts = EngineOptions()
     side = sidecar(man, "vision_encoder", "10.3.0", "Orin", "8.7",
                    engine_profiles(man, "vision_encoder", opts), precision_plan(10, "fp32"), opts)
-    assert side["source_sha256"] == man["files"]["vision_encoder.onnx"] and side["precision"] == "fp32"
+    assert side["source_sha256"] == man.files["vision_encoder.onnx"].sha256 and side["precision"] == "fp32"
     (tmp_path / "vision_encoder.json").write_text(json.dumps(side))
     side = read_sidecar(tmp_path / "vision_encoder.engine")
     check_engine_compat(side, "10.3.1", "Orin", "8.7")  # same major.minor, same GPU: fine
@@ -87,3 +87,37 @@ def test_profile_choice_and_cache_copy_geometry():
     expect = np.zeros_like(buf)
     expect[:, :, start:start + T] = new
     np.testing.assert_array_equal(buf, expect)
+
+
+def test_stored_profiles_equal_recomputed_ones(tiny_bundle, tiny_model):
+    """`engine` reads the manifest's profiles; recomputing them torch-free from its dims gives the same."""
+    from exporter.profiles import graph_profiles
+    from exporter.specs import all_specs
+
+    man = read_manifest(tiny_bundle)
+    for spec in all_specs(tiny_model.config):
+        stored = engine_profiles(man, spec.name, EngineOptions())
+        assert stored == graph_profiles(spec.name, man.dims, man.kv_layout, man.limits)
+        assert stored == spec.profiles(tiny_model.config, man.limits)
+
+
+def test_emit_trtexec_without_torch(tiny_bundle, tmp_path):
+    """The Jetson path: `engine --emit-trtexec` with torch made unimportable."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "onnx", "reference_model"):
+                    raise ImportError(name + " is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        from exporter.cli import main
+        main(["engine", {str(tiny_bundle)!r}, "--emit-trtexec", "--max-batch", "2", "--out", {str(tmp_path)!r}])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr + out.stdout
+    text = (tmp_path / "build_engines.sh").read_text()
+    assert text.count("trtexec ") == 3 and "--maxShapes=pixel_values:2x3x32x32" in text

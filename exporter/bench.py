@@ -7,13 +7,16 @@ shared machine whose speed drifts affects both alike and the printed ratios stay
 from __future__ import annotations
 
 import resource
-import sys
 import time
 from typing import Callable
 
 import numpy as np
 
-from .kv_cache import CachedDecoder, KVCache
+from runtime.kv_cache import CachedDecoder, KVCache
+from runtime.numeric import min_row_cosine
+from runtime.progress import get_logger
+
+log = get_logger(__name__)
 
 Task = Callable[[], object]
 
@@ -36,24 +39,19 @@ def interleaved_best(tasks: list[Task], repeats: int = 5) -> list[float]:
     return best
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def runtime_tasks(pipe, pasts: list[int], steps: int, image_batch: int = 8, text_batch: int = 16) -> dict:
     """metric -> (task, units per call) for the runtime."""
-    q = pipe.manifest.model["qllama_config"]
-    s = pipe.preprocessing["image_size"]
+    dims, kv = pipe.manifest.dims, pipe.manifest.kv_layout
+    s = dims.image_size
     rng = np.random.default_rng(0)
     pix = rng.standard_normal((image_batch, 3, s, s), dtype=np.float32)
-    ids = rng.integers(3, q["vocab_size"], (text_batch, 12)).astype(np.int64)
+    ids = rng.integers(3, dims.vocab_size, (text_batch, 12)).astype(np.int64)
     ids[:, 0] = 1
     prompt = np.array([[1, 5, 6, 7, 8]], np.int64)
     tasks = {"images_per_s": (lambda: pipe.encode_image(pix, "InternVL-C"), image_batch),
              "texts_per_s": (lambda: pipe.encode_text(ids), text_batch),
              "ttft_s": (lambda: next(iter(pipe.iter_generate(pix[:1], prompt, max_new_tokens=1))), None)}
-    H, L = q["num_attention_heads"], q["num_hidden_layers"]
-    Dh = q["hidden_size"] // H
+    H, L, Dh = kv.num_heads, kv.num_layers, kv.head_dim
     for past in pasts:
         prefix = [rng.standard_normal((1, H, past, Dh), dtype=np.float32) for _ in range(2 * L)]
 
@@ -130,15 +128,14 @@ def format_table(rt: dict, ref: dict | None) -> str:
 
 def logits_cosine(ref_pipe, new_pipe, steps: int = 8, seed: int = 0) -> float:
     """Smallest cosine between the two bundles' logits over a teacher-forced greedy caption."""
-    s = ref_pipe.preprocessing["image_size"]
+    s = ref_pipe.preprocessing.image_size
     pix = np.random.default_rng(seed).standard_normal((2, 3, s, s), dtype=np.float32)
     prompt = np.array([[1, 5, 6, 7]] * 2, np.int64)
     a, b = ref_pipe._decoder(pix, prompt, None, steps), new_pipe._decoder(pix, prompt, None, steps)
     la, lb = a.prefill(), b.prefill()
     worst = 1.0
     for i in range(steps):
-        cos = (la * lb).sum(1) / (np.linalg.norm(la, axis=1) * np.linalg.norm(lb, axis=1))
-        worst = min(worst, float(cos.min()))
+        worst = min(worst, min_row_cosine(la, lb))
         if i + 1 < steps:
             tok = la.argmax(-1)  # both follow the first bundle's tokens
             la, lb = a.step(tok, None), b.step(tok, None)
@@ -151,16 +148,16 @@ def compare_bundles(pipe, others: list, pasts: list[int], steps: int) -> str:
              + f" {'speedup':>8} {'logits cos':>11}"]
     base_tasks = runtime_tasks(pipe, pasts, steps)
     for other in others:
-        _say(f"[bench] comparing {other.manifest.root.name}")
+        log.info(f"[bench] comparing {other.manifest.root.name}")
         other_tasks = runtime_tasks(other, pasts, steps)
         rates = {}
         for p in pasts:
             key = f"decode_tok_s@{p}"
             a, b = interleaved_best([base_tasks[key][0], other_tasks[key][0]], repeats=3)
             rates[p] = (steps / a, steps / b)
-        lines.append(f"{pipe.manifest.root.name:<24} {pipe.manifest['precision']:<9} "
+        lines.append(f"{pipe.manifest.root.name:<24} {pipe.manifest.precision.mode:<9} "
                      + " ".join(f"{rates[p][0]:>12.1f}" for p in pasts) + f" {'1.00x':>8} {1.0:>11.6f}")
-        lines.append(f"{other.manifest.root.name:<24} {other.manifest['precision']:<9} "
+        lines.append(f"{other.manifest.root.name:<24} {other.manifest.precision.mode:<9} "
                      + " ".join(f"{rates[p][1]:>12.1f}" for p in pasts)
                      + f" {rates[pasts[0]][1] / rates[pasts[0]][0]:>7.2f}x {logits_cosine(pipe, other):>11.6f}")
     lines.append(f"speedup = greedy decode tokens/s at past {pasts[0]} against the first bundle, measured "
@@ -180,7 +177,7 @@ def run_bench(bundle, reference: Callable[[], object] | None = None, threads: in
         raise ValueError(f"past lengths {bad} + {steps} steps exceed max_position_embeddings {pipe.max_positions}")
     rt_tasks = runtime_tasks(pipe, pasts, steps)
     for name, (task, _) in rt_tasks.items():
-        _say(f"[bench] runtime warm-up: {name}")
+        log.info(f"[bench] runtime warm-up: {name}")
         task()
     rt_peak = peak_rss_mb()
     ref_tasks, ref_peak = None, None
@@ -192,13 +189,13 @@ def run_bench(bundle, reference: Callable[[], object] | None = None, threads: in
         model = reference().float().eval()
         ref_tasks = reference_tasks(model, pasts, steps)
         for name, (task, _) in ref_tasks.items():
-            _say(f"[bench] reference warm-up: {name}")
+            log.info(f"[bench] reference warm-up: {name}")
             with torch.no_grad():
                 task()
         ref_peak = peak_rss_mb()
     rt, ref = {}, ({} if ref_tasks else None)
     for name, (task, units) in rt_tasks.items():
-        _say(f"[bench] timing {name}")
+        log.info(f"[bench] timing {name}")
         if ref_tasks:
             import torch
 
