@@ -67,6 +67,8 @@ def stream_weights(models: dict[str, onnx.ModelProto], refs: dict[str, dict[str,
         # resolved (source key, layout, storage): a tied lm_head/embed_tokens pair is one tensor
         by_phys: dict[tuple, list[tuple[str, int, int]]] = {}
         ordered = _ordered_refs(models, refs)
+        if hasattr(source, "location"):  # read the shards front to back
+            ordered.sort(key=lambda r: source.location(mapping[r.key]))
         for ref in tqdm(ordered, desc="weights", unit="tensor", disable=not show_progress, file=sys.stderr):
             phys = (mapping[ref.key], ref.transpose, ref.storage)
             if phys not in by_phys:

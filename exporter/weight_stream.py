@@ -45,6 +45,71 @@ class StateDictSource:
         """Nothing to release."""
 
 
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class _SafetensorsFile:
+    """A safetensors file read with plain file reads, one tensor at a time.
+
+    Not `safe_open`: it memory-maps the file, and every page a read touches stays in the process's
+    resident set until the file is closed (the whole checkpoint, by the end of an export).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        self.start = 8 + n
+        self.header = header
+
+    def keys(self):
+        """Tensor names in the file."""
+        return self.header.keys()
+
+    def shape(self, key: str) -> tuple:
+        """Shape of `key` from the header."""
+        return tuple(self.header[key]["shape"])
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        """Read `key` into a fresh tensor (and tell the kernel its pages are not needed again)."""
+        h = self.header[key]
+        begin, end = h["data_offsets"]
+        out = torch.empty(h["shape"], dtype=_ST_DTYPES[h["dtype"]])
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(bytearray(0))
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.start + begin)
+            got = 0
+            while got < end - begin:
+                n = f.readinto(buf[got:])
+                if not n:
+                    raise CheckpointError(f"{self.path} is truncated at {key}: re-download it")
+                got += n
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), self.start + begin, end - begin, os.POSIX_FADV_DONTNEED)
+        return out
+
+
+def _drop_pages(t: torch.Tensor) -> None:
+    """madvise(DONTNEED) the mmapped pages under `t` (a tensor of a torch.load(mmap=True) dict):
+    they are re-read from the file if touched again, and leave the resident set now."""
+    import ctypes
+    import mmap
+
+    nbytes = t.untyped_storage().nbytes()
+    if nbytes < mmap.PAGESIZE:
+        return
+    start = t.untyped_storage().data_ptr()
+    lo = start - start % mmap.PAGESIZE
+    hi = start + nbytes - (start + nbytes) % mmap.PAGESIZE
+    if hi > lo:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+
+
 class CheckpointSource:
     """Tensors of an original-format checkpoint directory, read one at a time from its shards."""
 
@@ -61,9 +126,7 @@ class CheckpointSource:
         if f not in self._open:
             try:
                 if f.suffix == ".safetensors":
-                    from safetensors import safe_open
-
-                    self._open[f] = safe_open(str(f), framework="pt")
+                    self._open[f] = _SafetensorsFile(f)
                 else:
                     self._open[f] = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # corrupt files raise many types; name the file either way
@@ -74,16 +137,28 @@ class CheckpointSource:
         """Every key the shards hold."""
         return list(self._where)
 
+    def location(self, key: str) -> tuple[str, int]:
+        """(file, position) of `key`: streaming in this order reads the shards front to back."""
+        h = self._handle(self._where[key])
+        pos = h.header[key]["data_offsets"][0] if isinstance(h, _SafetensorsFile) else 0
+        return str(self._where[key]), pos
+
     def shape(self, key: str) -> tuple:
         """Shape of `key` from the shard header (no data read)."""
         h = self._handle(self._where[key])
-        return tuple(h.get_slice(key).get_shape()) if hasattr(h, "get_slice") else tuple(h[key].shape)
+        return h.shape(key) if isinstance(h, _SafetensorsFile) else tuple(h[key].shape)
 
     def get(self, key: str) -> torch.Tensor:
-        """Read one tensor from its shard."""
+        """Read one tensor from its shard (a private copy; the shard's pages are released)."""
         h = self._handle(self._where[key])
         try:
-            return h.get_tensor(key) if hasattr(h, "get_tensor") else h[key]
+            if isinstance(h, _SafetensorsFile):
+                return h.get_tensor(key)
+            t = h[key].clone()
+            _drop_pages(h[key])
+            return t
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(f"cannot read {key} from {self._where[key]}: {e}; re-download it") from e
 
@@ -134,33 +209,47 @@ def resolve_keys(source, config: InternVLConfig) -> tuple[dict[str, str], dict[s
 
 # -- conversion ------------------------------------------------------------------------------------
 def quantize_columns(w: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-column asymmetric uint8 of a [K, N] fp32 matrix, as onnxruntime's quantize_dynamic does
-    for a MatMul weight (QUInt8, per_channel, no reduced range): range always includes 0,
+    """Per-column asymmetric uint8 of a [K, N] fp32 matrix (overwritten: pass a scratch copy; a
+    transposed view of [N, K] rows is fine), as onnxruntime's quantize_dynamic does for a MatMul
+    weight (QUInt8, per_channel, no reduced range): range always includes 0,
     scale = (max - min) / 255, zero point = round(-min / scale), q = clip(round(w / scale) + zp)."""
     lo = w.amin(0).clamp(max=0.0)
     hi = w.amax(0).clamp(min=0.0)
     scale = (hi - lo) / 255.0
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     zp = torch.round(-lo / scale).clamp(0, 255)
-    q = torch.round(w / scale).add_(zp).clamp_(0, 255).to(torch.uint8)
+    q = w.div_(scale).round_().add_(zp).clamp_(0, 255).to(torch.uint8)  # keeps w's memory layout
     return q.numpy(), scale.numpy().astype(np.float32), zp.to(torch.uint8).numpy()
+
+
+def _transposed(t: torch.Tensor, dtype: torch.dtype, rows: int = 1024) -> torch.Tensor:
+    """t.T (2-D) as a contiguous `dtype` tensor, converted and copied a block of rows at a time
+    (about twice as fast here as one strided copy, and no full-size temporary)."""
+    out = torch.empty((t.shape[1], t.shape[0]), dtype=dtype)
+    for i in range(0, t.shape[0], rows):
+        out[:, i:i + rows].copy_(t[i:i + rows].to(dtype).t())
+    return out
 
 
 def materialize(ref: WeightRef, tensor: torch.Tensor) -> list[np.ndarray]:
     """The stored array(s) of `ref` from the checkpoint tensor (one copy in the target layout)."""
-    t = tensor.t() if ref.transpose else tensor
     if ref.storage == "uint8-cols":
-        w = torch.empty(t.shape, dtype=torch.float32).copy_(t)
-        del t
-        return list(quantize_columns(w))
+        # quantize the [out, in] rows (contiguous), then transpose the 4x smaller uint8 result
+        w = torch.empty(tensor.shape, dtype=torch.float32).copy_(tensor)
+        q, scale, zp = quantize_columns(w.t())
+        del w
+        qt = torch.from_numpy(q)  # a transposed view of the quantized [out, in] rows
+        return [_transposed(qt.t(), torch.uint8).numpy() if ref.transpose else np.ascontiguousarray(q), scale, zp]
     dtype = torch.float16 if ref.storage == "float16" else torch.float32
-    if t.dtype == dtype and t.is_contiguous():
-        out = t
+    if ref.transpose:
+        out = _transposed(tensor, dtype)
+    elif tensor.dtype == dtype and tensor.is_contiguous():
+        out = tensor
     else:
-        out = torch.empty(t.shape, dtype=dtype).copy_(t)
+        out = torch.empty(tensor.shape, dtype=dtype).copy_(tensor)
     if dtype == torch.float16 and tensor.is_floating_point() and not torch.isfinite(out).all():
         raise CheckpointError(f"{ref.key} has values beyond fp16's range (|x| > 65504): export it with "
-                              "--precision fp32 or bf16-safe scaling")
+                              "--precision fp32")
     return [out.numpy()]
 
 
