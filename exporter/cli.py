@@ -134,6 +134,24 @@ def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer
     make_precision_bundle(path, Path(f"{path}-{precision}"), precision, calib=calib, overwrite=overwrite)
 
 
+@main.command("random-checkpoint")
+@click.option("--preset", required=True, help="model size: tiny, small, real-width, internvl-14b-224px, ...")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="checkpoint directory to write")
+@click.option("--seed", default=0, show_default=True, help="same seed, same weights")
+@click.option("--shard-size", default="5GB", show_default=True, help="largest shard file (as transformers)")
+@click.option("--overwrite", is_flag=True, help="replace an existing --out")
+@click.option("--workers", default=0, help="threads drawing random numbers (default: cores, at most 8)")
+@friendly
+def random_checkpoint(preset, dtype, out, seed, shard_size, overwrite, workers):
+    """Write a seeded random checkpoint in the published layout, in bounded memory (dry runs, scale tests)."""
+    from reference_model.checkpoint_writer import write_random_checkpoint
+
+    path = write_random_checkpoint(out, preset, dtype=dtype, seed=seed, shard_size=shard_size, overwrite=overwrite,
+                                  workers=workers or None)
+    click.echo(f"wrote {path}")
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="the model the bundle came from")
@@ -154,11 +172,10 @@ def verify(bundle, checkpoint, preset, seed, checksums):
     if man.precision.mode != "fp32":
         raise click.ClickException(f"{bundle} is a {man.precision.mode} bundle: verify checks fp32 parity with the "
                                    "reference; its accuracy against fp32 is in its manifest (bridge-export inspect)")
-    from .bundle import load_source
     from .verify import verify_bundle
+    from .verify_parts import reference_source
 
-    model, _ = load_source(checkpoint, preset, seed)
-    report = verify_bundle(bundle, model)
+    report = verify_bundle(bundle, reference_source(checkpoint, preset, seed))
     click.echo(report.format())
     if not report.passed:
         sys.exit(1)
@@ -197,13 +214,22 @@ def _expand_images(images) -> list[Path]:
 @click.option("--mode", type=click.Choice(["C", "G"]), default="C", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="embeddings.npy or .parquet")
 @click.option("--batch-size", default=8, show_default=True)
+@click.option("--ray", "use_ray", is_flag=True, help="run on Ray Data (images only; --out must be .parquet)")
+@click.option("--address", help="--ray: cluster address (default: start a local cluster)")
+@click.option("--workers", default=1, show_default=True, help="--ray: actors, one pipeline each")
+@click.option("--gpus-per-worker", default=0.0, show_default=True, help="--ray: GPUs per actor")
 @run_options
 @friendly
-def embed(bundle, images, texts, mode, out, batch_size, backend, device):
+def embed(bundle, images, texts, mode, out, batch_size, use_ray, address, workers, gpus_per_worker, backend, device):
     """Embed images (files or folders) and texts."""
     import numpy as np
     from tqdm import tqdm
 
+    if use_ray:
+        from .ray_embed import run_cli
+
+        return run_cli(bundle, _expand_images(images), texts, mode, out, batch_size, address, workers,
+                       gpus_per_worker)
     pipe = load_pipeline(bundle, backend, device)
     files = _expand_images(images) if images else []
     parts = []
@@ -361,6 +387,44 @@ def engine(bundle, graphs, max_batch, max_seq, workspace, timing_cache, version_
     else:
         for p in build_engines(bundle, out, opts):
             click.echo(f"built {p}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--http-port", default=8000, show_default=True)
+@click.option("--grpc-port", default=8001, show_default=True)
+@click.option("--metrics-port", default=8002, show_default=True)
+@click.option("--max-batch", default=8, show_default=True, help="Triton max_batch_size (dynamic batching)")
+@click.option("--instances", default=1, show_default=True, help="model instances (share one pipeline)")
+@click.option("--threads", type=int, help="onnxruntime threads (default: all cores)")
+@friendly
+def serve(bundle, http_port, grpc_port, metrics_port, max_batch, instances, threads):
+    """Serve a bundle on Triton Inference Server through PyTriton (HTTP, gRPC, metrics)."""
+    from .serve.pytriton_server import ServeOptions, serve as run
+
+    run(bundle, ServeOptions(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                             max_batch=max_batch, instances=instances, threads=threads))
+
+
+@main.command("triton-repo")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="model repository to write")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "python"]), default="onnxruntime",
+              show_default=True, help="graph models' backend (python: CPU variant for Python-only Triton builds)")
+@click.option("--max-batch", type=int, help="max_batch_size (default: the bundle's / the engines' limit)")
+@click.option("--instances", default=1, show_default=True, help="instances of each graph model")
+@click.option("--entry-instances", default=1, show_default=True, help="instances of each entry point model")
+@click.option("--ort-tensorrt", is_flag=True, help="onnxruntime backend: TensorRT provider with the profiles")
+@click.option("--cpu", is_flag=True, help="KIND_CPU instances instead of KIND_GPU")
+@click.option("--overwrite", is_flag=True, help="replace a repository triton-repo wrote before")
+@friendly
+def triton_repo(bundle, out, backend, max_batch, instances, entry_instances, ort_tensorrt, cpu, overwrite):
+    """Write a Triton model repository (for the NGC tritonserver image) from a bundle."""
+    from .serve.triton_repo import RepoOptions, write_repo
+
+    opts = RepoOptions(backend=backend, max_batch=max_batch, instances=instances, entry_instances=entry_instances,
+                       ort_tensorrt=ort_tensorrt, gpu=not cpu)
+    click.echo(f"wrote {write_repo(bundle, out, opts, overwrite=overwrite)}")
 
 
 if __name__ == "__main__":
