@@ -8,7 +8,8 @@ at once (27.7 + 27.7 GB at 14B): random bf16 checkpoint -> int8-cpu bundle (expo
 /usr/bin/time -v) -> measure it (load, embeddings C/G, a text embedding, a 20-token greedy caption,
 decode tokens/s against the bandwidth a large GEMV reaches in the same process) -> delete it ->
 fp16 bundle (export measured) -> delete everything. It prints one table and writes it as JSON.
-Every heavy step takes /work/coord/bigmem.lock when that file exists (one big-memory job at a time).
+The run step (~15 GB at 14B) takes /work/coord/bigmem.lock when that file exists (one big-memory job
+at a time); exports stay under ~2 GB and do not.
 """
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ LOCK = Path("/work/coord/bigmem.lock")
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _timed(cmd: list[str], log: Path) -> dict:
-    """Run `cmd` under /usr/bin/time -v (and the big-memory lock); returns wall s, peak RSS GB, output."""
+def _timed(cmd: list[str], log: Path, lock: bool = False) -> dict:
+    """Run `cmd` under /usr/bin/time -v (and the big-memory lock if asked); returns wall s, peak RSS GB, output."""
     full = ["/usr/bin/time", "-v"] + cmd
-    if LOCK.exists():
+    if lock and LOCK.exists():
         full = ["flock", str(LOCK)] + full
     t0 = time.time()
     p = subprocess.run(full, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
@@ -191,7 +192,7 @@ def run(work: Path, preset: str, threads: int, keep: bool = False) -> dict:
                      "bundle_gb": _size_gb(out), "files": sorted(p.name for p in out.iterdir())}
             if precision == "int8-cpu":
                 m = _timed(py + ["exporter.fullsize", "measure", str(out), "--threads", str(threads)],
-                           work / "measure.log")
+                           work / "measure.log", lock=True)
                 entry.update(json.loads(m["stdout"].strip().splitlines()[-1]))
                 entry["run_peak_rss_gb"], entry["run_wall_s"] = m["peak_rss_gb"], m["wall_s"]
             table[precision] = entry

@@ -144,10 +144,12 @@ def export_streamed(source, config: InternVLConfig, out, *, precision: str = "fp
         raise
 
 
-def export_checkpoint(checkpoint, out, **kwargs) -> Path:
-    """Stream an original-format checkpoint directory into a bundle (see export_streamed)."""
+def export_checkpoint(checkpoint, out, lora_alpha: float | None = None, **kwargs) -> Path:
+    """Stream an original-format checkpoint directory into a bundle (see export_streamed).
+
+    LoRA fine-tunes (peft key names) are merged per tensor; `lora_alpha` as in load_pretrained."""
     config = read_config(checkpoint)
-    source = CheckpointSource(checkpoint)
+    source = CheckpointSource(checkpoint, config, lora_alpha)
     try:
         return export_streamed(source, config, out, checkpoint=Path(checkpoint),
                                source_desc=f"checkpoint:{Path(checkpoint).absolute()}", **kwargs)

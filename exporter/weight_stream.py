@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from reference_model.config import InternVLConfig
-from reference_model.loading import IGNORED_PREFIXES, CheckpointError, _weight_files
+from reference_model.checkpoint_reader import IGNORED_PREFIXES, CheckpointError, plan_checkpoint
 
 from .graph_builder import WeightRef
 
@@ -111,16 +111,18 @@ def _drop_pages(t: torch.Tensor) -> None:
 
 
 class CheckpointSource:
-    """Tensors of an original-format checkpoint directory, read one at a time from its shards."""
+    """Tensors of an original-format checkpoint directory, read one at a time from its shards.
 
-    def __init__(self, directory):
+    Names are the original state-dict names whatever the storage: reference_model's
+    `plan_checkpoint` maps peft-wrapped keys and pairs LoRA adapters, which are merged here per
+    tensor exactly as the reference loader merges them (W + scale * B @ A in float32).
+    """
+
+    def __init__(self, directory, config: InternVLConfig | None = None, lora_alpha: float | None = None):
         self.directory = Path(directory)
         self.description = str(self.directory)
-        self._where: dict[str, Path] = {}
+        self._entries = {e.name: e for e in plan_checkpoint(self.directory, config, lora_alpha)}
         self._open: dict[Path, object] = {}
-        for f in _weight_files(self.directory):
-            for k in self._handle(f).keys():
-                self._where[k] = f
 
     def _handle(self, f: Path):
         if f not in self._open:
@@ -133,34 +135,41 @@ class CheckpointSource:
                 raise CheckpointError(f"cannot read weights from {f}: {e}; re-download it") from e
         return self._open[f]
 
-    def keys(self) -> list[str]:
-        """Every key the shards hold."""
-        return list(self._where)
-
-    def location(self, key: str) -> tuple[str, int]:
-        """(file, position) of `key`: streaming in this order reads the shards front to back."""
-        h = self._handle(self._where[key])
-        pos = h.header[key]["data_offsets"][0] if isinstance(h, _SafetensorsFile) else 0
-        return str(self._where[key]), pos
-
-    def shape(self, key: str) -> tuple:
-        """Shape of `key` from the shard header (no data read)."""
-        h = self._handle(self._where[key])
-        return h.shape(key) if isinstance(h, _SafetensorsFile) else tuple(h[key].shape)
-
-    def get(self, key: str) -> torch.Tensor:
-        """Read one tensor from its shard (a private copy; the shard's pages are released)."""
-        h = self._handle(self._where[key])
+    def _read(self, t) -> torch.Tensor:
+        h = self._handle(t.file)
         try:
             if isinstance(h, _SafetensorsFile):
-                return h.get_tensor(key)
-            t = h[key].clone()
-            _drop_pages(h[key])
-            return t
+                return h.get_tensor(t.key)
+            out = h[t.key].clone()
+            _drop_pages(h[t.key])
+            return out
         except CheckpointError:
             raise
         except Exception as e:
-            raise CheckpointError(f"cannot read {key} from {self._where[key]}: {e}; re-download it") from e
+            raise CheckpointError(f"cannot read {t.key} from {t.file}: {e}; re-download it") from e
+
+    def keys(self) -> list[str]:
+        """Every (original) tensor name the checkpoint holds."""
+        return list(self._entries)
+
+    def location(self, key: str) -> tuple[str, int]:
+        """(file, position) of `key`: streaming in this order reads the shards front to back."""
+        base = self._entries[key].base
+        h = self._handle(base.file)
+        return str(base.file), h.header[base.key]["data_offsets"][0] if isinstance(h, _SafetensorsFile) else 0
+
+    def shape(self, key: str) -> tuple:
+        """Shape of `key` (from the plan: no data read)."""
+        return tuple(self._entries[key].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read one tensor (a private copy; LoRA adapters merged in float32)."""
+        e = self._entries[key]
+        w = self._read(e.base)
+        if e.lora_a is not None:
+            a, b = self._read(e.lora_a).float(), self._read(e.lora_b).float()
+            w = torch.addmm(w.float(), b, a, alpha=e.scale)  # as reference_model.checkpoint_reader
+        return w
 
     def close(self) -> None:
         """Drop the shard handles (and their mappings)."""
