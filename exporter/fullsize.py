@@ -114,7 +114,10 @@ def measure(bundle: Path, threads: int, new_tokens: int = 20) -> dict:
     bundle = Path(bundle)
     res = {}
     t0 = time.perf_counter()
-    pipe = runtime.load(bundle, threads=threads)
+    # No prepacking: onnxruntime would otherwise copy every MatMul weight onto the heap once per
+    # session, holding QLLaMA twice (bridge and decoder: 2 x 7.3 GB int8 at 14B, beyond 24 GB with
+    # the vision tower). Unpacked, the weights stay in weights.bin's shared page cache.
+    pipe = runtime.load(bundle, threads=threads, session_config={"session.disable_prepacking": "1"})
     res["load_s"] = round(time.perf_counter() - t0, 1)
     man = pipe.manifest
     s = man.preprocessing.image_size
@@ -140,6 +143,7 @@ def measure(bundle: Path, threads: int, new_tokens: int = 20) -> dict:
     toks = pipe.generate(px, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     res["caption_s"] = round(time.perf_counter() - t0, 1)
     res["caption_tokens"] = [int(t) for t in np.asarray(toks)[0]]
+    res["pss_after_caption_gb"] = _pss_gb()
     # decode speed alone: steps timed through the decoder session with a growing cache
     dec = pipe.sessions["text_decoder"]
     kv = man.kv_layout
@@ -167,6 +171,17 @@ def measure(bundle: Path, threads: int, new_tokens: int = 20) -> dict:
     res["bandwidth_bound_tokens_per_s"] = round(bw / res["weight_bytes_per_token_gb"], 2)
     res["fraction_of_bound"] = round(res["decode_tokens_per_s"] / res["bandwidth_bound_tokens_per_s"], 2)
     return res
+
+
+def _pss_gb() -> float:
+    """Proportional set size now (pages shared between mappings counted once; RSS counts each)."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return round(int(line.split()[1]) / 1e6, 2)
+    except OSError:
+        pass
+    return -1.0
 
 
 # -- the whole sequence ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from .text import TextCodec, TokenizerMissing
 
 
 def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | None = None,
-         verify_checksums: bool = False, device=None) -> Pipeline:
+         verify_checksums: bool = False, device=None, session_config: dict[str, str] | None = None) -> Pipeline:
     """Open a bundle directory and return a Pipeline (sessions for all three graphs).
 
     Checks what is cheap (the manifest's digest, file sizes, graph headers); `verify_checksums=True`
@@ -21,6 +21,9 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
     provider or TensorRT, with the KV cache in device memory and I/O bound there), or a
     runtime.device_memory.DeviceMemory to bind onnxruntime's I/O in (the tests' host stand-in).
     TensorRT defaults to "cuda:0". Close the pipeline (or use `with`) to free the device memory.
+    `session_config`: onnxruntime session config entries for every graph, e.g.
+    {"session.disable_prepacking": "1"} so weights stay in the bundle's memory-mapped file instead
+    of being copied per session (the bridge and the decoder share QLLaMA's bytes in weights.bin).
     """
     from .sessions import open_session
 
@@ -32,7 +35,8 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
             path = manifest.graph_path(name)
             if backend == "tensorrt":
                 path = Path(bundle) / "engines" / f"{name}.engine"
-            sessions[name] = open_session(path, backend, providers=providers, threads=threads, memory=memory)
+            sessions[name] = open_session(path, backend, providers=providers, threads=threads, memory=memory,
+                                          session_config=session_config)
     except BaseException:
         for s in sessions.values():
             s.close()

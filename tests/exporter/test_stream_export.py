@@ -198,3 +198,11 @@ def test_lora_and_force_image_size_checkpoint_streams_merged(tmp_path):
         cos = (v * ref).sum(-1) / np.linalg.norm(v, axis=-1) / np.linalg.norm(ref, axis=-1)
         assert cos.min() > 0.99999, (k, cos)
         np.testing.assert_allclose(v, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_session_config_reaches_onnxruntime(tiny_bundle):
+    """Without prepacking (the full-size run's setting) the outputs are the same."""
+    px = np.random.default_rng(1).standard_normal((1, 3, 32, 32), dtype=np.float32)
+    a = runtime.load(tiny_bundle).encode_image(px, "InternVL-G")
+    b = runtime.load(tiny_bundle, session_config={"session.disable_prepacking": "1"}).encode_image(px, "InternVL-G")
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
