@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from runtime.manifest import GRAPHS
+
 # Errors that carry a message fit for the user: shown as one line, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, RuntimeError)
 
@@ -263,6 +265,19 @@ def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, com
               compare=list(compare))
 
 
+@main.command("bench-load")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--repeats", default=3, show_default=True, help="timed rounds (after one warm-up)")
+@click.option("--threads", default=None, type=int)
+@click.option("--no-checksums", is_flag=True, help="skip timing runtime.load(verify_checksums=True)")
+@friendly
+def bench_load(bundle, repeats, threads, no_checksums):
+    """Time runtime.load() against onnxruntime opening the graphs, side by side."""
+    from .bench_load import format_load, measure_load
+
+    click.echo(format_load(bundle, measure_load(bundle, repeats, threads, checksums=not no_checksums)))
+
+
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True)
 @click.option("--limit", default=0, help="use only the first N test digits (0: all)")
@@ -299,7 +314,7 @@ def precision(bundle, mode, calib, calib_texts, method, exclude, out, overwrite)
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--graphs", default="vision_encoder,query_bridge,text_decoder", show_default=True)
+@click.option("--graphs", default=",".join(GRAPHS), show_default=True)
 @click.option("--max-batch", default=None, type=int)
 @click.option("--max-seq", default=None, type=int)
 @click.option("--workspace", default=4.0, show_default=True, help="GiB")
