@@ -17,7 +17,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, P
 EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export",
           "transformers": "export", "sentencepiece": "export", "google": "export",
           "tensorrt": "tensorrt", "polygraphy": "tensorrt", "cuda": "tensorrt", "sklearn": "train",
-          "pyarrow": "ray", "ray": "ray", "pytriton": "serve"}
+          "pyarrow": "ray", "ray": "ray", "pytriton": "serve", "tritonclient": "serve"}
 
 
 def missing_extra(e: ModuleNotFoundError) -> str | None:
@@ -50,6 +50,23 @@ def friendly(fn):
             raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
 
     return wrapper
+
+
+def run_options(fn):
+    """--backend and --device for the commands that run a bundle (see runtime.load)."""
+    fn = click.option("--device", default=None,
+                      help="cpu (onnxruntime's default) or cuda / cuda:N (KV cache on the GPU; TensorRT's default)")(fn)
+    return click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+                        show_default=True, help="tensorrt runs the engines/ that `bridge-export engine` built")(fn)
+
+
+def load_pipeline(bundle, backend: str, device):
+    """runtime.load, closed when the command ends (frees device memory on a GPU)."""
+    import runtime
+
+    pipe = runtime.load(bundle, backend=backend, device=device)
+    click.get_current_context().call_on_close(pipe.close)
+    return pipe
 
 
 @click.group()
@@ -158,15 +175,23 @@ def _expand_images(images) -> list[Path]:
 @click.option("--mode", type=click.Choice(["C", "G"]), default="C", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="embeddings.npy or .parquet")
 @click.option("--batch-size", default=8, show_default=True)
+@click.option("--ray", "use_ray", is_flag=True, help="run on Ray Data (images only; --out must be .parquet)")
+@click.option("--address", help="--ray: cluster address (default: start a local cluster)")
+@click.option("--workers", default=1, show_default=True, help="--ray: actors, one pipeline each")
+@click.option("--gpus-per-worker", default=0.0, show_default=True, help="--ray: GPUs per actor")
+@run_options
 @friendly
-def embed(bundle, images, texts, mode, out, batch_size):
+def embed(bundle, images, texts, mode, out, batch_size, use_ray, address, workers, gpus_per_worker, backend, device):
     """Embed images (files or folders) and texts."""
     import numpy as np
     from tqdm import tqdm
 
-    import runtime
+    if use_ray:
+        from .ray_embed import run_cli
 
-    pipe = runtime.load(bundle)
+        return run_cli(bundle, _expand_images(images), texts, mode, out, batch_size, address, workers,
+                       gpus_per_worker)
+    pipe = load_pipeline(bundle, backend, device)
     files = _expand_images(images) if images else []
     parts = []
     for i in tqdm(range(0, len(files), batch_size), desc="images", disable=len(files) <= batch_size, file=sys.stderr):
@@ -203,12 +228,11 @@ def embed(bundle, images, texts, mode, out, batch_size):
 @click.option("--min-new-tokens", type=int, help="(default: the manifest's, 8)")
 @click.option("--prompt", help="(default: the manifest's, 'English caption:')")
 @click.option("--stream", is_flag=True, help="print tokens as they arrive (greedy)")
+@run_options
 @friendly
-def caption(bundle, images, beams, max_new_tokens, min_new_tokens, prompt, stream):
+def caption(bundle, images, beams, max_new_tokens, min_new_tokens, prompt, stream, backend, device):
     """Caption images."""
-    import runtime
-
-    pipe = runtime.load(bundle)
+    pipe = load_pipeline(bundle, backend, device)
     for f in _expand_images(images):
         if stream:
             click.echo(f"{f}\t", nl=False)
@@ -226,12 +250,11 @@ def caption(bundle, images, beams, max_new_tokens, min_new_tokens, prompt, strea
 @click.option("--labels", required=True, help="comma-separated class names")
 @click.option("--template", default="a photo of a {}.", show_default=True)
 @click.option("--mode", type=click.Choice(["C", "G"]), default="C", show_default=True)
+@run_options
 @friendly
-def classify(bundle, images, labels, template, mode):
+def classify(bundle, images, labels, template, mode, backend, device):
     """Zero-shot classification of images over --labels."""
-    import runtime
-
-    pipe = runtime.load(bundle)
+    pipe = load_pipeline(bundle, backend, device)
     names = [s.strip() for s in labels.split(",") if s.strip()]
     files = _expand_images(images)
     probs = pipe.classify([str(f) for f in files], names, template=template, mode=mode)
@@ -338,6 +361,44 @@ def engine(bundle, graphs, max_batch, max_seq, workspace, timing_cache, version_
     else:
         for p in build_engines(bundle, out, opts):
             click.echo(f"built {p}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--http-port", default=8000, show_default=True)
+@click.option("--grpc-port", default=8001, show_default=True)
+@click.option("--metrics-port", default=8002, show_default=True)
+@click.option("--max-batch", default=8, show_default=True, help="Triton max_batch_size (dynamic batching)")
+@click.option("--instances", default=1, show_default=True, help="model instances (share one pipeline)")
+@click.option("--threads", type=int, help="onnxruntime threads (default: all cores)")
+@friendly
+def serve(bundle, http_port, grpc_port, metrics_port, max_batch, instances, threads):
+    """Serve a bundle on Triton Inference Server through PyTriton (HTTP, gRPC, metrics)."""
+    from .serve.pytriton_server import ServeOptions, serve as run
+
+    run(bundle, ServeOptions(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                             max_batch=max_batch, instances=instances, threads=threads))
+
+
+@main.command("triton-repo")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="model repository to write")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "python"]), default="onnxruntime",
+              show_default=True, help="graph models' backend (python: CPU variant for Python-only Triton builds)")
+@click.option("--max-batch", type=int, help="max_batch_size (default: the bundle's / the engines' limit)")
+@click.option("--instances", default=1, show_default=True, help="instances of each graph model")
+@click.option("--entry-instances", default=1, show_default=True, help="instances of each entry point model")
+@click.option("--ort-tensorrt", is_flag=True, help="onnxruntime backend: TensorRT provider with the profiles")
+@click.option("--cpu", is_flag=True, help="KIND_CPU instances instead of KIND_GPU")
+@click.option("--overwrite", is_flag=True, help="replace a repository triton-repo wrote before")
+@friendly
+def triton_repo(bundle, out, backend, max_batch, instances, entry_instances, ort_tensorrt, cpu, overwrite):
+    """Write a Triton model repository (for the NGC tritonserver image) from a bundle."""
+    from .serve.triton_repo import RepoOptions, write_repo
+
+    opts = RepoOptions(backend=backend, max_batch=max_batch, instances=instances, entry_instances=entry_instances,
+                       ort_tensorrt=ort_tensorrt, gpu=not cpu)
+    click.echo(f"wrote {write_repo(bundle, out, opts, overwrite=overwrite)}")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def check_bundle(bundle: str, device: str, beams: int, max_new: int) -> dict:
 def main(argv=None) -> int:
     """Command line: run the checks, print PASS/FAIL; 0 on PASS, 1 on FAIL, 2 when no GPU is usable."""
     ap = argparse.ArgumentParser(prog="python -m runtime.gpu_check", description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--device", default="cuda:0", help="cuda:N, or 'host' to rehearse on the host stand-in")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
@@ -130,16 +130,22 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from .cuda import CudaError, CudaMemory, device_info, parse_device
 
-    try:
-        ordinal = parse_device(args.device)
-        memory = CudaMemory(ordinal)
-        name, cc = device_info(ordinal)
-    except (CudaError, ValueError) as e:
-        print(f"FAIL: {e}", file=sys.stderr)
-        return 2
-    import cuda.bindings
+    if args.device == "host":  # a rehearsal of the same code on runtime.device_memory.HostMemory
+        from .device_memory import HostMemory
 
-    log.info("GPU %s (compute capability %s), cuda-bindings %s", name, cc, cuda.bindings.__version__)
+        memory = HostMemory()
+        log.info("host stand-in (no GPU): checks the logic and the host side's time, not CUDA")
+    else:
+        try:
+            ordinal = parse_device(args.device)
+            memory = CudaMemory(ordinal)
+            name, cc = device_info(ordinal)
+        except (CudaError, ValueError) as e:
+            print(f"FAIL: {e}", file=sys.stderr)
+            return 2
+        import cuda.bindings
+
+        log.info("GPU %s (compute capability %s), cuda-bindings %s", name, cc, cuda.bindings.__version__)
     ok = True
     with memory:
         for dtype in (np.float32, np.float16):
@@ -155,10 +161,10 @@ def main(argv=None) -> int:
     if args.bundle:
         import onnxruntime as ort
 
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
+        if args.device != "host" and "CUDAExecutionProvider" not in ort.get_available_providers():
             log.info("SKIP bundle decode: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
         else:
-            r = check_bundle(args.bundle, args.device, args.beams, 10)
+            r = check_bundle(args.bundle, memory if args.device == "host" else args.device, args.beams, 10)
             same_bytes = len({(u, d) for _, u, d in r["per_step"]}) == 1
             good = r["max_logits_diff"] <= 1e-3 * max(1.0, r["logits_scale"]) and same_bytes
             ok &= good

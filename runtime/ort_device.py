@@ -22,8 +22,12 @@ class OrtDeviceSession(OrtSession):
 
     def __init__(self, path: Path, memory: DeviceMemory, providers=None, threads: int | None = None,
                  check: bool = True):
+        import onnxruntime as ort
+
         super().__init__(path, providers=providers, threads=threads, check=check)
         self.memory = memory
+        self.run_options = ort.RunOptions()  # the default, stated: Run returns with its streams synchronized
+        self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "0")
         self.staging: dict[str, DeviceBuffer] = {}
         self._held = None  # last run's OrtValues, alive until copies issued from them have finished
 
@@ -50,7 +54,7 @@ class OrtDeviceSession(OrtSession):
         self.memory.sync()  # uploads and cache writes (our stream) done before onnxruntime reads them
         self._held = None
         binding.synchronize_inputs()
-        self.sess.run_with_iobinding(binding)  # returns with its outputs complete (its streams synced)
+        self.sess.run_with_iobinding(binding, self.run_options)  # returns with its outputs complete
         values = binding.get_outputs()
         self._held = values
         out = {}

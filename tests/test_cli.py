@@ -119,3 +119,17 @@ def test_verify_checksums_only(tiny_bundle, tmp_path):
     assert _run("inspect", b).exit_code == 0  # the cheap checks do not read every byte
     r = _run("verify", b, "--checksums")
     assert r.exit_code == 1 and "weights.bin is corrupt: sha256" in r.output
+
+
+def test_device_options_fail_in_one_line_without_a_gpu(tiny_bundle, tmp_path):
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    r = _run("caption", tiny_bundle, img, "--device", "cuda:0")
+    if r.exit_code == 0:  # a GPU machine with onnxruntime-gpu and cuda-python: it simply ran there
+        return
+    assert r.exit_code == 1 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert "device='cpu'" in r.output or "pip install" in r.output
+    r = _run("classify", tiny_bundle, img, "--labels", "a,b", "--backend", "tensorrt", "--device", "cpu")
+    assert r.exit_code == 1 and "TensorRT runs on a GPU" in r.output
+    r = _run("classify", tiny_bundle, img, "--labels", "a,b", "--device", "tpu")
+    assert r.exit_code == 1 and "'cpu', 'cuda' or 'cuda:N'" in r.output
