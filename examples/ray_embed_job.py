@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--address", help="Ray cluster address (default: a local cluster)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--mode", choices=["C", "G"], default="C")
+    ap.add_argument("--baseline", action="store_true", help="also time the plain runtime in this process (no Ray)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in EXTS)
@@ -43,6 +44,17 @@ def main() -> None:
                                            batch_size=args.batch_size))
         rows.append(r)
         print(f"{out}: {r['rows']} rows, {r['errors']} errors")
+    if args.baseline:  # same images, one process, all cores, bundle load included as in the Ray rows
+        import time
+
+        import runtime
+
+        t0 = time.perf_counter()
+        with runtime.load(args.bundle) as pipe:
+            for i in range(0, len(paths), args.batch_size):
+                pipe.embed_images([str(p) for p in paths[i:i + args.batch_size]], args.mode)
+        seconds = time.perf_counter() - t0
+        rows.append({"workers": "no Ray", "threads": "all", "seconds": seconds, "images_per_s": len(paths) / seconds})
     print(f"{'workers':>7} {'threads':>7} {'seconds':>8} {'images/s':>9} {'ratio':>6}")
     for r in rows:
         print(f"{r['workers']:>7} {r['threads']:>7} {r['seconds']:>8.1f} {r['images_per_s']:>9.2f} "

@@ -1,24 +1,23 @@
 """Parity verification: every graph and the end-to-end pipeline against the PyTorch reference.
 
 A library function (`verify_bundle`) that the CLI and the tests both call. Graph-level checks
-run Polygraphy's Comparator (a PyTorch runner beside its onnxruntime runner) when Polygraphy
-is installed, and always compute max abs/rel error and cosine per output.
+always compute max abs/rel error and cosine per output, and have Polygraphy's Comparator judge the
+same outputs when Polygraphy is installed. Memory: one graph and the reference tensors it uses at a
+time (exporter/verify_parts.py), never the whole reference beside all three sessions.
 """
 from __future__ import annotations
 
-import time
+import gc
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-import runtime
-from reference_model.model import InternVLModel
-
 from runtime.numeric import min_row_cosine, normalize
 from runtime.progress import get_logger, reporter
 
 from .specs import all_specs, kv_layout
+from .verify_parts import GRAPH_PARTS, LANGUAGE_PART, VISION_PART, OneSessionAtATime, ReferenceSource
 
 log = get_logger(__name__)
 
@@ -129,71 +128,82 @@ def _torch_outputs(module, spec, feeds) -> dict[str, np.ndarray]:
     return {t.name: np.ascontiguousarray(o.detach().float().numpy()) for t, o in zip(spec.outputs, outs)}
 
 
-def _polygraphy_compare(module, spec, path, cases) -> bool | None:
+def _polygraphy_accuracy(spec, refs: list[dict], gots: list[dict]) -> bool | None:
+    """Polygraphy's Comparator.compare_accuracy over outputs already computed (PyTorch vs onnxruntime).
+
+    The two sides are run one after the other by `verify_graphs` (so they are never in memory
+    together); Polygraphy's comparison library then judges them with the graph's tolerance.
+    """
     try:
-        from polygraphy.backend.base import BaseRunner
-        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-        from polygraphy.comparator import Comparator, SimpleCompareFunc
+        from polygraphy.comparator import Comparator, IterationResult, RunResults, SimpleCompareFunc
     except ImportError:
         return None
-
-    class TorchRunner(BaseRunner):
-        def infer_impl(self, feed_dict):
-            t0 = time.perf_counter()
-            out = _torch_outputs(module, spec, feed_dict)
-            self.inference_time = time.perf_counter() - t0  # Comparator.run reads it
-            return out
-
-        def get_input_metadata_impl(self):
-            from polygraphy.common import TensorMetadata
-
-            meta = TensorMetadata()
-            for t in spec.inputs:
-                meta.add(t.name, np.dtype(t.dtype), [d if isinstance(d, int) else -1 for d in t.shape])
-            return meta
-
     import logging
 
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
     logging.getLogger("polygraphy").setLevel(logging.ERROR)
-    runners = [TorchRunner(name="pytorch"), OnnxrtRunner(SessionFromOnnx(str(path)), name="onnxruntime")]
-    results = Comparator.run(runners, data_loader=cases)
+    results = RunResults()
+    for runner, outs in (("pytorch", refs), ("onnxruntime", gots)):
+        results.append((runner, [IterationResult({k: np.asarray(v) for k, v in o.items()}, runtime=0.0,
+                                                 runner_name=runner) for o in outs]))
     tol = spec.tolerance
     return bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=tol["atol"], rtol=tol["rtol"])))
 
 
-def verify_graphs(bundle, model: InternVLModel, report: VerifyReport, batch_sizes=(1, 2), seed: int = 0,
-                  use_polygraphy: bool = True, progress=None) -> None:
-    """Each graph on onnxruntime against its PyTorch module on the same feeds."""
+def _as_source(model) -> ReferenceSource:
+    return model if isinstance(model, ReferenceSource) else ReferenceSource.from_model(model)
+
+
+def verify_graphs(bundle, model, report: VerifyReport, batch_sizes=(1, 2), seed: int = 0,
+                  use_polygraphy: bool = True, progress=None, verify_checksums: bool = False) -> None:
+    """Each graph on onnxruntime against its PyTorch module on the same feeds.
+
+    `model`: an InternVLModel or a ReferenceSource. One graph at a time: the reference part the graph
+    uses computes every case, is freed, then the graph's session runs them and is closed.
+    """
+    from runtime.manifest import read_manifest
+    from runtime.sessions import open_session
+
     progress = reporter(progress, log)
-    pipe = runtime.load(bundle)
-    config = model.config
+    source = _as_source(model)
+    manifest = read_manifest(bundle, verify_checksums=verify_checksums)
+    config = source.config
     cases = graph_cases(config, batch_sizes, seed)
     for spec in all_specs(config):
         progress(f"[verify] {spec.name}: {len(cases[spec.name])} cases")
-        module = spec.module(model).eval()
-        sess = pipe.sessions[spec.name]
-        for i, feeds in enumerate(cases[spec.name]):
-            ref = _torch_outputs(module, spec, feeds)
-            got = sess.run(feeds)
+        part = source.part(GRAPH_PARTS[spec.name])
+        module = spec.module(part).eval()
+        refs = [_torch_outputs(module, spec, feeds) for feeds in cases[spec.name]]
+        del module, part
+        gc.collect()
+        with open_session(manifest.graph_path(spec.name), "onnxruntime") as sess:
+            gots = [sess.run(feeds) for feeds in cases[spec.name]]
+        gc.collect()
+        for i, (feeds, ref, got) in enumerate(zip(cases[spec.name], refs, gots)):
             shape = "x".join(str(d) for d in next(iter(feeds.values())).shape)
             for name in ref:
                 report.outputs.append(compare(f"{spec.name}[{i}] {shape}", name, ref[name], got[name],
                                               spec.tolerance["atol"], spec.tolerance["rtol"], 0.9999))
         if use_polygraphy:
-            ok = _polygraphy_compare(module, spec, pipe.manifest.graph_path(spec.name), cases[spec.name])
+            ok = _polygraphy_accuracy(spec, refs, gots)
             if ok is not None:
                 report.polygraphy[spec.name] = ok
-    pipe.close()
 
 
-def verify_end_to_end(bundle, model: InternVLModel, report: VerifyReport, cosine_min: float = 0.99999,
-                      seed: int = 0, max_new_tokens: int = 8) -> None:
-    """Embeddings, similarity and greedy/beam tokens through the runtime pipeline."""
-    pipe = runtime.load(bundle, verify_checksums=False)
-    config = model.config
+class _CachedVision(torch.nn.Module):
+    """Stands in for the vision tower with its already computed output (the tower itself is freed)."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, pixel_values):
+        return self.hidden
+
+
+def _e2e_inputs(config, seed: int):
     q = config.qllama
     rng = np.random.default_rng(seed + 10)
     s = config.image_size
@@ -203,34 +213,90 @@ def verify_end_to_end(bundle, model: InternVLModel, report: VerifyReport, cosine
     ids[0, 5:] = 0
     ids[0, 4] = q.eos_token_id
     ids[2, -1] = q.eos_token_id
-    tp, ti = torch.from_numpy(pix), torch.from_numpy(ids)
-    for mode in ("InternVL-C", "InternVL-G"):
-        report.outputs.append(compare("end-to-end", f"image_embeds {mode[-1]}", model.encode_image(tp, mode).numpy(),
-                                      pipe.encode_image(pix, mode), 1e-3, 1e-3, cosine_min))
-    report.outputs.append(compare("end-to-end", "text_embeds", model.encode_text(ti).numpy(), pipe.encode_text(ids),
-                                  1e-3, 1e-3, cosine_min))
-    for mode in ("InternVL-C", "InternVL-G"):
-        ref = model(tp, ti, mode)[0].numpy()
-        img, txt = pipe.encode_image(pix, mode), pipe.encode_text(ids)
-        got = np.exp(pipe.logit_scale) * normalize(img) @ normalize(txt).T
-        report.outputs.append(compare("end-to-end", f"logits_per_image {mode[-1]}", ref, got, 1e-3, 1e-4, cosine_min))
     prompt = np.array([[q.bos_token_id] + list(rng.integers(3, q.vocab_size, 3))], np.int64)
-    prompts = np.repeat(prompt, 2, 0)
-    for beams in (1, 3):
-        ref = model.generate(tp, torch.from_numpy(prompts), max_new_tokens=max_new_tokens, num_beams=beams).numpy()
-        got = pipe.generate(pix, prompts, max_new_tokens=max_new_tokens, num_beams=beams)
-        name = "greedy" if beams == 1 else f"beam{beams}"
-        report.tokens.append(TokenCheck(name, ref.tolist(), got.tolist(), np.array_equal(ref, got)))
-    pipe.close()
+    return pix, ids, np.repeat(prompt, 2, 0)
 
 
-def verify_bundle(bundle, model: InternVLModel, cosine_min: float = 0.99999, batch_sizes=(1, 2), seed: int = 0,
+def _reference_end_to_end(source: ReferenceSource, pix, ids, prompts, max_new_tokens: int, beams=(1, 3)) -> dict:
+    """The reference's end-to-end outputs, with the vision tower and the language side loaded in turn."""
+    tp, ti = torch.from_numpy(pix), torch.from_numpy(ids)
+    vision = source.part(VISION_PART)
+    with torch.no_grad():
+        hidden = vision.vision_features(tp)
+        out = {"image_embeds C": vision.clip_projector(hidden)}
+    del vision
+    gc.collect()
+    lang = source.part(LANGUAGE_PART)
+    lang.vision_model = _CachedVision(hidden)
+    with torch.no_grad():
+        g = lang.clip_projector2(lang.query_features(hidden)[0])
+        c = out["image_embeds C"]
+        out["image_embeds G"] = c / c.norm(dim=1, keepdim=True) + g / g.norm(dim=1, keepdim=True)
+        out["text_embeds"] = lang.encode_text(ti)
+        txt = out["text_embeds"] / out["text_embeds"].norm(dim=1, keepdim=True)
+        for m in "CG":
+            img = out[f"image_embeds {m}"] / out[f"image_embeds {m}"].norm(dim=1, keepdim=True)
+            out[f"logits_per_image {m}"] = lang.logit_scale.exp() * img @ txt.t()
+        for b in beams:
+            out[f"tokens {b}"] = lang.generate(tp, torch.from_numpy(prompts), max_new_tokens=max_new_tokens,
+                                               num_beams=b)
+    del lang
+    gc.collect()
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def verify_end_to_end(bundle, model, report: VerifyReport, cosine_min: float = 0.99999,
+                      seed: int = 0, max_new_tokens: int = 8, progress=None, beams=(1, 3),
+                      one_session_at_a_time: bool = True) -> None:
+    """Embeddings, similarity and greedy/beam tokens through the runtime pipeline.
+
+    The reference runs first (vision tower, then the language side), then the runtime Pipeline with
+    one graph session open at a time (re-opened as the pipeline moves between graphs; pass
+    one_session_at_a_time=False to open all three once when memory allows), so neither side's
+    memory stacks on the other's.
+    """
+    from runtime.manifest import read_manifest
+    from runtime.pipeline import Pipeline
+    from runtime.text import TextCodec
+
+    progress = reporter(progress, log)
+    source = _as_source(model)
+    pix, ids, prompts = _e2e_inputs(source.config, seed)
+    ref = _reference_end_to_end(source, pix, ids, prompts, max_new_tokens, beams)
+    manifest = read_manifest(bundle, verify_checksums=False)
+    if one_session_at_a_time:
+        sessions = OneSessionAtATime(manifest, on_open=lambda n: progress(f"[verify] end to end: opening {n}"))
+        pipeline = Pipeline(manifest, sessions, TextCodec.from_manifest(manifest))
+    else:
+        import runtime
+
+        pipeline = runtime.load(bundle)
+    with pipeline as pipe:
+        got = {f"image_embeds {m[-1]}": pipe.encode_image(pix, m) for m in ("InternVL-C", "InternVL-G")}
+        got["text_embeds"] = pipe.encode_text(ids)
+        for m in "CG":
+            got[f"logits_per_image {m}"] = (np.exp(pipe.logit_scale) * normalize(got[f"image_embeds {m}"])
+                                            @ normalize(got["text_embeds"]).T)
+        for b in beams:
+            got[f"tokens {b}"] = pipe.generate(pix, prompts, max_new_tokens=max_new_tokens, num_beams=b)
+    for name in ("image_embeds C", "image_embeds G", "text_embeds"):
+        report.outputs.append(compare("end-to-end", name, ref[name], got[name], 1e-3, 1e-3, cosine_min))
+    for m in "CG":
+        name = f"logits_per_image {m}"
+        report.outputs.append(compare("end-to-end", name, ref[name], got[name], 1e-3, 1e-4, cosine_min))
+    for b in beams:
+        r, g = ref[f"tokens {b}"], got[f"tokens {b}"]
+        report.tokens.append(TokenCheck("greedy" if b == 1 else f"beam{b}", r.tolist(), g.tolist(),
+                                        np.array_equal(r, g)))
+
+
+def verify_bundle(bundle, model, cosine_min: float = 0.99999, batch_sizes=(1, 2), seed: int = 0,
                   use_polygraphy: bool = True, progress=None) -> VerifyReport:
-    """Verify an fp32 bundle against `model`: every graph, then end to end. See VerifyReport.passed."""
+    """Verify an fp32 bundle against `model` (an InternVLModel, or a ReferenceSource that loads only the
+    parts each check needs): every graph, then end to end. See VerifyReport.passed."""
     progress = reporter(progress, log)
     report = VerifyReport()
-    model = model.float().eval()
     verify_graphs(bundle, model, report, batch_sizes, seed, use_polygraphy, progress)
     progress("[verify] end to end: embeddings, similarity, greedy and beam captions")
-    verify_end_to_end(bundle, model, report, cosine_min, seed)
+    verify_end_to_end(bundle, model, report, cosine_min, seed, progress=progress)
     return report

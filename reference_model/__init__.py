@@ -2,10 +2,12 @@
 from pathlib import Path
 
 from .config import PRESETS, ConfigError, InternVLConfig, QLlamaConfig, VisionConfig, preset_config
+from .checkpoint_reader import iter_checkpoint_tensors
 from .loading import CheckpointError, from_preset, load_pretrained, save_pretrained
 from .model import InternVLModel
 
 DEMO_CHECKPOINT = Path(__file__).parent / "demo_checkpoint"
 
 __all__ = ["InternVLModel", "InternVLConfig", "VisionConfig", "QLlamaConfig", "PRESETS", "preset_config",
-           "load_pretrained", "from_preset", "save_pretrained", "ConfigError", "CheckpointError", "DEMO_CHECKPOINT"]
+           "load_pretrained", "from_preset", "save_pretrained", "ConfigError", "CheckpointError", "DEMO_CHECKPOINT",
+           "iter_checkpoint_tensors"]

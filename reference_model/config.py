@@ -104,6 +104,10 @@ class InternVLConfig:
     attn_pool_num_heads: int = 16
     force_image_size: int | None = None
     tie_word_embeddings: bool = True
+    # LoRA rank r the original wraps each tower with before loading (0 = none): such checkpoints carry
+    # peft key names; the loader merges the adapters (reference_model.checkpoint_reader).
+    use_backbone_lora: int = 0
+    use_qllama_lora: int = 0
 
     @property
     def image_size(self) -> int:
@@ -174,8 +178,8 @@ class InternVLConfig:
             "hidden_size": self.qllama.hidden_size,
             "force_image_size": self.force_image_size,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "use_backbone_lora": 0,
-            "use_qllama_lora": 0,
+            "use_backbone_lora": self.use_backbone_lora,
+            "use_qllama_lora": self.use_qllama_lora,
         }
 
     @classmethod
@@ -209,6 +213,15 @@ PRESETS: dict[str, InternVLConfig] = {
         qllama=QLlamaConfig(vocab_size=49954, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                             num_attention_heads=8, max_position_embeddings=2048),
         num_query_token=32, clip_embed_dim=256, attn_pool_num_heads=8, tie_word_embeddings=False,
+    ),
+    # InternVL-14B's real widths (vision 3200/25 heads/MLP 12800; QLLaMA 4096/32 heads/11008, vocab 49954,
+    # 96 queries, cross-attention on every 2nd layer) with 2 vision + 2 QLLaMA layers: every tensor shape
+    # of the 14B except the layer count. 1,212,586,627 parameters (4.85 GB fp32, 2.43 GB bf16); the largest
+    # tensors are embed_tokens / lm_head (49954 x 4096 = 204.6 M). For scale tests of export and loading.
+    "real-width": InternVLConfig(
+        vision=VisionConfig(num_hidden_layers=2),
+        qllama=QLlamaConfig(num_hidden_layers=2),
+        tie_word_embeddings=False,
     ),
     # The shipped demo model (reference_model.DEMO_CHECKPOINT): 8x8 digits shown at 16 px.
     "digits": InternVLConfig(

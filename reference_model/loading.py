@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint_reader import (IGNORED_PREFIXES, CheckpointError, Entry, SourceTensor, check_against,
+                                iter_checkpoint_tensors)
 from .config import ConfigError, InternVLConfig, preset_config
 from .model import InternVLModel
 
@@ -15,11 +17,6 @@ log = logging.getLogger("reference_model")
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-IGNORED_PREFIXES = ("itm_head.",)  # carried by checkpoints, unused at inference
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded as InternVL-14B: the message says why."""
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -30,64 +27,20 @@ def _dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _weight_files(path: Path) -> list[Path]:
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (path / index).is_file():
-            shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (path / s).is_file()]
-            if missing:
-                raise CheckpointError(f"{path}: shards listed in {index} are missing: {missing}; re-download them")
-            return [path / s for s in shards]
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (path / single).is_file():
-            return [path / single]
-    raise CheckpointError(
-        f"{path} has no weights: expected model.safetensors, pytorch_model.bin or a sharded *.index.json"
-    )
-
-
-def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            if f.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                out.update(load_file(str(f)))
-            else:
-                out.update(torch.load(str(f), map_location="cpu", weights_only=True, mmap=True))
-        except Exception as e:  # corrupt files raise many types; name the file either way
-            raise CheckpointError(f"cannot read weights from {f}: {e}") from e
-    return out
-
-
 def load_state(model: InternVLModel, state: dict[str, torch.Tensor], dtype: torch.dtype) -> InternVLModel:
     """Fill a (meta) model from an original-format state dict; any key or shape mismatch raises."""
     state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(IGNORED_PREFIXES)}
     tie = model.config.tie_word_embeddings
+    entries = [Entry(k, SourceTensor(k, Path(), tuple(v.shape), str(v.dtype))) for k, v in state.items()]
+    check_against(entries, {k: tuple(v.shape) for k, v in model.state_dict().items()}, tie)
     if tie:
         # The original ties lm_head and embed_tokens on load; lm_head, loaded last, wins.
         src = state.get("qllama.lm_head.weight", state.get("qllama.model.embed_tokens.weight"))
-        if src is not None:
-            state["qllama.model.embed_tokens.weight"] = state["qllama.lm_head.weight"] = src
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    if shapes:
-        problems.append(f"mis-shaped keys {shapes[:8]}")
-    if problems:
-        raise CheckpointError("checkpoint does not match its config.json: " + "; ".join(problems))
+        state["qllama.model.embed_tokens.weight"] = state["qllama.lm_head.weight"] = src
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    for k in model.state_dict():
+    for k, v in model.state_dict().items():
         if k.startswith(IGNORED_PREFIXES):
-            state[k] = torch.zeros(model.state_dict()[k].shape, dtype=dtype)
+            state[k] = torch.zeros(v.shape, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     if tie:
         model.qllama.lm_head.weight = model.qllama.model.embed_tokens.weight
@@ -95,8 +48,14 @@ def load_state(model: InternVLModel, state: dict[str, torch.Tensor], dtype: torc
     return model.eval()
 
 
-def load_pretrained(path, dtype=torch.float32) -> InternVLModel:
-    """Load an original InternVL-14B model directory (config.json + safetensors/bin, sharded or not)."""
+def load_pretrained(path, dtype=torch.float32, lora_alpha: float | None = None) -> InternVLModel:
+    """Load an original InternVL-14B model directory (config.json + safetensors/bin, sharded or not).
+
+    Tensors are read one at a time (`iter_checkpoint_tensors`), so the peak is the model at `dtype`
+    plus one tensor. LoRA-adapted checkpoints (peft key names) load merged; `lora_alpha` as in
+    `checkpoint_reader.plan_checkpoint` (default 2 * r). The returned model's config has
+    use_backbone_lora / use_qllama_lora set to 0: the adapters are part of its weights now.
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory: give a checkpoint directory holding config.json")
@@ -104,27 +63,46 @@ def load_pretrained(path, dtype=torch.float32) -> InternVLModel:
         config = InternVLConfig.from_file(path)
     except ConfigError as e:
         raise CheckpointError(str(e)) from e
-    files = _weight_files(path)
+    dtype = _dtype(dtype)
+    state = dict(iter_checkpoint_tensors(path, dtype, config=config, lora_alpha=lora_alpha))
+    config.use_backbone_lora = config.use_qllama_lora = 0
     with torch.device("meta"):
         model = InternVLModel(config)
-    return load_state(model, _read_tensors(files), _dtype(dtype))
+    return load_state(model, state, dtype)
+
+
+INIT_STD = 0.02  # the original's initializer_range for matrices, embeddings and query tokens
+LAYER_SCALE_INIT = 0.1  # small layer scales keep a random 48-layer InternViT's activations finite
+
+
+def init_rule(name: str) -> tuple[str, float]:
+    """How a random checkpoint fills the tensor called `name`: ("fill", value) or ("normal", std).
+
+    One rule for `init_weights` (in-memory presets) and the streamed `random-checkpoint` writer, so a
+    random model of any size has the same scales: std-0.02 matrices, unit norms, zero biases, small
+    layer scales and the original's logit_scale = log(1/0.07).
+    """
+    if name == "logit_scale":
+        return "fill", float(torch.log(torch.tensor(1 / 0.07)))
+    if "norm" in name and name.endswith("weight"):
+        return "fill", 1.0
+    if "norm" in name and name.endswith("bias") or name.endswith("_bias") or name.endswith(".bias"):
+        return "fill", 0.0
+    if name.endswith(("ls1", "ls2")):
+        return "fill", LAYER_SCALE_INIT
+    return "normal", INIT_STD
 
 
 def init_weights(model: InternVLModel, seed: int = 0) -> InternVLModel:
     """Deterministic random weights (std 0.02 matrices, unit norms, small layer scales) for presets."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
+        kind, value = init_rule(name)
         with torch.no_grad():
-            if name == "logit_scale":
-                p.fill_(float(torch.log(torch.tensor(1 / 0.07))))
-            elif "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif "norm" in name and name.endswith("bias") or name.endswith("_bias") or name.endswith(".bias"):
-                p.zero_()
-            elif name.endswith(("ls1", "ls2")):
-                p.fill_(0.1)
+            if kind == "fill":
+                p.fill_(value)
             else:
-                p.normal_(0.0, 0.02, generator=g)
+                p.normal_(0.0, value, generator=g)
     return model
 
 

@@ -118,13 +118,15 @@ class InternViT(nn.Module):
         """Bicubic resize of the position grid, CLS kept (the original's `force_image_size`)."""
         pos = self.embeddings.position_embedding
         d = pos.shape[-1]
+        if pos.is_meta:  # shapes only (torch.cat on meta would import torch's slow decompositions)
+            n = (new_size // patch_size) ** 2 + 1
+            self.embeddings.position_embedding = nn.Parameter(torch.empty(1, n, d, device="meta", dtype=pos.dtype))
+            self.image_size = new_size
+            return
         cls, grid = pos[:, :1], pos[:, 1:]
         g_old, g_new = old_size // patch_size, new_size // patch_size
         grid = grid.reshape(1, g_old, g_old, d).permute(0, 3, 1, 2)  # (1, D, g, g)
-        if pos.is_meta:
-            grid = torch.empty(1, d, g_new, g_new, device="meta", dtype=pos.dtype)
-        else:
-            grid = F.interpolate(grid.float(), size=g_new, mode="bicubic", align_corners=False)
+        grid = F.interpolate(grid.float(), size=g_new, mode="bicubic", align_corners=False)
         grid = grid.to(cls.dtype).reshape(1, d, -1).permute(0, 2, 1)  # (1, g*g, D)
         self.embeddings.position_embedding = nn.Parameter(torch.cat([cls, grid], dim=1).contiguous())
         self.image_size = new_size

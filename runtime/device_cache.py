@@ -43,15 +43,26 @@ class DeviceKVCache:
         self.scratch = None  # second block for beam reorder, made on first use
         self.mask = np.zeros((rows, capacity), np.int64)
         self.mask[:, :q_len] = 1
-        g = kv_slot_geometry(self.heads, capacity, self.head_dim, 0, q_len, self.dtype.itemsize, rows)
+        try:
+            self._write_prefix(prefix)
+        except BaseException:  # e.g. out of device memory: free what was allocated, then report
+            self.close()
+            raise
+
+    def _write_prefix(self, prefix: list) -> None:
+        rows, q_len = self.rows, self.prefix_len
+        g = kv_slot_geometry(self.heads, self.capacity, self.head_dim, 0, q_len, self.dtype.itemsize, rows)
         for i, t in enumerate(prefix):  # the visual prefix: once per request
-            staged = memory.upload(np.asarray(t, self.dtype)) if isinstance(t, np.ndarray) else None
-            src = staged or t
-            memory.copy_2d(self._tensor_ptr(self.block, i, rows), g["dpitch"], src.ptr, g["spitch"], g["width"],
-                           g["height"])
+            if tuple(t.shape) != (rows, self.heads, q_len, self.head_dim):
+                raise ValueError(f"prefix tensor {i} has shape {list(t.shape)}, expected "
+                                 f"{[rows, self.heads, q_len, self.head_dim]}")
+            staged = self.memory.upload(np.asarray(t, self.dtype)) if isinstance(t, np.ndarray) else None
+            src = t if staged is None else staged
+            self.memory.copy_2d(self._tensor_ptr(self.block, i, rows), g["dpitch"], src.ptr, g["spitch"],
+                                g["width"], g["height"])
             if staged is not None:
-                memory.sync()
-                memory.release(staged)
+                self.memory.sync()
+                self.memory.release(staged)
 
     # -- layout ----------------------------------------------------------------------------------
     @property

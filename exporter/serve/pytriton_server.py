@@ -89,13 +89,13 @@ def bind_models(triton, handlers, opts: ServeOptions, embed_dim: int) -> None:
                   Tensor(name="max_new_tokens", dtype=np.int32, shape=(1,), optional=True),
                   Tensor(name="num_beams", dtype=np.int32, shape=(1,), optional=True)]
     n = opts.instances
-    triton.bind("embed_image", [_batch_fn(handlers.embed_image)] * n, inputs=[image, Tensor(name="mode", **opt_bytes)],
+    triton.bind("embed_image", [_batch_fn(handlers.embed_image) for _ in range(n)], inputs=[image, Tensor(name="mode", **opt_bytes)],
                 outputs=embedding, config=batched, strict=True)
-    triton.bind("embed_text", [_batch_fn(handlers.embed_text)] * n, inputs=[Tensor(name="text", dtype=bytes, shape=(1,))],
+    triton.bind("embed_text", [_batch_fn(handlers.embed_text) for _ in range(n)], inputs=[Tensor(name="text", dtype=bytes, shape=(1,))],
                 outputs=embedding, config=batched, strict=True)
-    triton.bind("caption", [_batch_fn(handlers.caption)] * n, inputs=caption_in, outputs=text_out, config=batched,
+    triton.bind("caption", [_batch_fn(handlers.caption) for _ in range(n)], inputs=caption_in, outputs=text_out, config=batched,
                 strict=True)
-    triton.bind("caption_stream", [_stream_fn(handlers)] * n, inputs=caption_in, outputs=text_out,
+    triton.bind("caption_stream", [_stream_fn(handlers) for _ in range(n)], inputs=caption_in, outputs=text_out,
                 config=ModelConfig(max_batch_size=1, batching=True, decoupled=True), strict=True)
 
 
@@ -135,6 +135,13 @@ def serve(bundle, opts: ServeOptions | None = None) -> None:
             triton.serve()
     except KeyboardInterrupt:
         pass
+    except Exception as e:  # tritonclient's InferenceServerException: Triton failed to load a model
+        if type(e).__name__ != "InferenceServerException":
+            raise
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        cause = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else str(e))
+        raise RuntimeError(f"Triton could not load the models: {cause} ({lines[0][:100] if lines else ''}...; "
+                           "the server log above has the rest)") from e
     finally:
         signal.signal(signal.SIGTERM, previous)
         pipe.close()

@@ -265,6 +265,10 @@ def write_repo(bundle, out, opts: RepoOptions | None = None, entries=ENTRIES, ov
             _copy_code(vdir, "entry_model.py")
             _place_bundle(bundle, vdir / "bundle", opts.backend == "tensorrt", tally)
             configs[e] = entry_config(e, embed_dim, opts, max_batch, bls)
+        if validate and _model_config_pb2() is None:
+            log.warning("tritonclient is not installed: config.pbtxt files written without validation "
+                        "(pip install tritonclient to check them against Triton's ModelConfig)")
+            validate = False
         for name, text in configs.items():
             if validate:
                 parse_config(text)

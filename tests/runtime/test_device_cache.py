@@ -66,6 +66,9 @@ def test_device_cache_matches_host_cache(prefix_on_device):
 
 def test_device_cache_rejects_mismatched_present():
     mem = HostMemory()
+    with pytest.raises(ValueError, match=r"prefix tensor 1 has shape \[1, 2, 2, 4\]"):
+        DeviceKVCache([np.zeros((1, 2, 3, 4), np.float32), np.zeros((1, 2, 2, 4), np.float32)], 8, mem)
+    assert mem.live_bytes == 0  # what the failed constructor allocated was freed
     with DeviceKVCache([np.zeros((1, 2, 3, 4), np.float32)] * 2, 8, mem) as dev:
         bad = mem.upload(np.zeros((1, 2, 1, 5), np.float32))
         with pytest.raises(ValueError, match=r"present tensor 0 is float32\[1, 2, 1, 5\]"):

@@ -140,6 +140,7 @@ def test_pytriton_serve(tiny_text_bundle, tmp_path, images):
                 "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--max-batch", "4", "--threads", "1"]
 
     report, rc, stopped, log = _run(cmd, tmp_path, images, tiny_text_bundle)
+    print(f"PyTriton serve: SIGTERM -> exit in {stopped:.1f}s")
     _check(report, tiny_text_bundle, images, per_request_errors=False)
     assert rc == 0 and stopped < 30, (rc, stopped)
     assert "server stopped" in log.read_text()
@@ -155,5 +156,6 @@ def test_triton_repo_on_bundled_tritonserver(tiny_text_bundle, tmp_path, images)
                 "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
 
     report, rc, stopped, _ = _run(cmd, tmp_path, images, tiny_text_bundle)
+    print(f"tritonserver on the repository: SIGTERM -> exit in {stopped:.1f}s")
     _check(report, tiny_text_bundle, images, per_request_errors=True)
     assert rc == 0 and stopped < 30, (rc, stopped)

@@ -105,3 +105,17 @@ def test_cli_triton_repo(tiny_text_bundle, tmp_path):
                                   "--backend", "tensorrt"])
     assert r.exit_code != 0 and "bridge-export engine" in r.output
     assert os.listdir(tmp_path) == ["r"]
+
+
+def test_serve_without_pytriton_names_the_extra(tiny_text_bundle):
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from exporter.cli import main
+
+    if importlib.util.find_spec("pytriton") is not None:
+        pytest.skip("PyTriton is installed here: the end-to-end tests cover serve")
+    r = CliRunner().invoke(main, ["serve", str(tiny_text_bundle)])
+    assert r.exit_code != 0 and 'pip install "bridge-export[serve]"' in r.output
+    assert "Traceback" not in r.output
