@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.errors import MissingDependency
+
 log = logging.getLogger(__name__)
 
 RAY_EXTRA = 'batch embedding on Ray needs Ray Data and pyarrow: pip install "bridge-export[ray]"'
@@ -28,7 +30,7 @@ def _import_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError as e:
-        raise RuntimeError(RAY_EXTRA) from e
+        raise MissingDependency(RAY_EXTRA) from e
     return ray
 
 

@@ -49,9 +49,24 @@ def names_digit(text: str, label: int) -> bool:
 
 
 def load_test_split(checkpoint: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The shipped held-out digits: uint8 images (N, 8, 8) and labels (N,)."""
+    """The shipped test split of the handwriting: uint8 images (N, 8, 8) and labels (N,)."""
     with np.load(Path(checkpoint) / "test_digits.npz") as d:
         return d["images"], d["labels"]
+
+
+def load_heldout_style(checkpoint: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The shipped held-out style (digits typeset in fonts never trained on): uint8 images (N, S, S),
+    labels (N,) and font names (N,); None for a checkpoint trained without one."""
+    with np.load(Path(checkpoint) / "test_digits.npz") as d:
+        if "heldout_images" not in d:
+            return None
+        return d["heldout_images"], d["heldout_labels"], d["heldout_fonts"]
+
+
+def load_calibration_images(checkpoint: Path) -> np.ndarray:
+    """A few training digits shipped for INT8 calibration (never a test image): uint8 (N, S, S)."""
+    with np.load(Path(checkpoint) / "test_digits.npz") as d:
+        return d["calib_images"]
 
 
 class ReferenceRunner:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.errors import MissingDependency
+
 from . import SERVE_EXTRA
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ def _import_pytriton():
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
         from pytriton.triton import Triton, TritonConfig
     except ImportError as e:
-        raise RuntimeError(SERVE_EXTRA) from e
+        raise MissingDependency(SERVE_EXTRA) from e
     return DynamicBatcher, ModelConfig, Tensor, Triton, TritonConfig
 
 
