@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from reference_model.digits import (CAPTION_PROMPT, WORDS, ReferenceRunner, evaluate, load_test_split,
-                                   names_digit)
+from reference_model.digits import (CAPTION_PROMPT, TEMPLATE, WORDS, ReferenceRunner, caption_text, evaluate,
+                                   load_test_split, names_digit)
 from runtime.progress import get_logger, reporter
 
 log = get_logger(__name__)
@@ -51,9 +51,32 @@ def save_grid(images, labels, texts, path: Path, n: int = 32) -> Path:
     return path
 
 
-def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "fp16", "int8", "int8-cpu"),
+def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "fp16", "int8", "int8-cpu", "int4-cpu"),
              progress=None) -> dict:
     """Export the shipped checkpoint, run every variant over the test digits, print and return the report."""
+    from .output import owned_folder
+
+    unknown = sorted(set(precisions) - {"fp32", "fp16", "int8", "int8-cpu", "int4-cpu"})
+    if unknown:
+        raise ValueError(f"unknown precisions {unknown}: choose from fp32, fp16, int8, int8-cpu, int4-cpu")
+    progress = reporter(progress, log)
+    t_start = time.perf_counter()
+    # an earlier demo folder is reused (each bundle in it replaced atomically); a folder holding anything
+    # bridge-export did not write is refused before any work
+    out = owned_folder(out, "demo", legacy=_legacy_demo_dir)
+    results = _run(out, limit, precisions, progress)
+    print(f"caption grid: {out / 'captions.png'}")
+    print(f"finished in {time.perf_counter() - t_start:.0f}s")
+    return results
+
+
+def _legacy_demo_dir(path: Path) -> bool:
+    """A demo folder written before owner files existed."""
+    return {p.name for p in path.iterdir()} <= {"bundle-fp32", "bundle-fp16", "bundle-int8", "bundle-int8-cpu",
+                                                 "calib", "captions.png"}
+
+
+def _run(work: Path, limit: int, precisions, progress) -> dict:
     import runtime
     from reference_model import DEMO_CHECKPOINT, load_pretrained
     from runtime.text import TextCodec
@@ -61,23 +84,19 @@ def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "
     from .bundle import export_bundle
     from .precision import make_precision_bundle
 
-    progress = reporter(progress, log)
-    t_start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     images, labels = load_test_split(DEMO_CHECKPOINT)
     if limit:
         images, labels = images[:limit], labels[:limit]
     progress(f"[demo] {len(labels)} held-out handwritten digits (scikit-learn load_digits), shipped model "
              f"{DEMO_CHECKPOINT.name}")
     model = load_pretrained(DEMO_CHECKPOINT)
-    fp32 = export_bundle(model, out / "bundle-fp32", checkpoint=DEMO_CHECKPOINT, overwrite=True, progress=progress)
+    fp32 = export_bundle(model, work / "bundle-fp32", checkpoint=DEMO_CHECKPOINT, overwrite=True, progress=progress)
     pipe = runtime.load(fp32)
     codec = pipe.codec
     variants = {"pytorch reference": ReferenceRunner(model, TextCodec(DEMO_CHECKPOINT / "tokenizer.json",
                                                                       pipe.manifest), pipe.preprocessing)}
     variants["onnx fp32"] = BundleRunner(pipe)
-    calib_dir = out / "calib"
+    calib_dir = work / "calib"
     if "int8" in precisions:
         from PIL import Image
 
@@ -85,11 +104,14 @@ def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "
         with np.load(DEMO_CHECKPOINT / "test_digits.npz") as d:
             for i, im in enumerate(d["calib_images"]):
                 Image.fromarray(im).save(calib_dir / f"{i:03d}.png")
+    texts_file = work / "calib_texts.txt"  # the task's own texts: class prompts and captions
+    texts_file.write_text("\n".join([TEMPLATE.format(w) for w in WORDS] + [caption_text(i) for i in range(10)]
+                                     + [f"{CAPTION_PROMPT} {caption_text(i)}" for i in range(10)]) + "\n")
     for prec in precisions:
         if prec == "fp32":
             continue
-        b = make_precision_bundle(fp32, out / f"bundle-{prec}", prec, calib=calib_dir if prec == "int8" else None,
-                                  overwrite=True, progress=lambda s: None, report=False)
+        b = make_precision_bundle(fp32, work / f"bundle-{prec}", prec, calib=calib_dir if prec == "int8" else None,
+                                  calib_texts=texts_file, overwrite=True, progress=lambda s: None, report=False)
         progress(f"[demo] made the {prec} bundle")
         variants[f"onnx {prec}"] = BundleRunner(runtime.load(b))
     results = {}
@@ -97,9 +119,10 @@ def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "
         progress(f"[demo] evaluating {name} ...")
         results[name] = evaluate(runner, codec, images, labels)
     print(format_report(results, images, labels))
-    grid = save_grid(images, labels, results["onnx fp32"]["texts"], out / "captions.png")
-    print(f"caption grid: {grid}")
-    print(f"finished in {time.perf_counter() - t_start:.0f}s")
+    from .output import atomic_file
+
+    with atomic_file(work / "captions.png") as tmp:
+        save_grid(images, labels, results["onnx fp32"]["texts"], tmp)
     return results
 
 

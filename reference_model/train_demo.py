@@ -124,6 +124,9 @@ def train(steps: int = 600, batch: int = 128, lr: float = 3e-3, seed: int = 0, o
     np.savez_compressed(work / "test_digits.npz", images=test_x, labels=test_y, calib_images=train_x[:64],
                         calib_labels=train_y[:64])
     (work / "metrics.json").write_text(json.dumps({**metrics, "steps": steps, "seed": seed}, indent=2))
+    # captions are three tokens ("the digit seven"): forcing the original's min_new_tokens=8 runs past EOS
+    (work / "generation_config.json").write_text(json.dumps({"num_beams": 5, "max_new_tokens": 8,
+                                                             "min_new_tokens": 0}, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     work.rename(out)

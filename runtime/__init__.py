@@ -4,6 +4,7 @@ No torch here: `import runtime` must work where torch is not installed.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .manifest import GRAPHS, BundleError, Manifest, read_manifest
@@ -25,11 +26,21 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
     {"session.disable_prepacking": "1"} so weights stay in the bundle's memory-mapped file instead
     of being copied per session (the bridge and the decoder share QLLaMA's bytes in weights.bin).
     """
-    from .sessions import open_session
+    from .sessions import BackendUnavailable, check_threads, open_session, tensorrt_available
 
+    if backend not in ("onnxruntime", "tensorrt"):
+        raise ValueError(f"unknown backend {backend!r}: use 'onnxruntime' or 'tensorrt'")
+    if backend == "tensorrt" and device != "cpu" and not tensorrt_available():
+        raise BackendUnavailable("backend='tensorrt' needs TensorRT, which is not installed here: pip install "
+                                 "tensorrt on a machine with an NVIDIA GPU, or use backend='onnxruntime'")
+    check_threads(threads)
     memory, providers = _device(device, backend, providers)
     manifest = read_manifest(bundle, verify_checksums=verify_checksums)
     sessions = {}
+    # The tokenizer (tokenizers, Rust) is parsed on a thread while onnxruntime opens the graphs.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridge-export-tokenizer")
+    codec = pool.submit(TextCodec.from_manifest, manifest)
+    pool.shutdown(wait=False)
     try:
         for name in GRAPHS:
             path = manifest.graph_path(name)
@@ -37,13 +48,14 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
                 path = Path(bundle) / "engines" / f"{name}.engine"
             sessions[name] = open_session(path, backend, providers=providers, threads=threads, memory=memory,
                                           session_config=session_config)
+        text_codec = codec.result()
     except BaseException:
         for s in sessions.values():
             s.close()
         if memory is not None:
             memory.close()
         raise
-    return Pipeline(manifest, sessions, TextCodec.from_manifest(manifest), memory=memory)
+    return Pipeline(manifest, sessions, text_codec, memory=memory)
 
 
 def _device(device, backend: str, providers):
@@ -59,15 +71,16 @@ def _device(device, backend: str, providers):
             raise ValueError("TensorRT runs on a GPU: use device='cuda:0' (or backend='onnxruntime' on the CPU)")
         return None, providers
     from .cuda import CudaMemory, parse_device
+    from .sessions import BackendUnavailable
 
     ordinal = parse_device(device)
     if backend == "onnxruntime" and providers is None:
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise RuntimeError(f"device={device!r} needs onnxruntime's CUDA provider, and this onnxruntime has only "
-                               f"{ort.get_available_providers()}: pip install onnxruntime-gpu (in place of "
-                               "onnxruntime), or use device='cpu'")
+            raise BackendUnavailable(f"device={device!r} needs onnxruntime's CUDA provider, and this onnxruntime "
+                                     f"has only {ort.get_available_providers()}: pip install onnxruntime-gpu (in "
+                                     "place of onnxruntime), or use device='cpu'")
         providers = [("CUDAExecutionProvider", {"device_id": ordinal}), "CPUExecutionProvider"]
     return CudaMemory(ordinal), providers
 
