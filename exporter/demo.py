@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from reference_model.digits import (CAPTION_PROMPT, WORDS, ReferenceRunner, evaluate, load_test_split,
-                                   names_digit)
+from reference_model.digits import (CAPTION_PROMPT, WORDS, ReferenceRunner, evaluate, load_calibration_images,
+                                   load_heldout_style, load_test_split, names_digit)
 from runtime.progress import get_logger, reporter
 
 log = get_logger(__name__)
@@ -51,9 +51,21 @@ def save_grid(images, labels, texts, path: Path, n: int = 32) -> Path:
     return path
 
 
+def demo_sets(checkpoint: Path, limit: int = 0) -> dict:
+    """{title: (images, labels)}: the handwriting test split and, when shipped, the held-out font style."""
+    images, labels = load_test_split(checkpoint)
+    sets = {f"test split: {len(labels)} handwritten digits (scikit-learn load_digits, not trained on)":
+            (images, labels)}
+    held = load_heldout_style(checkpoint)
+    if held is not None:
+        sets[f"held-out style: {len(held[1])} digits typeset in {len(set(held[2].tolist()))} DejaVu fonts "
+             "(never trained on), random size/position/stroke"] = held[:2]
+    return {t: (x[:limit], y[:limit]) if limit else (x, y) for t, (x, y) in sets.items()}
+
+
 def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "fp16", "int8", "int8-cpu"),
              progress=None) -> dict:
-    """Export the shipped checkpoint, run every variant over the test digits, print and return the report."""
+    """Export the shipped checkpoint, run every variant over the shipped digit sets, print and return the report."""
     import runtime
     from reference_model import DEMO_CHECKPOINT, load_pretrained
     from runtime.text import TextCodec
@@ -62,14 +74,12 @@ def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "
     from .precision import make_precision_bundle
 
     progress = reporter(progress, log)
+    progress = reporter(progress, log)
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    images, labels = load_test_split(DEMO_CHECKPOINT)
-    if limit:
-        images, labels = images[:limit], labels[:limit]
-    progress(f"[demo] {len(labels)} held-out handwritten digits (scikit-learn load_digits), shipped model "
-             f"{DEMO_CHECKPOINT.name}")
+    sets = demo_sets(DEMO_CHECKPOINT, limit)
+    progress(f"[demo] shipped model {DEMO_CHECKPOINT.name}; " + "; ".join(f"{len(y)} digits" for _, y in sets.values()))
     model = load_pretrained(DEMO_CHECKPOINT)
     fp32 = export_bundle(model, out / "bundle-fp32", checkpoint=DEMO_CHECKPOINT, overwrite=True, progress=progress)
     pipe = runtime.load(fp32)
@@ -82,9 +92,8 @@ def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "
         from PIL import Image
 
         calib_dir.mkdir(exist_ok=True)
-        with np.load(DEMO_CHECKPOINT / "test_digits.npz") as d:
-            for i, im in enumerate(d["calib_images"]):
-                Image.fromarray(im).save(calib_dir / f"{i:03d}.png")
+        for i, im in enumerate(load_calibration_images(DEMO_CHECKPOINT)):
+            Image.fromarray(im).save(calib_dir / f"{i:03d}.png")
     for prec in precisions:
         if prec == "fp32":
             continue
@@ -93,25 +102,32 @@ def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "
         progress(f"[demo] made the {prec} bundle")
         variants[f"onnx {prec}"] = BundleRunner(runtime.load(b))
     results = {}
-    for name, runner in variants.items():
-        progress(f"[demo] evaluating {name} ...")
-        results[name] = evaluate(runner, codec, images, labels)
-    print(format_report(results, images, labels))
-    grid = save_grid(images, labels, results["onnx fp32"]["texts"], out / "captions.png")
+    for title, (images, labels) in sets.items():
+        results[title] = {}
+        for name, runner in variants.items():
+            progress(f"[demo] evaluating {name} on {title.split(':')[0]} ...")
+            results[title][name] = evaluate(runner, codec, images, labels)
+        print(format_report(title, results[title], labels))
+    first, (images, labels) = next(iter(sets.items()))
+    grid = save_grid(images, labels, results[first]["onnx fp32"]["texts"], out / "captions.png")
     print(f"caption grid: {grid}")
+    if len(sets) > 1:
+        title, (images, labels) = list(sets.items())[1]
+        grid = save_grid(images, labels, results[title]["onnx fp32"]["texts"], out / "captions-heldout.png")
+        print(f"caption grid (held-out style): {grid}")
     print(f"finished in {time.perf_counter() - t_start:.0f}s")
     return results
 
 
-def format_report(results: dict, images, labels) -> str:
-    """The side-by-side table plus a few example captions."""
-    lines = ["", f"{'':<20} {'zero-shot C':>11} {'zero-shot G':>11} {'caption':>8} {'images/s':>9} {'tokens/s':>9}"]
+def format_report(title: str, results: dict, labels) -> str:
+    """The side-by-side table of one digit set plus a few example captions."""
+    lines = ["", title,
+             f"{'':<20} {'zero-shot C':>11} {'zero-shot G':>11} {'caption':>8} {'images/s':>9} {'tokens/s':>9}"]
     for name, r in results.items():
         lines.append(f"{name:<20} {r['zero_shot_C']:>11.1%} {r['zero_shot_G']:>11.1%} {r['caption']:>8.1%} "
                      f"{r['images_per_s']:>9.0f} {r['tokens_per_s']:>9.0f}")
-    lines.append("")
     lines.append("example captions (onnx fp32):")
     texts = results["onnx fp32"]["texts"]
-    for i in range(min(6, len(texts))):
+    for i in range(min(4, len(texts))):
         lines.append(f"  true {WORDS[labels[i]]:<6} -> {texts[i]!r}")
     return "\n".join(lines)
