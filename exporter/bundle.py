@@ -1,8 +1,6 @@
 """Write a bundle: graphs, shared weights, tokenizer, host tensors and manifest, atomically."""
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,7 +15,9 @@ from runtime.manifest import (MANIFEST, CaptionPrompt, FileEntry, GraphInfo, Lim
 from runtime.progress import get_logger, reporter
 
 from .checks import check_graph
-from .onnx_export import DEFAULT_OPSET, WEIGHTS_FILE, export_graph, relink_weights
+from .errors import ExportError
+from .onnx_export import DEFAULT_OPSET, SUPPORTED_OPSETS, WEIGHTS_FILE, export_graph, relink_weights
+from .output import commit_output, discard, prepare_output  # noqa: F401 (re-exported)
 from .profiles import to_json as profiles_json
 from .specs import all_specs, kv_layout, model_dims
 from .tokenizer import write_tokenizer
@@ -28,38 +28,40 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
-class ExportError(RuntimeError):
-    """An export that cannot proceed; the message says what to do."""
+MAX_EXPORT_BATCH = 4096
 
 
-def prepare_output(out: Path, overwrite: bool) -> Path:
-    """Check `out` can be written and return a fresh temporary sibling to build into."""
-    out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists: choose another --out or pass --overwrite")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"cannot create {parent}: {e.strerror}; choose a writable --out") from e
-    if not os.access(parent, os.W_OK):
-        raise ExportError(f"{parent} is not writable: choose a writable --out")
-    tmp = parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
+def check_export_args(opset: int, limits: Limits) -> None:
+    """Refuse an opset, --max-batch or --max-seq that cannot work, before anything is exported."""
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in SUPPORTED_OPSETS:
+        raise ExportError(f"--opset {opset} is not supported: use {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1} "
+                          f"(default {DEFAULT_OPSET}; TensorRT 10 parses up to 20)")
+    if isinstance(limits.max_batch, bool) or not isinstance(limits.max_batch, int) \
+            or not 1 <= limits.max_batch <= MAX_EXPORT_BATCH:
+        raise ExportError(f"--max-batch must be between 1 and {MAX_EXPORT_BATCH}, got {limits.max_batch}")
+    if isinstance(limits.max_seq, bool) or not isinstance(limits.max_seq, int) or limits.max_seq < 0:
+        raise ExportError(f"--max-seq must be a positive number of positions (or omitted), got {limits.max_seq}")
 
 
-def commit_output(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary directory into place (replacing an old bundle last)."""
-    out = Path(out).absolute()
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+def caption_defaults(checkpoint: Path | None) -> CaptionPrompt:
+    """The caption defaults: the original's (5 beams, 8..30 new tokens), or the checkpoint's generation_config.json.
+
+    A small model that says all it knows in three tokens (the demo digits model) sets min_new_tokens 0
+    there; forcing 8 would push it past its EOS into nonsense.
+    """
+    import json
+
+    out = CaptionPrompt()
+    f = Path(checkpoint) / "generation_config.json" if checkpoint else None
+    if f and f.is_file():
+        try:
+            given = json.loads(f.read_text())
+        except ValueError as e:
+            raise ExportError(f"{f} is not valid JSON ({e}): fix or remove it") from e
+        for k in ("num_beams", "max_new_tokens", "min_new_tokens"):
+            if isinstance(given.get(k), int) and not isinstance(given.get(k), bool):
+                setattr(out, k, given[k])
+    return out
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
@@ -83,7 +85,8 @@ def graph_info(spec, config, limits: Limits, precision: str = "fp32") -> GraphIn
 
 def build_manifest(config, *, limits: Limits | None = None, tokenizer: dict | TokenizerInfo | None = None,
                    source: str = "", opset: int = DEFAULT_OPSET, exporter: str = "torchscript",
-                   precision: str = "fp32", checks: dict[str, dict] | None = None) -> Manifest:
+                   precision: str = "fp32", checks: dict[str, dict] | None = None,
+                   caption: CaptionPrompt | None = None) -> Manifest:
     """The whole manifest of a bundle of `config` (every writer of bundles builds it here).
 
     `checks` maps graph name -> what exporter.checks.check_graph found; `files` is filled by
@@ -106,7 +109,7 @@ def build_manifest(config, *, limits: Limits | None = None, tokenizer: dict | To
         weights=WEIGHTS_FILE,
         kv_layout=kv_layout(config),
         special_tokens=SpecialTokens(bos=q.bos_token_id, eos=q.eos_token_id, pad=q.pad_token_id, unk=0),
-        prompts=Prompts(text_embedding=TextEmbeddingPrompt(pad_id=q.pad_token_id), caption=CaptionPrompt()),
+        prompts=Prompts(text_embedding=TextEmbeddingPrompt(pad_id=q.pad_token_id), caption=caption or CaptionPrompt()),
         preprocessing=Preprocessing(image_size=config.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD),
         tokenizer=tokenizer,
         host_tensors={"text_projection": "text_projection.npy", "logit_scale": "logit_scale.npy"},
@@ -124,9 +127,13 @@ def export_bundle(model: torch.nn.Module, out, *, checkpoint: Path | None = None
     say = reporter(progress, log)
     limits = limits or Limits()
     config = model.config
+    check_export_args(opset, limits)
+    caption = caption_defaults(checkpoint)
     out = Path(out).absolute()
     tmp = prepare_output(out, overwrite)
     try:
+        # the tokenizer first: a missing or corrupt one is refused before minutes of graph export
+        tok = write_tokenizer(checkpoint, tokenizer, tmp, vocab_size=config.qllama.vocab_size)
         paths = []
         model = model.float().eval()
         for spec in all_specs(config):
@@ -137,19 +144,18 @@ def export_bundle(model: torch.nn.Module, out, *, checkpoint: Path | None = None
         saved = relink_weights(paths, tmp)
         say(f"[export] weights shared across graphs ({saved / 1e6:.1f} MB stored once)")
         checks = {spec.name: check_graph(tmp / spec.filename) for spec in all_specs(config)}
-        tok = write_tokenizer(checkpoint, tokenizer, tmp, vocab_size=config.qllama.vocab_size)
         if tok is None:
             say("[export] no tokenizer found (give --tokenizer DIR): the bundle serves the array API only")
         np.save(tmp / "text_projection.npy", model.text_projection.detach().float().numpy())
         np.save(tmp / "logit_scale.npy", model.logit_scale.detach().float().numpy())
         manifest = build_manifest(config, limits=limits, tokenizer=tok, source=source, opset=opset,
-                                  exporter="dynamo" if dynamo else "torchscript", checks=checks)
+                                  exporter="dynamo" if dynamo else "torchscript", checks=checks, caption=caption)
         write_manifest(tmp, manifest)
         commit_output(tmp, out)
         say(f"[export] bundle written to {out}")
         return out
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
 
 

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import onnx
 
+from runtime.errors import UserError
+
 FORBIDDEN = {"If", "Loop", "Scan"}  # TensorRT cannot build If-merged decoders
 CPU_ONLY = {"MatMulInteger", "DynamicQuantizeLinear", "ConvInteger"}  # onnxruntime CPU int8, not TensorRT
 
 
-class GraphCheckError(ValueError):
+class GraphCheckError(UserError, ValueError):
     """A graph that TensorRT or onnxruntime would reject."""
 
 

@@ -1,15 +1,41 @@
 """The `bridge-export` command line: a thin layer over the Python API."""
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
-# Errors that carry a message fit for the user: shown as one line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, RuntimeError)
+from runtime.errors import UserError
+from runtime.pipeline import MAX_BATCH, MAX_CAPTION_BATCH
+from runtime.search import MAX_BEAMS
+
+# Errors a user can cause and fix: shown as one line, no traceback (--debug shows it). Anything else is a
+# bug and keeps its traceback. ValueError is how every argument check reports; OSError covers a full
+# disk, a missing or unreadable file; MemoryError a request too large for this machine.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, OSError, MemoryError)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror}{where}" + (" (free some disk space or choose another --out)"
+                                         if e.errno == errno.ENOSPC else "")
+    if isinstance(e, MemoryError):
+        return "out of memory: use a smaller --batch-size or fewer --beams"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx else None
+    return bool(root and root.params.get("debug")) or os.environ.get("BRIDGE_EXPORT_DEBUG") == "1"
+
 
 # Top-level modules of each optional extra: a command that needs a missing one says which extra to install.
 EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export",
@@ -28,7 +54,7 @@ def missing_extra(e: ModuleNotFoundError) -> str | None:
 
 
 def friendly(fn):
-    """Turn user errors into one-line messages and Ctrl-C into a clean exit (code 130)."""
+    """Turn user errors into one-line messages and Ctrl-C into a clean exit (code 130); --debug: tracebacks."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -45,7 +71,9 @@ def friendly(fn):
                 raise
             raise click.ClickException(advice) from e
         except USER_ERRORS as e:
-            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+            if _debug():
+                raise
+            raise click.ClickException(_one_line(e)) from e
 
     return wrapper
 
@@ -69,8 +97,9 @@ def load_pipeline(bundle, backend: str, device):
 
 @click.group()
 @click.version_option(package_name="bridge-export", message="%(version)s")
+@click.option("--debug", is_flag=True, help="show full tracebacks for errors")
 @click.option("-q", "--quiet", is_flag=True, help="show warnings and errors only")
-def main(quiet):
+def main(debug, quiet):
     """Export InternVL-14B (InternVL-C / InternVL-G) to ONNX and TensorRT, and run the result."""
     import logging
 
@@ -87,9 +116,9 @@ def main(quiet):
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="bundle directory to write")
 @click.option("--opset", default=18, show_default=True, help="ONNX opset (TensorRT 10 parses 17-20)")
 @click.option("--max-batch", default=8, show_default=True, help="largest batch (TensorRT profiles)")
-@click.option("--max-seq", default=0, help="longest sequence incl. queries (default: max positions)")
+@click.option("--max-seq", type=int, help="longest sequence incl. queries (default: max positions)")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="directory with tokenizer.model/json")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-cpu"]), default="fp32",
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-cpu", "int4-cpu"]), default="fp32",
               show_default=True, help="also make a reduced-precision bundle (see `precision`)")
 @click.option("--calib", type=click.Path(path_type=Path), help="calibration images folder (int8)")
 @click.option("--dynamo", is_flag=True, help="use the torch.export-based exporter (slower)")
@@ -98,12 +127,26 @@ def main(quiet):
 def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer, precision, calib, dynamo,
              overwrite):
     """Export a checkpoint or preset into a bundle of ONNX graphs plus manifest."""
-    from .bundle import export_bundle, load_source
+    from .bundle import check_export_args, export_bundle, load_source
+    from .output import check_output_dir
     from .specs import Limits
 
+    if max_seq is not None and max_seq <= 0:
+        raise click.ClickException(f"--max-seq must be a positive number of positions, got {max_seq}")
+    limits = Limits(max_batch, max_seq or 0)
+    # everything that can be refused is refused before the (possibly 28 GB) model is loaded
+    check_export_args(opset, limits)
+    check_output_dir(out, overwrite)
+    if precision != "fp32":
+        check_output_dir(Path(f"{Path(out).absolute()}-{precision}"), overwrite, flag="--precision output")
+        if precision == "int8" and calib is None:
+            raise click.ClickException("--precision int8 needs --calib IMAGES_DIR: INT8 scales are calibrated on "
+                                       "your images")
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise click.ClickException(f"--tokenizer {tokenizer} is not a directory")
     model, source = load_source(checkpoint, preset, seed)
     path = export_bundle(model, out, checkpoint=checkpoint, tokenizer=tokenizer, opset=opset,
-                         limits=Limits(max_batch, max_seq), overwrite=overwrite, dynamo=dynamo, source=source)
+                         limits=limits, overwrite=overwrite, dynamo=dynamo, source=source)
     if precision != "fp32":
         from .precision import make_precision_bundle
 
@@ -171,11 +214,14 @@ def inspect(bundle, as_json):
     click.echo(json.dumps(man.to_dict(), indent=2) if as_json else format_manifest(man))
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+
+
 def _expand_images(images) -> list[Path]:
     out = []
     for p in map(Path, images):
         if p.is_dir():
-            out += sorted(f for f in p.iterdir() if f.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+            out += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         else:
             out.append(p)
     if not out:
@@ -183,99 +229,182 @@ def _expand_images(images) -> list[Path]:
     return out
 
 
+class _ImageReader:
+    """Reads image files a chunk at a time; an unreadable one is reported on stderr and skipped.
+
+    The others are still processed; `finish()` then fails the command (exit status 1) naming how many.
+    """
+
+    def __init__(self, files: list[Path], chunk: int):
+        self.files, self.chunk, self.failed = files, chunk, []
+
+    def __iter__(self):
+        from tqdm import tqdm
+
+        from runtime.preprocess import ImageError, to_pil
+
+        with tqdm(total=len(self.files), desc="images", unit="img", disable=len(self.files) <= self.chunk,
+                  file=sys.stderr) as bar:
+            for i in range(0, len(self.files), self.chunk):
+                names, images = [], []
+                for f in self.files[i:i + self.chunk]:
+                    try:
+                        images.append(to_pil(f))
+                        names.append(f)
+                    except ImageError as e:
+                        self.failed.append(f)
+                        tqdm.write(f"skipped: {e}", file=sys.stderr)
+                bar.update(len(self.files[i:i + self.chunk]))
+                if images:
+                    yield names, images
+
+    def finish(self, done: str) -> None:
+        """Exit with status 1 if any image was skipped (after the others' results were written)."""
+        if self.failed and len(self.failed) == len(self.files):
+            raise click.ClickException(f"none of the {len(self.files)} images could be read (see above)")
+        if self.failed:
+            raise click.ClickException(f"{len(self.failed)} of {len(self.files)} images could not be read (see "
+                                       f"above); {done}")
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1)
 @click.option("--texts", multiple=True, help="texts to embed as well (repeatable)")
 @click.option("--mode", type=click.Choice(["C", "G"]), default="C", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), help="embeddings.npy or .parquet")
-@click.option("--batch-size", default=8, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path),
+              help="embeddings file: NAME.npy (names in NAME.npy.names.txt) or NAME.parquet")
+@click.option("--overwrite", is_flag=True, help="replace an existing --out")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, MAX_BATCH))
 @click.option("--ray", "use_ray", is_flag=True, help="run on Ray Data (images only; --out must be .parquet)")
 @click.option("--address", help="--ray: cluster address (default: start a local cluster)")
-@click.option("--workers", default=1, show_default=True, help="--ray: actors, one pipeline each")
-@click.option("--gpus-per-worker", default=0.0, show_default=True, help="--ray: GPUs per actor")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 4096),
+              help="--ray: actors, one pipeline each")
+@click.option("--gpus-per-worker", default=0.0, show_default=True, type=click.FloatRange(0, 64),
+              help="--ray: GPUs per actor")
 @run_options
 @friendly
-def embed(bundle, images, texts, mode, out, batch_size, use_ray, address, workers, gpus_per_worker, backend, device):
+def embed(bundle, images, texts, mode, out, overwrite, batch_size, use_ray, address, workers, gpus_per_worker,
+          backend, device):
     """Embed images (files or folders) and texts."""
     import numpy as np
-    from tqdm import tqdm
 
+    from .output import atomic_file, check_output_file
+
+    if not images and not texts:
+        raise click.ClickException("nothing to embed: give image files or folders, and/or --texts")
+    if out is not None:  # refused before any work
+        out = check_output_file(out, overwrite, (".npy", ".parquet"))
+        names_file = Path(str(out) + ".names.txt")
+        if out.suffix.lower() == ".npy":
+            check_output_file(names_file, overwrite, (".txt",))
+        else:
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError as e:
+                raise click.ClickException("writing .parquet needs pyarrow: pip install pyarrow, or use .npy") from e
     if use_ray:
         from .ray_embed import run_cli
 
         return run_cli(bundle, _expand_images(images), texts, mode, out, batch_size, address, workers,
                        gpus_per_worker)
     pipe = load_pipeline(bundle, backend, device)
-    files = _expand_images(images) if images else []
-    parts = []
-    for i in tqdm(range(0, len(files), batch_size), desc="images", disable=len(files) <= batch_size, file=sys.stderr):
-        parts.append(pipe.embed_images([str(f) for f in files[i:i + batch_size]], mode))
-    img = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-    txt = pipe.embed_texts(list(texts)) if texts else np.zeros((0, 0), np.float32)
+    txt = pipe.embed_texts(list(texts)) if texts else None
+    reader = _ImageReader(_expand_images(images), batch_size) if images else None
+    files, parts = [], []
+    for names, ims in reader or []:
+        parts.append(pipe.embed_images(ims, mode, batch_size=batch_size))
+        files += names
+    rows = parts + ([txt] if txt is not None else [])
+    if not rows:
+        reader.finish("nothing was embedded")
+    emb = np.concatenate(rows)
     names = [str(f) for f in files] + list(texts)
     kinds = ["image"] * len(files) + ["text"] * len(texts)
-    rows = [r for r in (img, txt) if r.size]
-    emb = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
     if out is None:
         for n, e in zip(names, emb):
             click.echo(f"{n}\t" + " ".join(f"{v:.5f}" for v in e[:8]) + (" ..." if e.shape[0] > 8 else ""))
-    elif out.suffix == ".parquet":
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise click.ClickException("writing .parquet needs pyarrow: pip install pyarrow, or use .npy") from e
-        pq.write_table(pa.table({"source": names, "kind": kinds, "embedding": [list(map(float, e)) for e in emb]}),
-                       out)
+    elif out.suffix.lower() == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"source": names, "kind": kinds, "embedding": [list(map(float, e)) for e in emb]})
+        with atomic_file(out) as tmp:
+            pq.write_table(table, tmp)
     else:
-        np.save(out, emb)
-        Path(str(out) + ".names.txt").write_text("\n".join(names) + "\n")
+        with atomic_file(names_file) as tmp:
+            tmp.write_text("\n".join(names) + "\n")
+        with atomic_file(out) as tmp:
+            with open(tmp, "wb") as f:  # np.save on a path would append .npy to a name without it
+                np.save(f, emb)
     if out:
-        click.echo(f"wrote {emb.shape[0]} embeddings of dim {emb.shape[1] if emb.size else 0} to {out}", err=True)
+        click.echo(f"wrote {emb.shape[0]} embeddings of dim {emb.shape[1]} to {out}", err=True)
+    if reader:
+        reader.finish(f"the other {len(files)} were embedded")
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
-@click.option("--beams", type=int, help="beam width (default: the manifest's, 5 as the original)")
-@click.option("--max-new-tokens", type=int, help="(default: the manifest's, 30)")
-@click.option("--min-new-tokens", type=int, help="(default: the manifest's, 8)")
+@click.option("--beams", type=click.IntRange(1, MAX_BEAMS),
+              help="beam width (default: the manifest's, 5 as the original)")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), help="(default: the manifest's, 30)")
+@click.option("--min-new-tokens", type=click.IntRange(0, 4096),
+              help="at least this many tokens before EOS (default: the manifest's, 8, at most --max-new-tokens)")
 @click.option("--prompt", help="(default: the manifest's, 'English caption:')")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1, MAX_CAPTION_BATCH),
+              help="images per generate call (bounds the KV cache's memory)")
 @click.option("--stream", is_flag=True, help="print tokens as they arrive (greedy)")
 @run_options
 @friendly
-def caption(bundle, images, beams, max_new_tokens, min_new_tokens, prompt, stream, backend, device):
+def caption(bundle, images, beams, max_new_tokens, min_new_tokens, prompt, batch_size, stream, backend, device):
     """Caption images."""
+    if stream and beams not in (None, 1):
+        raise click.ClickException("--stream prints tokens as they are chosen, which beam search cannot: drop --beams")
+    if min_new_tokens is not None and max_new_tokens is not None and min_new_tokens > max_new_tokens:
+        raise click.ClickException(f"--min-new-tokens {min_new_tokens} is above --max-new-tokens {max_new_tokens}")
     pipe = load_pipeline(bundle, backend, device)
-    for f in _expand_images(images):
+    pipe.codec.prompt_ids(pipe.caption_defaults.prompt if prompt is None else prompt)  # refused before any image
+    reader = _ImageReader(_expand_images(images), batch_size)
+    n = 0
+    for names, ims in reader:
         if stream:
-            click.echo(f"{f}\t", nl=False)
-            for piece in pipe.caption_stream(str(f), prompt, max_new_tokens, min_new_tokens):
-                click.echo(piece, nl=False)
-            click.echo()
+            for f, im in zip(names, ims):
+                click.echo(f"{f}\t", nl=False)
+                for piece in pipe.caption_stream(im, prompt, max_new_tokens, min_new_tokens):
+                    click.echo(piece, nl=False)
+                click.echo()
         else:
-            c = pipe.caption(str(f), prompt, max_new_tokens, min_new_tokens, num_beams=beams)
-            click.echo(f"{f}\t{c.text}")
+            caps = pipe.captions(ims, prompt, max_new_tokens, min_new_tokens, num_beams=beams, batch_size=batch_size)
+            for f, c in zip(names, caps):
+                click.echo(f"{f}\t{c.text}")
+        n += len(names)
+    reader.finish(f"the other {n} were captioned")
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
 @click.option("--labels", required=True, help="comma-separated class names")
-@click.option("--template", default="a photo of a {}.", show_default=True)
+@click.option("--template", default="a photo of a {}.", show_default=True, help="one {} where the label goes")
 @click.option("--mode", type=click.Choice(["C", "G"]), default="C", show_default=True)
 @run_options
 @friendly
 def classify(bundle, images, labels, template, mode, backend, device):
     """Zero-shot classification of images over --labels."""
+    from runtime.pipeline import check_labels, check_template
+
+    names = check_labels([s.strip() for s in labels.split(",") if s.strip()])
+    check_template(template)
     pipe = load_pipeline(bundle, backend, device)
-    names = [s.strip() for s in labels.split(",") if s.strip()]
-    files = _expand_images(images)
-    probs = pipe.classify([str(f) for f in files], names, template=template, mode=mode)
-    for f, p in zip(files, probs):
-        best = int(p.argmax())
-        click.echo(f"{f}\t{names[best]}\t{p[best]:.3f}")
+    reader = _ImageReader(_expand_images(images), 64)
+    n = 0
+    for files, ims in reader:
+        for f, p in zip(files, pipe.classify(ims, names, template=template, mode=mode)):
+            best = int(p.argmax())
+            click.echo(f"{f}\t{names[best]}\t{p[best]:.3f}")
+        n += len(files)
+    reader.finish(f"the other {n} were classified")
 
 
 @main.command()
@@ -284,13 +413,17 @@ def classify(bundle, images, labels, template, mode, backend, device):
               help="checkpoint directory to run the PyTorch reference side by side")
 @click.option("--reference-preset", help="or a preset (with --seed) as the reference")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--threads", default=None, type=int, help="threads for both sides (default: all cores)")
+@click.option("--threads", default=None, type=click.IntRange(1, 4 * (os.cpu_count() or 1)),
+              help="threads for both sides (default: all cores)")
 @click.option("--pasts", default="16,256,1024", show_default=True, help="past lengths for decode speed")
-@click.option("--tokens", default=16, show_default=True, help="decode steps timed per past length")
+@click.option("--tokens", default=16, show_default=True, type=click.IntRange(1, 4096),
+              help="decode steps timed per past length")
 @click.option("--compare", multiple=True, type=click.Path(path_type=Path),
               help="other bundles (e.g. fp16 / int8-cpu) to time and check against BUNDLE in the same run")
+@click.option("--repeats", default=3, show_default=True,
+              help="--compare: interleaved rounds per past length, best kept (raise it on a busy machine)")
 @friendly
-def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, compare):
+def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, compare, repeats):
     """Throughput and memory of a bundle (and the reference, side by side, in this one process)."""
     from .bench import run_bench
 
@@ -299,14 +432,21 @@ def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, com
     def load_reference():  # called after the runtime's memory is measured
         return load_source(reference, reference_preset, seed)[0]
 
-    run_bench(bundle, reference=load_reference if (reference or reference_preset) else None, threads=threads, pasts=[int(p) for p in pasts.split(",")], steps=tokens,
-              compare=list(compare))
+    try:
+        past_list = [int(p) for p in pasts.split(",") if p.strip()]
+    except ValueError:
+        raise click.ClickException(f"--pasts must be comma-separated whole numbers, got {pasts!r}") from None
+    if not past_list or min(past_list) < 1:
+        raise click.ClickException(f"--pasts must list positive past lengths, got {pasts!r}")
+    run_bench(bundle, reference=load_reference if (reference or reference_preset) else None, threads=threads,
+              pasts=past_list, steps=tokens,
+              compare=list(compare), repeats=repeats)
 
 
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True)
-@click.option("--limit", default=0, help="use only the first N test digits (0: all)")
-@click.option("--precisions", default="fp32,fp16,int8,int8-cpu", show_default=True)
+@click.option("--limit", default=0, type=click.IntRange(0), help="use only the first N test digits (0: all)")
+@click.option("--precisions", default="fp32,fp16,int8,int8-cpu,int4-cpu", show_default=True)
 @friendly
 def demo(out, limit, precisions):
     """The main job: shipped digits model -> bundle(s) -> onnxruntime, with an accuracy/speed report."""
@@ -320,29 +460,41 @@ def demo(out, limit, precisions):
 @click.option("--fp16", "mode", flag_value="fp16", help="FP16 weights/compute, sensitive ops in fp32")
 @click.option("--int8", "mode", flag_value="int8", help="static Q/DQ INT8 (TensorRT and onnxruntime)")
 @click.option("--int8-cpu", "mode", flag_value="int8-cpu", help="dynamic INT8 MatMuls for onnxruntime CPUs")
+@click.option("--int4-cpu", "mode", flag_value="int4-cpu",
+              help="4-bit weights (MatMulNBits) for onnxruntime CPU/CUDA; the fastest decoding")
+@click.option("--block-size", default=32, show_default=True, help="int4: weights per scale (16-256, power of 2)")
+@click.option("--symmetric", is_flag=True, help="int4: no zero points")
+@click.option("--accuracy-level", default=4, show_default=True,
+              help="int4: MatMulNBits compute (4 = int8 activations, fastest on CPU; 0 = fp32)")
 @click.option("--calib", type=click.Path(path_type=Path), help="folder of calibration images (--int8)")
 @click.option("--calib-texts", type=click.Path(path_type=Path), help="file of calibration texts, one per line")
 @click.option("--method", type=click.Choice(["max", "entropy", "percentile"]), default="max", show_default=True)
+@click.option("--target-cosine", type=float, default=None,
+              help="int8: keep the most sensitive MatMuls in fp32 until every output reaches this cosine to fp32 "
+                   "on held-out inputs (e.g. 0.999); without it the achieved cosines are reported")
 @click.option("--exclude", default="", help="comma-separated op types to keep in fp32 (replaces the default)")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True)
 @friendly
-def precision(bundle, mode, calib, calib_texts, method, exclude, out, overwrite):
-    """Make an FP16 or INT8 bundle from an fp32 one, and print its accuracy report."""
+def precision(bundle, mode, block_size, symmetric, accuracy_level, calib, calib_texts, method, target_cosine, exclude,
+              out, overwrite):
+    """Make an FP16, INT8 or INT4 bundle from an fp32 one, and print its accuracy report."""
+    from .int4 import Int4Options
     from .precision import make_precision_bundle
 
     if mode is None:
-        raise click.ClickException("choose one of --fp16, --int8 or --int8-cpu")
+        raise click.ClickException("choose one of --fp16, --int8, --int8-cpu or --int4-cpu")
     make_precision_bundle(bundle, out, mode, calib=calib, calib_texts=calib_texts, method=method,
-                          exclude=[s for s in exclude.split(",") if s] or None, overwrite=overwrite)
+                          exclude=[s for s in exclude.split(",") if s] or None, overwrite=overwrite,
+                          target_cosine=target_cosine, int4=Int4Options(block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level))
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--graphs", default="vision_encoder,query_bridge,text_decoder", show_default=True)
-@click.option("--max-batch", default=None, type=int)
-@click.option("--max-seq", default=None, type=int)
-@click.option("--workspace", default=4.0, show_default=True, help="GiB")
+@click.option("--max-batch", default=None, type=click.IntRange(1, 4096))
+@click.option("--max-seq", default=None, type=click.IntRange(1))
+@click.option("--workspace", default=4.0, show_default=True, type=click.FloatRange(0, 1024, min_open=True), help="GiB")
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="persistent timing cache file")
 @click.option("--version-compatible", is_flag=True)
 @click.option("--hardware-compatible", is_flag=True)

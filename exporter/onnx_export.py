@@ -15,6 +15,7 @@ from onnx import external_data_helper as edh
 from .specs import GraphSpec
 
 DEFAULT_OPSET = 18  # TensorRT 10 (JetPack 6) parses opsets 9-20; 23 would emit Attention/RMSNormalization
+SUPPORTED_OPSETS = range(13, 21)  # exported and checked here; TensorRT 10 parses up to 20
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 4096  # onnxruntime can mmap aligned external tensors
 MIN_EXTERNAL_BYTES = 1024

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.errors import MissingDependency
+
 log = logging.getLogger(__name__)
 
 RAY_EXTRA = 'batch embedding on Ray needs Ray Data and pyarrow: pip install "bridge-export[ray]"'
@@ -28,7 +30,7 @@ def _import_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError as e:
-        raise RuntimeError(RAY_EXTRA) from e
+        raise MissingDependency(RAY_EXTRA) from e
     return ray
 
 
@@ -53,6 +55,7 @@ class EmbedActor:
         """batch["path"] -> a pyarrow table of rows in the same order."""
         import numpy as np
         import pyarrow as pa
+        from PIL import Image
 
         from runtime.preprocess import ImageError, to_pil
 
@@ -64,8 +67,8 @@ class EmbedActor:
             try:
                 images.append(to_pil(p))
                 good.append(i)
-            except (ImageError, OSError) as e:
-                errors[i] = str(e)
+            except (ImageError, OSError, Image.DecompressionBombError) as e:  # an error row, not a failed job
+                errors[i] = f"{type(e).__name__}: {e}" if not isinstance(e, ImageError) else str(e)
         if images:
             emb = self.pipe.embed_images(images, self.mode, batch_size=len(images))
             for i, e in zip(good, np.asarray(emb, np.float32)):

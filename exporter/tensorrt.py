@@ -12,16 +12,19 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime.errors import UserError
 from runtime.manifest import GRAPHS, Limits, read_manifest
 from runtime.progress import get_logger, reporter
 from runtime.trt_compat import EngineMismatch, check_engine_compat  # noqa: F401 (re-exported)
 
+from .errors import ExportError
+from .output import atomic_file, owned_folder
 from .profiles import from_json, graph_profiles
 
 log = get_logger(__name__)
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(UserError, RuntimeError):
     """TensorRT (or a GPU) is not available here."""
 
 
@@ -52,11 +55,21 @@ def engine_profiles(manifest, graph: str, opts: EngineOptions) -> list[dict[str,
     return graph_profiles(graph, manifest.dims, manifest.kv_layout, limits)
 
 
+ONNXRUNTIME_ONLY = {"int8-cpu": "MatMulInteger/DynamicQuantizeLinear", "int4-cpu": "MatMulNBits/GatherBlockQuantized"}
+
+
+def refuse_onnxruntime_only(precision: str) -> None:
+    """Raise for precisions TensorRT cannot parse (onnxruntime contrib/integer ops), saying what to build from."""
+    if precision in ONNXRUNTIME_ONLY:
+        raise ValueError(f"this {precision} bundle is onnxruntime-only ({ONNXRUNTIME_ONLY[precision]}, which TensorRT "
+                         "does not parse): build engines from the fp32, fp16 or int8 (Q/DQ) bundle")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ValueError(f"TensorRT cannot build a {precision!r} bundle: build from the fp32, fp16 or int8 bundle")
+
+
 def precision_plan(trt_major: int, precision: str) -> dict:
     """How to build a graph of `precision` on TensorRT `trt_major`: network typing and builder flags."""
-    if precision not in ("fp32", "fp16", "int8"):
-        raise ValueError(f"TensorRT cannot build a {precision!r} bundle: int8-cpu uses MatMulInteger, which "
-                         "TensorRT does not parse; build from the fp32, fp16 or int8 (Q/DQ) bundle")
+    refuse_onnxruntime_only(precision)
     if trt_major >= 11:
         return {"strongly_typed": True, "builder_flags": [], "trtexec_flags": ["--stronglyTyped"]}
     flags = {"fp32": [], "fp16": ["FP16"], "int8": ["INT8", "FP16"]}[precision]
@@ -89,8 +102,8 @@ def trtexec_command(onnx_path: Path, engine_path: Path, profiles: list[dict], pl
 def write_trtexec_script(bundle, out_dir, opts: EngineOptions, trt_major: int = 10) -> Path:
     """Write build_engines.sh with one trtexec command per graph (TensorRT 10 flags by default)."""
     man = read_manifest(bundle, verify_checksums=False)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    refuse_onnxruntime_only(man.precision.mode)
+    out_dir = owned_folder(out_dir, "engines", legacy=_legacy_engine_dir)
     lines = ["#!/usr/bin/env bash", "# Build the bundle's TensorRT engines on the target device (e.g. a Jetson).",
              f"# precision: {man.precision.mode}; flags for TensorRT {trt_major}.x", "set -euo pipefail",
              'cd "$(dirname "$0")"']
@@ -100,9 +113,15 @@ def write_trtexec_script(bundle, out_dir, opts: EngineOptions, trt_major: int = 
                               engine_profiles(man, g, opts), precision_plan(trt_major, man.precision.mode), opts)
         lines += [f"echo 'building {g}'", cmd]
     path = out_dir / "build_engines.sh"
-    path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o755)
+    with atomic_file(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.chmod(0o755)
     return path
+
+
+def _legacy_engine_dir(path: Path) -> bool:
+    """A folder an earlier version filled: only engines, their JSON sidecars and the trtexec script."""
+    return all(p.suffix in (".engine", ".json") or p.name == "build_engines.sh" for p in path.iterdir())
 
 
 def sidecar(man, graph: str, trt_version: str, gpu_name: str, compute_capability: str, profiles, plan,
@@ -122,6 +141,7 @@ def sidecar(man, graph: str, trt_version: str, gpu_name: str, compute_capability
 def build_engines(bundle, out_dir, opts: EngineOptions, progress=None) -> list[Path]:
     """Build one engine per graph with the TensorRT Python API (the only code here that needs TensorRT)."""
     progress = reporter(progress, log)
+    refuse_onnxruntime_only(read_manifest(bundle).precision.mode)
     try:
         import tensorrt as trt
     except ImportError as e:
@@ -130,8 +150,7 @@ def build_engines(bundle, out_dir, opts: EngineOptions, progress=None) -> list[P
     from runtime.cuda import device_info
 
     man = read_manifest(bundle)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = owned_folder(out_dir, "engines", legacy=_legacy_engine_dir)
     major = int(trt.__version__.split(".")[0])
     gpu_name, cc = device_info()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -149,7 +168,7 @@ def build_engines(bundle, out_dir, opts: EngineOptions, progress=None) -> list[P
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(man.graph_path(g))):
             errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"TensorRT cannot parse {man.graph_path(g)}: {errs}")
+            raise ExportError(f"TensorRT cannot parse {man.graph_path(g)}: {errs}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gib * (1 << 30)))
         for f in plan["builder_flags"]:
@@ -167,18 +186,19 @@ def build_engines(bundle, out_dir, opts: EngineOptions, progress=None) -> list[P
             config.add_optimization_profile(p)
         blob = builder.build_serialized_network(network, config)
         if blob is None:
-            raise RuntimeError(f"TensorRT failed to build {g}; see the log above")
+            raise ExportError(f"TensorRT failed to build {g}; see the log above")
         path = out_dir / f"{g}.engine"
-        tmp = path.with_suffix(".engine.partial")
-        tmp.write_bytes(bytes(blob))
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(bytes(blob))
         cache_bytes = bytes(config.get_timing_cache().serialize())
         side = sidecar(man, g, trt.__version__, gpu_name, cc, profiles, plan, opts)
-        path.with_suffix(".json").write_text(json.dumps(side, indent=2))
+        with atomic_file(path.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(side, indent=2))
         built.append(path)
         progress(f"[engine] {g}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if opts.timing_cache:
-        opts.timing_cache.write_bytes(cache_bytes)
+        with atomic_file(opts.timing_cache) as tmp:
+            tmp.write_bytes(cache_bytes)
     return built
 
 

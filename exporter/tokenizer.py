@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from runtime.errors import UserError
+
 
 BPE_SCORES = "tokenizer_bpe_scores.npy"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer that cannot be found or converted."""
 
 

@@ -26,6 +26,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from runtime.errors import UserError
+
 from .config import InternVLConfig
 
 log = logging.getLogger("reference_model")
@@ -44,7 +46,7 @@ _PEFT_WRAPPER = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory that cannot be loaded as InternVL-14B: the message says why."""
 
 

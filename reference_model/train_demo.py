@@ -183,6 +183,9 @@ def train(steps: int = 1500, batch: int = 64, lr: float = 1e-3, seed: int = 0, o
     (work / "metrics.json").write_text(json.dumps(
         {**metrics, "steps": steps, "batch": batch, "lr": lr, "seed": seed, "fonts": fonts,
          "font_fraction": font_fraction, "warm_aug": warm_aug}, indent=2))
+    # captions are three tokens ("the digit seven"): forcing the original's min_new_tokens=8 runs past EOS
+    (work / "generation_config.json").write_text(json.dumps({"num_beams": 5, "max_new_tokens": 8,
+                                                             "min_new_tokens": 0}, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     work.rename(out)

@@ -22,8 +22,14 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
     runtime.device_memory.DeviceMemory to bind onnxruntime's I/O in (the tests' host stand-in).
     TensorRT defaults to "cuda:0". Close the pipeline (or use `with`) to free the device memory.
     """
-    from .sessions import open_session
+    from .sessions import BackendUnavailable, check_threads, open_session, tensorrt_available
 
+    if backend not in ("onnxruntime", "tensorrt"):
+        raise ValueError(f"unknown backend {backend!r}: use 'onnxruntime' or 'tensorrt'")
+    if backend == "tensorrt" and device != "cpu" and not tensorrt_available():
+        raise BackendUnavailable("backend='tensorrt' needs TensorRT, which is not installed here: pip install "
+                                 "tensorrt on a machine with an NVIDIA GPU, or use backend='onnxruntime'")
+    check_threads(threads)
     memory, providers = _device(device, backend, providers)
     manifest = read_manifest(bundle, verify_checksums=verify_checksums)
     sessions = {}
@@ -55,15 +61,16 @@ def _device(device, backend: str, providers):
             raise ValueError("TensorRT runs on a GPU: use device='cuda:0' (or backend='onnxruntime' on the CPU)")
         return None, providers
     from .cuda import CudaMemory, parse_device
+    from .sessions import BackendUnavailable
 
     ordinal = parse_device(device)
     if backend == "onnxruntime" and providers is None:
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise RuntimeError(f"device={device!r} needs onnxruntime's CUDA provider, and this onnxruntime has only "
-                               f"{ort.get_available_providers()}: pip install onnxruntime-gpu (in place of "
-                               "onnxruntime), or use device='cpu'")
+            raise BackendUnavailable(f"device={device!r} needs onnxruntime's CUDA provider, and this onnxruntime "
+                                     f"has only {ort.get_available_providers()}: pip install onnxruntime-gpu (in "
+                                     "place of onnxruntime), or use device='cpu'")
         providers = [("CUDAExecutionProvider", {"device_id": ordinal}), "CPUExecutionProvider"]
     return CudaMemory(ordinal), providers
 

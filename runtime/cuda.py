@@ -6,9 +6,10 @@ says in one line what is missing.
 from __future__ import annotations
 
 from .device_memory import DeviceMemory
+from .errors import UserError
 
 
-class CudaError(RuntimeError):
+class CudaError(UserError, RuntimeError):
     """A CUDA runtime call failed, or no usable CUDA driver/GPU (or cuda-python) is present."""
 
 

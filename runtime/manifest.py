@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UserError
+
 FORMAT = "bridge-export-bundle"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -41,7 +43,7 @@ GRAPHS = ("vision_encoder", "query_bridge", "text_decoder")
 log = logging.getLogger(__name__)
 
 
-class BundleError(ValueError):
+class BundleError(UserError, ValueError):
     """A bundle that is missing, corrupt or from an incompatible exporter: the message says what to do."""
 
 
@@ -349,7 +351,7 @@ class PrecisionInfo(Record):
     higher precision, the cosines they measured, and so on.
     """
 
-    mode: str = "fp32"  # fp32 | fp16 | int8 | int8-cpu
+    mode: str = "fp32"  # fp32 | fp16 | int8 | int8-cpu | int4-cpu
     derived_from: dict[str, Any] | None = None
     accuracy: dict[str, Any] | None = None
     report: dict[str, Any] = field(default_factory=dict)

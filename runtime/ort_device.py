@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .device_memory import DeviceBuffer, DeviceMemory
+from .errors import SessionClosed
 from .sessions import _ORT_TYPES, OrtSession
 
 
@@ -41,7 +42,7 @@ class OrtDeviceSession(OrtSession):
     def run(self, feeds: dict, on_device: tuple[str, ...] = ()) -> dict:
         """Run with device I/O: outputs named by an `on_device` prefix stay on the device."""
         if self.sess is None:
-            raise RuntimeError(f"{self.name}: session is closed")
+            raise SessionClosed(f"{self.name}: session is closed; load the bundle again")
         if self.check:
             self.check_feeds(feeds)
         binding = self.sess.io_binding()

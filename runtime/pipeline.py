@@ -1,21 +1,90 @@
 """The runtime pipeline: array-level calls mirroring the reference, and user-level calls over them."""
 from __future__ import annotations
 
+import logging
+import os
+import string
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
 from .device_cache import DeviceKVCache
+from .errors import UserError
 from .kv_cache import CachedDecoder, KVCache
 from .manifest import Manifest
 from .numeric import normalize
 from .preprocess import preprocess
-from .search import SearchConfig, iter_tokens, search
+from .search import MAX_BEAMS, SearchConfig, iter_tokens, search
 from .sessions import Session
 from .text import TextCodec
 
 MODES = {"C": "InternVL-C", "G": "InternVL-G", "InternVL-C": "InternVL-C", "InternVL-G": "InternVL-G"}
+MAX_BATCH = 1024  # images or texts per graph call; larger lists are processed in batches anyway
+MAX_CAPTION_BATCH = 64  # images per generate call in captions()
+log = logging.getLogger(__name__)
+
+
+def _memory_budget() -> int:
+    """Half the machine's physical memory, in bytes (the most one generate call's KV cache may take)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        return 8 << 30
+
+
+class PipelineClosed(UserError, RuntimeError):
+    """The pipeline was closed; load the bundle again."""
+
+
+def _check_int(value, name: str, lo: int, hi: int | None = None) -> int:
+    """`value` as an int in [lo, hi], else a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo \
+            or (hi is not None and value > hi):
+        bound = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+    return int(value)
+
+
+def _image_list(images) -> list:
+    """A list of images from a list/tuple, a 4-D array (N, H, W, C) / (N, C, H, W), or one image."""
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    return [images]
+
+
+def check_template(template) -> str:
+    """A classify template holds exactly one `{}` (where the label goes) and no other fields."""
+    if not isinstance(template, str):
+        raise ValueError(f"template must be a string with one '{{}}' for the label, got {type(template).__name__}")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"template {template!r} is not a valid format string ({e}): write it like "
+                         "'a photo of a {}.' (double braces for literal ones)") from e
+    if fields != [""]:
+        raise ValueError(f"template {template!r} must contain '{{}}' exactly once, where the label goes, and no other "
+                         f"fields (found {['{' + f + '}' for f in fields] or 'none'}): e.g. 'a photo of a {{}}.'")
+    return template
+
+
+def check_labels(labels) -> list[str]:
+    """A list of non-empty label strings (a single string is refused: it would be split into characters)."""
+    if isinstance(labels, str):
+        raise ValueError(f"labels must be a list of names, got one string {labels[:40]!r}: pass a list "
+                         "(e.g. labels.split(','))")
+    labels = list(labels)
+    if not labels:
+        raise ValueError("no labels given: pass at least one")
+    bad = [i for i, lb in enumerate(labels) if not isinstance(lb, str) or not lb.strip()]
+    if bad:
+        raise ValueError(f"labels must be non-empty strings: label {bad[0]} is {labels[bad[0]]!r}")
+    dup = sorted({lb for lb in labels if labels.count(lb) > 1})
+    if dup:
+        raise ValueError(f"labels must be distinct, {dup[:5]} appear more than once")
+    return labels
 
 
 @dataclass
@@ -47,13 +116,19 @@ class Pipeline:
         self.max_batch = min(limits) if limits else None  # TensorRT engines: their profiles' largest batch
         self._empty_past = {n: np.zeros((0,) + (dec.inputs[n].shape[1], 0, dec.inputs[n].shape[3]), np.float32)
                             for names in self.kv_names for n in names[:2]}
+        self.vocab_size = manifest.dims.vocab_size
+        kv = manifest.kv_layout
+        self._kv_bytes_per_position = 2 * kv.num_layers * kv.num_heads * kv.head_dim * 4  # K and V, fp32, per row
+        self.closed = False
 
     def close(self) -> None:
-        """Release every backend session, then the device memory they shared (idempotent)."""
+        """Release every backend session, then the device memory they shared (idempotent);
+        the pipeline cannot be used afterwards."""
         for s in self.sessions.values():
             s.close()
         if self.memory is not None:
             self.memory.close()
+        self.closed = True
 
     def __enter__(self):
         return self
@@ -61,30 +136,54 @@ class Pipeline:
     def __exit__(self, *exc):
         self.close()
 
-    def _run(self, graph: str, feeds: dict, keep: tuple[str, ...]) -> dict:
+    def _run(self, graph: str, feeds: dict, keep: tuple[str, ...] = ()) -> dict:
         """Run one graph; on a device session the outputs named by `keep` prefixes stay on the device."""
+        if self.closed:
+            raise PipelineClosed("this pipeline was closed: call runtime.load(bundle) again")
         sess = self.sessions[graph]
         return sess.run(feeds, on_device=keep) if keep and getattr(sess, "memory", None) else sess.run(feeds)
 
+    def _ids(self, input_ids, name: str = "input_ids") -> np.ndarray:
+        """Token ids as a non-empty int64 [B, T] array in [0, vocab), else a ValueError naming `name`."""
+        a = np.asarray(input_ids)
+        if a.dtype == object or not (np.issubdtype(a.dtype, np.integer) and a.dtype != np.bool_):
+            raise ValueError(f"{name} must hold integer token ids, got dtype {a.dtype}: round and cast with "
+                             "astype(np.int64) only if they really are ids")
+        if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+            raise ValueError(f"{name} must be a non-empty [B, T] array, got shape {list(a.shape)}")
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"{name} must hold ids in [0, {self.vocab_size}) (the model's vocabulary), "
+                             f"got values from {lo} to {hi}")
+        return np.ascontiguousarray(a, dtype=np.int64)
+
     # -- array level (numpy in, numpy out; mirrors reference_model call for call) ---------------
     def _pixels(self, pixel_values) -> np.ndarray:
-        x = np.asarray(pixel_values, dtype=np.float32)
+        x = np.asarray(pixel_values)
+        if x.dtype == object or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise ValueError(f"pixel_values must be a float array, got dtype {x.dtype}")
+        x = x.astype(np.float32, copy=False)
         s = self.preprocessing.image_size
         if x.ndim != 4 or x.shape[1:] != (3, s, s):
             raise ValueError(f"pixel_values must be [B, 3, {s}, {s}], got {list(x.shape)}: resize images to "
                              f"{s}x{s} (embed_images/caption do it for you)")
         if x.shape[0] == 0:
             raise ValueError("empty batch: pass at least one image")
+        if not np.isfinite(x).all():
+            raise ValueError("pixel_values holds NaN or infinite values: check the images or your normalisation")
         return np.ascontiguousarray(x)
 
     def vision(self, pixel_values) -> tuple[np.ndarray, np.ndarray]:
         """vision_hidden [B,Nv,Dv] and the InternVL-C embedding [B,E]."""
-        out = self.sessions["vision_encoder"].run({"pixel_values": self._pixels(pixel_values)})
+        out = self._run("vision_encoder", {"pixel_values": self._pixels(pixel_values)})
         return out["vision_hidden"], out["image_embeds_c"]
 
     def bridge(self, vision_hidden: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """clip_projector2 output [B,E] and the visual prefix (per layer K, V [B,H,Q,Dh])."""
-        out = self.sessions["query_bridge"].run({"vision_hidden": vision_hidden})
+        vision_hidden = np.asarray(vision_hidden, np.float32)
+        if not np.isfinite(vision_hidden).all():
+            raise ValueError("vision_hidden holds NaN or infinite values")
+        out = self._run("query_bridge", {"vision_hidden": vision_hidden})
         return out["image_embeds_g"], [out[n] for n in self.prefix_names]
 
     def encode_image(self, pixel_values, mode: str = "InternVL-C") -> np.ndarray:
@@ -99,9 +198,7 @@ class Pipeline:
 
     def encode_text(self, input_ids) -> np.ndarray:
         """Last non-pad token's final-norm state @ text_projection (right padding, pad 0)."""
-        ids = np.ascontiguousarray(np.asarray(input_ids, dtype=np.int64))
-        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be a non-empty [B, T] array, got shape {list(ids.shape)}")
+        ids = self._ids(input_ids)
         if ids.shape[1] > self.max_positions:
             raise ValueError(f"text of {ids.shape[1]} tokens exceeds max_position_embeddings {self.max_positions}")
         mask = (ids > 0).astype(np.int64)
@@ -118,10 +215,10 @@ class Pipeline:
         return hidden[np.arange(B), last] @ self.text_projection
 
     def _decoder(self, pixel_values, input_ids, attention_mask, max_new_tokens, num_beams: int = 1) -> CachedDecoder:
-        ids = np.asarray(input_ids, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be a non-empty [B, T] prompt, got shape {list(ids.shape)}")
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        if self.closed:
+            raise PipelineClosed("this pipeline was closed: call runtime.load(bundle) again")
+        ids = self._ids(input_ids)
+        mask = np.ones_like(ids) if attention_mask is None else self._mask(attention_mask, ids.shape)
         need = self.num_query + ids.shape[1] + max_new_tokens
         if need > self.max_positions:
             raise ValueError(
@@ -129,6 +226,12 @@ class Pipeline:
                 f"positions exceeds max_position_embeddings {self.max_positions}: shorten the prompt or "
                 "lower max_new_tokens"
             )
+        rows = ids.shape[0] * num_beams
+        kv = rows * need * self._kv_bytes_per_position
+        if kv > _memory_budget():
+            raise ValueError(f"{ids.shape[0]} prompts x {num_beams} beams x {need} positions need {kv / 2**30:.1f} GiB "
+                             f"of KV cache, more than half this machine's memory: caption fewer images at once "
+                             "(captions() batches for you) or use fewer beams")
         if self.max_batch and ids.shape[0] * num_beams > self.max_batch:
             raise ValueError(f"{ids.shape[0]} prompts x {num_beams} beams exceeds the engines' largest batch "
                              f"{self.max_batch}: caption fewer images at once or rebuild with a larger --max-batch")
@@ -142,6 +245,20 @@ class Pipeline:
         prefix = [out[n] for n in self.prefix_names]
         cache = DeviceKVCache(prefix, need, memory) if memory is not None else KVCache(prefix, capacity=need)
         return CachedDecoder(dec, self.kv_names, cache, ids, mask)
+
+    @staticmethod
+    def _mask(attention_mask, shape) -> np.ndarray:
+        m = np.asarray(attention_mask)
+        if m.shape != tuple(shape):
+            raise ValueError(f"attention_mask must have the shape of input_ids {list(shape)}, got {list(m.shape)}")
+        if m.dtype == object or not (np.issubdtype(m.dtype, np.integer) or m.dtype == np.bool_
+                                     or np.issubdtype(m.dtype, np.floating)):
+            raise ValueError(f"attention_mask must hold 0/1 values, got dtype {m.dtype}")
+        if not np.isin(m, (0, 1)).all():
+            raise ValueError("attention_mask must hold only 0 and 1")
+        if not m.any(axis=1).all():
+            raise ValueError("attention_mask has a row of zeros: every prompt needs at least one token")
+        return m.astype(np.int64)
 
     def _search_config(self, **kw) -> SearchConfig:
         return SearchConfig(eos_token_id=self.special.eos, pad_token_id=self.special.pad, **kw)
@@ -170,11 +287,17 @@ class Pipeline:
 
     # -- user level ---------------------------------------------------------------------------
     def embed_images(self, images, mode: str = "C", batch_size: int = 8, crop: bool = False) -> np.ndarray:
-        """Image embeddings [N, E] (not normalised, as the original) from paths, PIL images or arrays."""
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        """Image embeddings [N, E] (not normalised, as the original) from paths, PIL images or arrays.
+
+        Images are read and run `batch_size` at a time. An unreadable image raises ImageError naming it
+        (the CLI reports it and goes on with the others).
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of C / G (or InternVL-C / InternVL-G), got {mode!r}")
+        images = _image_list(images)
         if not images:
             raise ValueError("no images given: pass at least one")
-        batch_size = min(batch_size, self.max_batch or batch_size)
+        batch_size = min(_check_int(batch_size, "batch_size", 1, MAX_BATCH), self.max_batch or MAX_BATCH)
         parts = [self.encode_image(preprocess(images[i:i + batch_size], self.preprocessing, crop), MODES[mode])
                  for i in range(0, len(images), batch_size)]
         return np.concatenate(parts)
@@ -184,7 +307,10 @@ class Pipeline:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ValueError("no texts given: pass at least one")
-        batch_size = min(batch_size, self.max_batch or batch_size)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"texts must be non-empty strings: text {i} is {t!r}")
+        batch_size = min(_check_int(batch_size, "batch_size", 1, MAX_BATCH), self.max_batch or MAX_BATCH)
         return np.concatenate([self.encode_text(self.codec.embedding_ids(texts[i:i + batch_size]))
                                for i in range(0, len(texts), batch_size)])
 
@@ -195,36 +321,54 @@ class Pipeline:
         return np.exp(self.logit_scale) * img @ txt.T
 
     def classify(self, images, labels, template: str = "a photo of a {}.", mode: str = "C") -> np.ndarray:
-        """Zero-shot probabilities [N, len(labels)] (images center-cropped, as for classification)."""
-        if not labels:
-            raise ValueError("no labels given")
-        img = normalize(self.embed_images(images, mode, crop=True))
+        """Zero-shot probabilities [N, len(labels)] (images center-cropped, as for classification).
+
+        `labels` is a list of distinct names; `template` holds one `{}` where each label goes.
+        """
+        labels = check_labels(labels)
+        check_template(template)
         txt = normalize(self.embed_texts([template.format(lb) for lb in labels]))
+        img = normalize(self.embed_images(images, mode, crop=True))
         logits = np.exp(self.logit_scale) * img @ txt.T
         e = np.exp(logits - logits.max(1, keepdims=True))
         return e / e.sum(1, keepdims=True)
 
     def _caption_args(self, prompt, max_new_tokens, min_new_tokens, num_beams=None):
-        """Fill unset caption options from the manifest's defaults (the original's: 5 beams, 8..30 tokens)."""
+        """Fill unset caption options from the manifest's defaults (the original's: 5 beams, 8..30 tokens).
+
+        An unset min_new_tokens never exceeds max_new_tokens (a small max lowers it); set ones are checked.
+        """
         d = self.caption_defaults
-        return (d.prompt if prompt is None else prompt,
-                d.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                d.min_new_tokens if min_new_tokens is None else min_new_tokens,
-                d.num_beams if num_beams is None else num_beams)
+        prompt = d.prompt if prompt is None else prompt
+        max_new_tokens = _check_int(d.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                                    "max_new_tokens", 1)  # its upper bound (the positions left) is checked later
+        if min_new_tokens is None:
+            min_new_tokens = min(d.min_new_tokens, max_new_tokens)
+        min_new_tokens = _check_int(min_new_tokens, "min_new_tokens", 0, max_new_tokens)
+        num_beams = _check_int(d.num_beams if num_beams is None else num_beams, "num_beams", 1, MAX_BEAMS)
+        return prompt, max_new_tokens, min_new_tokens, num_beams
 
     def captions(self, images, prompt: str | None = None, max_new_tokens: int | None = None,
-                 min_new_tokens: int | None = None, num_beams: int | None = None, **kw) -> list[Caption]:
-        """Captions of several images in one batch (one prompt for all); unset options: the manifest's."""
+                 min_new_tokens: int | None = None, num_beams: int | None = None, batch_size: int = 4,
+                 **kw) -> list[Caption]:
+        """Captions of several images (one prompt for all), `batch_size` images per generate call.
+
+        Unset options are the manifest's (the original's: 5 beams, 8..30 new tokens); an unset
+        min_new_tokens is lowered to max_new_tokens when that is smaller.
+        """
         prompt, max_new_tokens, min_new_tokens, num_beams = self._caption_args(prompt, max_new_tokens,
                                                                                min_new_tokens, num_beams)
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        images = _image_list(images)
         if not images:
             raise ValueError("no images given: pass at least one")
-        chunk = max(1, self.max_batch // num_beams) if self.max_batch else len(images)
+        chunk = _check_int(batch_size, "batch_size", 1, MAX_CAPTION_BATCH)
+        if self.max_batch:  # stay within TensorRT's largest batch
+            chunk = min(chunk, max(1, self.max_batch // num_beams))
+        prompt_ids = self.codec.prompt_ids(prompt)
         out = []
-        for i in range(0, len(images), chunk):  # stay within TensorRT's largest batch
+        for i in range(0, len(images), chunk):  # bounded KV memory: one chunk's cache at a time
             pix = preprocess(images[i:i + chunk], self.preprocessing)
-            ids = np.repeat(self.codec.prompt_ids(prompt), len(pix), axis=0)
+            ids = np.repeat(prompt_ids, len(pix), axis=0)
             tokens, scores = self.generate(pix, ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                            num_beams=num_beams, return_scores=True, **kw)
             out += [self._caption(t, sc) for t, sc in zip(tokens, scores)]

@@ -13,6 +13,8 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
+MAX_BEAMS = 64  # more beams multiply the KV cache and the per-step sort for no gain in caption quality
+
 
 class Decoder(Protocol):
     """What a search drives: one generation request's model state."""
@@ -45,7 +47,21 @@ class SearchConfig:
     seed: int | None = None
 
     def validate(self) -> None:
-        """Raise ValueError for options that cannot work together."""
+        """Raise ValueError for options of the wrong type, out of range, or that cannot work together."""
+        for name in ("max_new_tokens", "min_new_tokens", "num_beams", "top_k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not np.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: no top-k filtering), got {self.top_k}")
+        if self.num_beams > MAX_BEAMS:
+            raise ValueError(f"num_beams must be at most {MAX_BEAMS}, got {self.num_beams}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:

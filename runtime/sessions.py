@@ -8,12 +8,18 @@ DeviceBuffers. Use a session as a context manager, or call `close()`.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .errors import SessionClosed, UserError
 from .manifest import BundleError
+
+
+class BackendUnavailable(UserError, RuntimeError):
+    """The requested backend is not installed on this machine."""
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -64,6 +70,20 @@ class Session:
         self.close()
 
 
+def max_threads() -> int:
+    """The most threads a session may ask for: 4x this machine's cores (more only thrashes, or hangs)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_threads(threads) -> None:
+    """ValueError unless `threads` is None or an int in [1, max_threads()]."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= max_threads():
+        raise ValueError(f"threads must be an integer from 1 to {max_threads()} (4 x this machine's cores), "
+                         f"got {threads!r}")
+
+
 class OrtSession(Session):
     """An onnxruntime InferenceSession over one graph, run through I/O binding."""
 
@@ -73,9 +93,11 @@ class OrtSession(Session):
         self.name = Path(path).stem
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        if threads:
+        if threads is not None:
+            check_threads(threads)
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        check_providers(providers)
         try:
             self.sess = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
@@ -89,7 +111,7 @@ class OrtSession(Session):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Bind every feed's memory (contiguous arrays are not copied) and return all outputs."""
         if self.sess is None:
-            raise RuntimeError(f"{self.name}: session is closed")
+            raise SessionClosed(f"{self.name}: session is closed; load the bundle again")
         if self.check:
             self.check_feeds(feeds)
         binding = self.sess.io_binding()
@@ -109,6 +131,31 @@ class OrtSession(Session):
         self.sess = None
 
 
+def check_providers(providers) -> None:
+    """ValueError naming a requested onnxruntime execution provider this onnxruntime does not have."""
+    if providers is None:
+        return
+    import onnxruntime as ort
+
+    if isinstance(providers, str):
+        raise ValueError(f"providers must be a list, e.g. [{providers!r}], got one string")
+    have = ort.get_available_providers()
+    for p in providers:
+        name = p[0] if isinstance(p, (tuple, list)) else p
+        if name not in have:
+            raise ValueError(f"onnxruntime here has no {name!r} provider (it has {have}): install the matching "
+                             "onnxruntime build or leave providers unset")
+
+
+def tensorrt_available() -> bool:
+    """True if the real TensorRT Python package imports (not merely a folder named tensorrt on sys.path)."""
+    try:
+        import tensorrt
+    except ImportError:
+        return False
+    return hasattr(tensorrt, "Runtime")
+
+
 def open_session(path: Path, backend: str = "onnxruntime", providers=None, threads=None, memory=None) -> Session:
     """Open one graph on the named backend ("onnxruntime" or "tensorrt"); with a DeviceMemory
     (`memory`), onnxruntime binds its inputs and outputs in that memory (runtime.ort_device)."""
@@ -119,6 +166,11 @@ def open_session(path: Path, backend: str = "onnxruntime", providers=None, threa
             return OrtDeviceSession(path, memory, providers=providers, threads=threads)
         return OrtSession(path, providers=providers, threads=threads)
     if backend == "tensorrt":
+        if not tensorrt_available():
+            raise BackendUnavailable("backend='tensorrt' needs TensorRT, which is not installed here: pip install "
+                                     "tensorrt on a machine with an NVIDIA GPU, or use backend='onnxruntime'")
+        if not Path(path).is_file():
+            raise BundleError(f"no TensorRT engine at {path}: build it with `bridge-export engine BUNDLE`")
         from .trt_session import TrtSession
 
         return TrtSession(path, memory=memory)

@@ -1,14 +1,20 @@
 """Tokenization with the `tokenizers` library and the prompt conventions from the manifest."""
 from __future__ import annotations
 
+import heapq
+import logging
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
+from .errors import UserError
 from .manifest import ExactBPEInfo
 
+log = logging.getLogger(__name__)
 
-class TokenizerMissing(RuntimeError):
+
+class TokenizerMissing(UserError, RuntimeError):
     """The bundle has no tokenizer: only the array-level API (token ids) works."""
 
 
@@ -31,16 +37,62 @@ class ExactBPE:
         self.byte_ids = [vocab.get(f"<0x{b:02X}>") for b in range(256)]
 
     def _word(self, word: str) -> list[int]:
-        syms = list(word)
+        """One word's ids: merge the highest-scoring adjacent pair, ties to the leftmost, until none merges.
+
+        A heap of candidate pairs over a doubly linked list of symbols, as SentencePiece's own
+        bpe_model.cc: O(n log n) in the word's length (a 30k-character CJK run is one "word").
+        Entries made stale by a neighbour's merge are skipped when popped (lazy invalidation).
+        """
+        syms: list[str | None] = list(word)
+        n = len(syms)
+        score = self.score
+        if n <= 12:  # short words (most of them): rescanning is cheaper than a heap, with the same order
+            return self._short_word(syms)
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        prev = list(range(-1, n - 1))
+        heap = []
+        for i in range(n - 1):
+            sc = score.get(syms[i] + syms[i + 1])
+            if sc is not None:  # (-score, left index): the highest score first, then the leftmost
+                heap.append((-sc, i, i + 1, 2))
+        heapq.heapify(heap)
+        while heap:
+            _, i, j, size = heapq.heappop(heap)
+            left, right = syms[i], syms[j]
+            if left is None or right is None or nxt[i] != j or len(left) + len(right) != size:
+                continue  # one side was merged away or grew since this pair was pushed
+            syms[i], syms[j] = left + right, None
+            nxt[i] = nxt[j]
+            if nxt[i] != -1:
+                prev[nxt[i]] = i
+            for a, b in ((prev[i], i), (i, nxt[i])):
+                if a != -1 and b != -1:
+                    piece = syms[a] + syms[b]
+                    sc = score.get(piece)
+                    if sc is not None:
+                        heapq.heappush(heap, (-sc, a, b, len(piece)))
+        out_syms, i = [], 0
+        while i != -1:
+            out_syms.append(syms[i])
+            i = nxt[i]
+        return self._ids_of(out_syms)
+
+    def _short_word(self, syms: list[str]) -> list[int]:
+        """The same merge order by rescanning all pairs after each merge (quadratic; for short words)."""
+        score = self.score
         while len(syms) > 1:
             best, at = None, -1
             for i in range(len(syms) - 1):
-                sc = self.score.get(syms[i] + syms[i + 1])
+                sc = score.get(syms[i] + syms[i + 1])
                 if sc is not None and (best is None or sc > best):  # strict: the leftmost wins ties
                     best, at = sc, i
             if best is None:
                 break
             syms[at:at + 2] = [syms[at] + syms[at + 1]]
+        return self._ids_of(syms)
+
+    def _ids_of(self, syms: list[str]) -> list[int]:
         out = []
         for s in syms:
             if s in self.score:
@@ -49,27 +101,47 @@ class ExactBPE:
                 out.extend(self.byte_ids[b] for b in s.encode("utf-8"))
         return out
 
-    def _segment(self, text: str) -> list[int]:
+    def _words_text(self, text: str) -> Iterator[str]:
+        """The normalized words of `text` ("▁" for spaces, one in front); merges never cross them."""
         if not text:
-            return []
+            return
         norm = "\u2581" + text.replace(" ", "\u2581")
-        ids, start = [], 0
+        start = 0
         for i in range(1, len(norm) + 1):  # a word starts at a "▁" (not inside a run of them, if allowed)
             if i == len(norm) or (norm[i] == "\u2581" and not (self.ws_runs and norm[i - 1] == "\u2581")):
-                ids += self._word(norm[start:i])
+                yield norm[start:i]
                 start = i
-        return ids
 
-    def encode(self, text: str) -> list[int]:
-        """Ids without BOS; special-token strings in the text map to their ids, as the slow tokenizer does."""
+    def _words(self, text: str) -> Iterator[list[int]]:
+        """Ids word by word; SentencePiece merges never cross a word start, so words are independent."""
+        for w in self._words_text(text):
+            yield self._word(w)
+
+    def _chunks(self, text: str) -> Iterator[list[int]]:
+        """Ids in order, a word or a special token at a time (special-token strings map to their ids)."""
         for sp in self.specials:
             if sp in text:
                 parts = text.split(sp)
-                out = self.encode(parts[0])
+                yield from self._chunks(parts[0])
                 for part in parts[1:]:
-                    out += [self.vocab[sp]] + self.encode(part)
-                return out
-        return self._segment(text)
+                    yield [self.vocab[sp]]
+                    yield from self._chunks(part)
+                return
+        yield from self._words(text)
+
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """Ids without BOS, as the slow tokenizer gives them.
+
+        With `max_tokens`, stop after the word that reaches it: the result starts with the same
+        ids as the full encoding (at least `max_tokens` of them, or all), so a caller that keeps
+        only the first tokens never tokenizes the rest of a long text.
+        """
+        out: list[int] = []
+        for chunk in self._chunks(text):
+            out += chunk
+            if max_tokens is not None and len(out) >= max_tokens:
+                break
+        return out
 
 
 class TextCodec:
@@ -108,8 +180,12 @@ class TextCodec:
             )
         return self.tok
 
-    def _ids(self, text: str) -> list[int]:
-        ids = self.exact.encode(text) if self.exact else self._need().encode(text).ids
+    def _ids(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """BOS + the text's ids; with `max_tokens`, possibly only a prefix (at least that many) of them."""
+        if self.exact:
+            ids = self.exact.encode(text, max_tokens)
+        else:
+            ids = self._need().encode(text).ids
         bos = self.special.bos
         if not ids or ids[0] != bos:
             ids = [bos] + ids
@@ -127,7 +203,8 @@ class TextCodec:
         limit = conv.max_length
         rows = []
         for t in texts:
-            ids = self._ids(conv.prefix + t)
+            self._check_known(t, limit)
+            ids = self._ids(conv.prefix + t, limit)
             if limit and len(ids) + 1 > limit:
                 ids = ids[: limit - 1]
             rows.append(ids + [self.special.eos])
@@ -138,7 +215,28 @@ class TextCodec:
 
     def prompt_ids(self, prompt: str) -> np.ndarray:
         """A caption prompt with BOS and no EOS, shape (1, T)."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        if prompt.strip():
+            self._check_known(prompt, None, "prompt")
         return np.asarray([self._ids(prompt)], np.int64)
+
+    def _unk_id(self) -> int | None:
+        return self.special.unk
+
+    def _check_known(self, text: str, limit: int | None, what: str = "text") -> None:
+        """ValueError if no word of `text` is in the vocabulary (it would embed as nothing); warn if some aren't."""
+        unk = self._unk_id()
+        if unk is None:
+            return
+        own = self._ids(text, limit)[1:]
+        n_unk = sum(i == unk for i in own)
+        if own and n_unk == len(own):
+            raise ValueError(f"no word of the {what} {text[:60]!r} is in the tokenizer's vocabulary: the model would "
+                             "see nothing of it; use words it knows")
+        if n_unk:
+            log.warning("%d token(s) of the %s %r are unknown to the tokenizer and carry no meaning",
+                        n_unk, what, text[:60])
 
     def decode(self, ids) -> str:
         """Text of `ids`, special tokens skipped, stopping at EOS."""

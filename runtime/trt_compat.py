@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import UserError
 
-class EngineMismatch(RuntimeError):
+
+class EngineMismatch(UserError, RuntimeError):
     """An engine built by another TensorRT version or for another GPU than the one here."""
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .device_memory import DeviceBuffer, DeviceMemory
+from .errors import SessionClosed
 from .sessions import Session, TensorMeta
 from .trt_compat import EngineMismatch, check_engine_compat, read_sidecar
 
@@ -75,7 +76,7 @@ class TrtSession(Session):
         """Run the engine; outputs named by an `on_device` prefix stay on the device, the rest come back
         as numpy (a device output is valid until the next run)."""
         if self.ctx is None:
-            raise RuntimeError(f"{self.name}: session is closed")
+            raise SessionClosed(f"{self.name}: session is closed; load the bundle again")
         stream = self.memory.stream_handle
         shapes = {k: tuple(v.shape) for k, v in feeds.items()}
         prof = pick_profile(self.profiles, shapes)

@@ -42,6 +42,10 @@ def test_user_commands_on_demo_bundle(tmp_path):
     assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 3
     r = _run("caption", out, d / "0.png", "--min-new-tokens", "0", "--max-new-tokens", "6")
     assert r.exit_code == 0 and "the digit" in r.output
+    r = _run("caption", out, d)  # the CLI defaults: the bundle's min_new_tokens (0 for this model), not 8
+    captions = [line.split("\t")[1] for line in r.output.splitlines() if "\t" in line]
+    assert r.exit_code == 0 and len(captions) == 3
+    assert all(c.startswith("the digit ") and len(c.split()) == 3 for c in captions), captions
     r = _run("caption", out, d / "0.png", "--stream", "--min-new-tokens", "0", "--max-new-tokens", "6")
     assert r.exit_code == 0 and "the digit" in r.output
     r = _run("embed", out, d, "--texts", "the digit one", "--out", tmp_path / "e.npy")

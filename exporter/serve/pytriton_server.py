@@ -20,9 +20,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.errors import MissingDependency, UserError
+
 from . import SERVE_EXTRA
 
 log = logging.getLogger(__name__)
+
+
+class ServeError(UserError, RuntimeError):
+    """Triton could not start serving the bundle: the message gives the cause, the server log the rest."""
 
 
 @dataclass
@@ -43,7 +49,7 @@ def _import_pytriton():
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
         from pytriton.triton import Triton, TritonConfig
     except ImportError as e:
-        raise RuntimeError(SERVE_EXTRA) from e
+        raise MissingDependency(SERVE_EXTRA) from e
     return DynamicBatcher, ModelConfig, Tensor, Triton, TritonConfig
 
 
@@ -140,7 +146,7 @@ def serve(bundle, opts: ServeOptions | None = None) -> None:
             raise
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         cause = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else str(e))
-        raise RuntimeError(f"Triton could not load the models: {cause} ({lines[0][:100] if lines else ''}...; "
+        raise ServeError(f"Triton could not load the models: {cause} ({lines[0][:100] if lines else ''}...; "
                            "the server log above has the rest)") from e
     finally:
         signal.signal(signal.SIGTERM, previous)

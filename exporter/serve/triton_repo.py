@@ -20,6 +20,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.errors import MissingDependency
+
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -169,7 +171,7 @@ def parse_config(text: str):
 
     pb2 = _model_config_pb2()
     if pb2 is None:
-        raise RuntimeError("validating config.pbtxt needs tritonclient: pip install tritonclient")
+        raise MissingDependency("validating config.pbtxt needs tritonclient: pip install tritonclient")
     try:
         return text_format.Parse(text, pb2.ModelConfig())
     except text_format.ParseError as e:

@@ -12,6 +12,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from runtime.errors import MissingDependency
+
 from . import SERVE_EXTRA
 
 
@@ -19,7 +21,7 @@ def _dist() -> Path:
     try:
         import pytriton
     except ImportError as e:
-        raise RuntimeError(SERVE_EXTRA) from e
+        raise MissingDependency(SERVE_EXTRA) from e
     return Path(pytriton.__file__).parent
 
 
@@ -32,7 +34,7 @@ def prepare(workdir) -> Path:
         stub = dist / "python_backend_stubs" / f"{sys.version_info[0]}.{sys.version_info[1]}" / \
             "triton_python_backend_stub"
         if not stub.is_file():
-            raise RuntimeError(f"PyTriton has no Python-backend stub for Python {sys.version_info[0]}."
+            raise MissingDependency(f"PyTriton has no Python-backend stub for Python {sys.version_info[0]}."
                                f"{sys.version_info[1]}: use Python 3.8-3.13")
         shutil.copy(stub, root / "backends" / "python" / "triton_python_backend_stub")
     return root

@@ -58,3 +58,28 @@ def test_long_texts_truncated_like_the_original(codec, sp):
     row = limited.embedding_ids([text])[0]
     want = ([1] + sp.encode("summarize:" + text))[:79] + [2]
     assert len(row) == 80 and row.tolist() == want
+
+
+def test_long_words_heap_merge_equals_sentencepiece(codec, sp):
+    """Words far longer than the short-word path (CJK runs, digits, no spaces) go through the heap merge."""
+    from exporter.bench_tokenizer import quadratic_word
+
+    rng = np.random.default_rng(1)
+    alphabet = list("中文测试一只猫在公园里放风筝的女孩是我们你好世界0123456789.,abcxyz😀é")
+    texts = ["".join(rng.choice(alphabet, n)) for n in (13, 50, 200, 1000, 3000)]
+    texts.append("456.78" * 300)
+    for t in texts:
+        assert codec.exact.encode(t) == sp.encode(t)
+    for w in codec.exact._words_text(texts[3]):
+        assert codec.exact._word(w) == quadratic_word(codec.exact, w)
+
+
+def test_early_truncation_keeps_the_prefix(codec, sp):
+    """encode(max_tokens=k) returns (at least k of) the same first ids without tokenizing the whole text."""
+    text = "a photo of a cat " * 50 + "中文测试" * 500
+    full = sp.encode(text)
+    for k in (1, 5, 80, 200):
+        part = codec.exact.encode(text, max_tokens=k)
+        assert len(part) >= k and part == full[: len(part)]
+        assert len(part) < len(full)  # it stopped early
+    assert codec.exact.encode(text, max_tokens=10 ** 6) == full

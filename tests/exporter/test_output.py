@@ -1,0 +1,211 @@
+"""Nothing lost: outputs replace only what bridge-export wrote, and no temporaries survive any failure.
+
+Table-driven: one row per kind of existing --out; a new case is one line.
+"""
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from exporter import output
+from exporter.output import OWNER_FILE, OutputError, output_dir
+
+
+def _foreign_dir(p):
+    p.mkdir()
+    (p / "thesis.tex").write_text("years of work")
+
+
+def _foreign_file(p):
+    p.write_text("precious")
+
+
+def _foreign_manifest(p):  # a manifest.json of some other tool
+    p.mkdir()
+    (p / "manifest.json").write_text(json.dumps({"format": "someone-else", "files": {}}))
+    (p / "data.bin").write_bytes(b"x")
+
+
+def _bad_json_manifest(p):
+    p.mkdir()
+    (p / "manifest.json").write_text("{not json")
+
+
+def _symlink_to_bundle(p):
+    target = p.parent / "real"
+    _our_bundle(target)
+    p.symlink_to(target)
+
+
+def _our_bundle(p):
+    p.mkdir()
+    (p / "manifest.json").write_text(json.dumps({"format": "bridge-export-bundle", "files": {}}))
+    (p / "old.onnx").write_bytes(b"old")
+
+
+def _empty_dir(p):
+    p.mkdir()
+
+
+def _our_demo_folder(p):  # folders we add to are not replaced as a whole
+    p.mkdir()
+    (p / OWNER_FILE).write_text("{}")
+    (p / "notes.txt").write_text("the user's")
+
+
+# (make the existing --out, overwrite?, expected: "replaced" or a regex of the refusal)
+CASES = [
+    (None, False, "replaced"),
+    (_foreign_dir, True, "not written by bridge-export"),
+    (_foreign_dir, False, "already exists"),
+    (_foreign_file, True, "is a file"),
+    (_foreign_manifest, True, "not written by bridge-export"),
+    (_bad_json_manifest, True, "not written by bridge-export"),
+    (_symlink_to_bundle, True, "symbolic link"),
+    (_our_demo_folder, True, "not written by bridge-export"),
+    (_our_bundle, False, "already exists"),
+    (_our_bundle, True, "replaced"),
+    (_empty_dir, True, "replaced"),
+]
+
+
+def _snapshot(root):
+    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+                  for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("make,overwrite,expect", CASES,
+                         ids=[f"{m.__name__ if m else 'absent'}-{o}" for m, o, _ in CASES])
+def test_existing_out(tmp_path, make, overwrite, expect):
+    out = tmp_path / "out"
+    if make:
+        make(out)
+    before = _snapshot(tmp_path)
+    if expect == "replaced":
+        with output_dir(out, overwrite) as tmp:
+            (tmp / "manifest.json").write_text(json.dumps({"format": "bridge-export-bundle"}))
+        assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+    else:
+        with pytest.raises(OutputError, match=expect):
+            with output_dir(out, overwrite):
+                pytest.fail("refused outputs must be refused before any work")
+        assert _snapshot(tmp_path) == before  # nothing touched
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def _enospc(*a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["while writing", "during the swap"])
+def test_failures_leave_the_old_bundle_and_no_temporaries(tmp_path, monkeypatch, where):
+    out = tmp_path / "out"
+    _our_bundle(out)
+    before = _snapshot(tmp_path)
+    with pytest.raises(OSError, match="No space left"):
+        with output_dir(out, overwrite=True) as tmp:
+            (tmp / "weights.bin").write_bytes(b"new")
+            if where == "while writing":
+                _enospc()
+            monkeypatch.setattr(output.Path, "rename", _failing_rename(output.Path.rename))
+    assert _snapshot(tmp_path) == before
+
+
+def _failing_rename(real):
+    """Path.rename that fails when moving a partial build into place (the old output was moved aside)."""
+    def rename(self, target):
+        if ".partial-" in self.name:
+            _enospc()
+        return real(self, target)
+    return rename
+
+
+def test_export_on_full_disk_leaves_nothing(tmp_path, monkeypatch, tiny_model):
+    """A real export whose write fails: the earlier bundle is intact and no .partial/.old remains."""
+    import exporter.bundle as bundle
+
+    out = tmp_path / "b"
+    (tmp_path / "b").mkdir()
+    (out / "manifest.json").write_text(json.dumps({"format": "bridge-export-bundle"}))
+    before = _snapshot(tmp_path)
+    def export_graph(model, spec, config, path, **kw):  # the disk fills while the first graph is written
+        path.write_bytes(b"half a graph")
+        _enospc()
+
+    monkeypatch.setattr(bundle, "export_graph", export_graph)
+    with pytest.raises(OSError):
+        bundle.export_bundle(tiny_model, out, overwrite=True, progress=lambda s: None)
+    assert _snapshot(tmp_path) == before
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_leftovers_of_a_killed_run_are_cleaned_only_if_ours(tmp_path):
+    out = tmp_path / "out"
+    dead = _dead_pid()
+    ours_partial = tmp_path / f".out.partial-{dead}-abc"
+    ours_partial.mkdir()
+    (ours_partial / output.PARTIAL_MARKER).write_text("")
+    ours_old = tmp_path / f".out.old-{dead}-abc"
+    _our_bundle(ours_old)
+    foreign = tmp_path / f".out.partial-{dead}-xyz"  # same name pattern, not ours
+    _foreign_dir(foreign)
+    alive = tmp_path / f".out.partial-{os.getpid()}-live"  # a run still going
+    alive.mkdir()
+    (alive / output.PARTIAL_MARKER).write_text("")
+    with output_dir(out, overwrite=False) as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["out", foreign.name, alive.name])
+    shutil.rmtree(alive)
+
+
+def test_precision_refuses_its_own_source(tiny_bundle):
+    from exporter.precision import make_precision_bundle
+
+    with pytest.raises(OutputError, match="source bundle itself"):
+        make_precision_bundle(tiny_bundle, tiny_bundle, "fp16", overwrite=True)
+
+
+def test_engine_folder_must_be_ours(tiny_bundle, tmp_path):
+    from exporter.tensorrt import EngineOptions, write_trtexec_script
+
+    _foreign_dir(tmp_path / "e")
+    with pytest.raises(OutputError, match="did not write"):
+        write_trtexec_script(tiny_bundle, tmp_path / "e", EngineOptions())
+    assert not (tmp_path / "e" / "build_engines.sh").exists()
+    path = write_trtexec_script(tiny_bundle, tmp_path / "e2", EngineOptions())
+    assert path.is_file() and write_trtexec_script(tiny_bundle, tmp_path / "e2", EngineOptions()) == path
+
+
+def test_demo_refuses_a_foreign_folder_before_any_work(tmp_path):
+    from exporter.demo import run_demo
+
+    _foreign_dir(tmp_path / "d")
+    with pytest.raises(OutputError, match="did not write"):
+        run_demo(tmp_path / "d", limit=2, precisions=["fp32"], progress=lambda s: None)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["thesis.tex"]
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    """Temporaries are created private; the finished output has the mode mkdir/open would give it."""
+    from exporter.output import atomic_file
+
+    mask = os.umask(0o022)
+    try:
+        with output_dir(tmp_path / "b", overwrite=False) as tmp:
+            (tmp / "manifest.json").write_text("{}")
+        with atomic_file(tmp_path / "e.npy") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "e.npy").stat().st_mode & 0o777 == 0o644
