@@ -142,7 +142,7 @@ def logits_cosine(ref_pipe, new_pipe, steps: int = 8, seed: int = 0) -> float:
     return worst
 
 
-def compare_bundles(pipe, others: list, pasts: list[int], steps: int) -> str:
+def compare_bundles(pipe, others: list, pasts: list[int], steps: int, repeats: int = 3) -> str:
     """Decode speed (interleaved with `pipe`'s) and logits cosine of other bundles, e.g. int8-cpu."""
     lines = [f"{'bundle':<24} {'precision':<9} " + " ".join(f"{'tok/s@' + str(p):>12}" for p in pasts)
              + f" {'speedup':>8} {'logits cos':>11}"]
@@ -153,7 +153,7 @@ def compare_bundles(pipe, others: list, pasts: list[int], steps: int) -> str:
         rates = {}
         for p in pasts:
             key = f"decode_tok_s@{p}"
-            a, b = interleaved_best([base_tasks[key][0], other_tasks[key][0]], repeats=3)
+            a, b = interleaved_best([base_tasks[key][0], other_tasks[key][0]], repeats=repeats)
             rates[p] = (steps / a, steps / b)
         lines.append(f"{pipe.manifest.root.name:<24} {pipe.manifest.precision.mode:<9} "
                      + " ".join(f"{rates[p][0]:>12.1f}" for p in pasts) + f" {'1.00x':>8} {1.0:>11.6f}")
@@ -161,12 +161,12 @@ def compare_bundles(pipe, others: list, pasts: list[int], steps: int) -> str:
                      + " ".join(f"{rates[p][1]:>12.1f}" for p in pasts)
                      + f" {rates[pasts[0]][1] / rates[pasts[0]][0]:>7.2f}x {logits_cosine(pipe, other):>11.6f}")
     lines.append(f"speedup = greedy decode tokens/s at past {pasts[0]} against the first bundle, measured "
-                 "interleaved in this run")
+                 f"interleaved in this run (best of {repeats})")
     return "\n".join(lines)
 
 
 def run_bench(bundle, reference: Callable[[], object] | None = None, threads: int | None = None,
-              pasts=(16, 256, 1024), steps: int = 16, compare=()) -> dict:
+              pasts=(16, 256, 1024), steps: int = 16, compare=(), repeats: int = 3) -> dict:
     """Run and print the benchmark. `reference` is a zero-argument loader of the PyTorch model (or None)."""
     import runtime
 
@@ -210,5 +210,5 @@ def run_bench(bundle, reference: Callable[[], object] | None = None, threads: in
     print(format_table(rt, ref))
     if compare:
         print()
-        print(compare_bundles(pipe, [runtime.load(b, threads=threads) for b in compare], pasts, steps))
+        print(compare_bundles(pipe, [runtime.load(b, threads=threads) for b in compare], pasts, steps, repeats))
     return {"runtime": rt, "reference": ref}

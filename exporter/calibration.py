@@ -2,8 +2,14 @@
 
 Feeds for every graph come from running the fp32 bundle's own pipeline on the user's images
 and texts, with each session wrapped by a recorder, so calibration sees exactly the tensors
-deployment will see (the decoder included, at P = 0 for texts and with the visual prefix for
-captions).
+deployment will see: the vision encoder and bridge on every image, the decoder on the caption
+prefill (prompt after the visual prefix) and on each greedy decode step, and on text-embedding
+passes (P = 0, right-padded batches of mixed lengths).
+
+Texts: the user's `--calib-texts`, else a built-in varied set (exporter/data/calibration_texts.txt:
+captions, questions, numbers, several scripts, short and long). A bundle without a tokenizer, or
+whose tokenizer knows too few of the built-in words (mostly <unk>), gets token-id sequences of
+varied lengths instead, and the report says so.
 """
 from __future__ import annotations
 
@@ -78,8 +84,57 @@ class Recorder(Session):
         return self.inner.run(feeds)
 
 
-def record_feeds(pipe, images, texts: list[str] | None, max_new_tokens: int = 4) -> dict[str, list[dict]]:
-    """Run embeddings and short greedy captions through `pipe`, returning every graph's feeds."""
+def builtin_texts() -> list[str]:
+    """The built-in varied calibration texts (one per line of exporter/data/calibration_texts.txt)."""
+    from importlib import resources
+
+    text = resources.files("exporter").joinpath("data/calibration_texts.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def split_held_out(items: list, every: int = 4) -> tuple[list, list]:
+    """(calibration, held-out): every `every`-th item (at least one) is held out for measuring accuracy."""
+    if len(items) < 2:
+        return list(items), list(items)
+    held = items[::every]
+    return [x for i, x in enumerate(items) if i % every], held
+
+
+def text_batches(pipe, texts: list[str] | None, seed: int = 0, batch: int = 8) -> tuple[list[np.ndarray], str]:
+    """Right-padded id batches for the text-embedding path, and where they came from.
+
+    Tokenized texts when the bundle has a tokenizer that knows most of their words; otherwise
+    token ids of varied lengths (2 to 40, BOS first, EOS last) drawn from the vocabulary.
+    """
+    unk = pipe.special.unk
+    if texts and pipe.codec.tok:
+        ids = [pipe.codec.embedding_ids(texts[i:i + batch]) for i in range(0, len(texts), batch)]
+        body = np.concatenate([b[:, 1:].ravel() for b in ids])
+        body = body[body != pipe.special.pad]
+        known = float((body != unk).mean()) if body.size else 0.0
+        if known >= 0.5:
+            return ids, f"{len(texts)} texts"
+        source = f"token ids (the tokenizer knows only {known:.0%} of the texts' tokens)"
+    else:
+        source = "token ids (no tokenizer in the bundle)" if texts else "token ids"
+    vocab = pipe.manifest.dims.vocab_size
+    rng = np.random.default_rng(seed)
+    n = len(texts) if texts else 32
+    longest = max(3, min(40, pipe.max_positions))
+    out = []
+    for i in range(0, n, batch):
+        lens = rng.integers(2, longest + 1, min(batch, n - i))
+        rows = np.zeros((len(lens), int(lens.max())), np.int64)
+        for r, L in enumerate(lens):
+            rows[r, :L] = rng.integers(3, vocab, L)
+            rows[r, 0], rows[r, L - 1] = pipe.special.bos, pipe.special.eos
+        out.append(rows)
+    return out, f"{n} {source}, lengths 2-{longest}"
+
+
+def record_feeds(pipe, images, texts: list[str] | None, max_new_tokens: int = 4, seed: int = 0) -> dict[str, list[dict]]:
+    """Run embeddings, caption prefill + greedy decode steps, and text embeddings through `pipe`,
+    returning every graph's feeds (texts as in `text_batches`)."""
     originals = dict(pipe.sessions)
     recorders = {k: Recorder(s) for k, s in originals.items()}
     pipe.sessions.update(recorders)
@@ -93,14 +148,7 @@ def record_feeds(pipe, images, texts: list[str] | None, max_new_tokens: int = 4)
             prompt = (pipe.codec.prompt_ids(pipe.manifest.prompts.caption.prompt) if pipe.codec.tok
                       else np.array([[pipe.special.bos]], np.int64))
             pipe.generate(batch, np.repeat(prompt, len(batch), 0), max_new_tokens=max_new_tokens)
-        if texts and pipe.codec.tok:
-            for i in range(0, len(texts), 8):
-                pipe.encode_text(pipe.codec.embedding_ids(texts[i:i + 8]))
-        else:  # no tokenizer or texts: random token ids still exercise the text path at P = 0
-            vocab = pipe.manifest.dims.vocab_size
-            rng = np.random.default_rng(0)
-            ids = rng.integers(3, vocab, (4, 12)).astype(np.int64)
-            ids[:, 0] = pipe.special.bos
+        for ids in text_batches(pipe, texts, seed)[0]:
             pipe.encode_text(ids)
     finally:
         pipe.sessions.update(originals)
@@ -141,3 +189,8 @@ class FeedReader:
     def rewind(self):
         """Start again from the first feed."""
         self.i = 0
+
+    def __iter__(self):
+        """Iterate over the feeds (onnxruntime's qdq_loss_debug iterates readers)."""
+        self.rewind()
+        return iter(self.get_next, None)

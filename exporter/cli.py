@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from runtime.errors import UserError
+from runtime.manifest import GRAPHS
 from runtime.pipeline import MAX_BATCH, MAX_CAPTION_BATCH
 from runtime.search import MAX_BEAMS
 
@@ -41,7 +42,7 @@ def _debug() -> bool:
 EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export",
           "transformers": "export", "sentencepiece": "export", "google": "export",
           "tensorrt": "tensorrt", "polygraphy": "tensorrt", "cuda": "tensorrt", "sklearn": "train",
-          "pyarrow": "ray", "ray": "ray", "pytriton": "serve"}
+          "pyarrow": "ray", "ray": "ray", "pytriton": "serve", "tritonclient": "serve"}
 
 
 def missing_extra(e: ModuleNotFoundError) -> str | None:
@@ -118,7 +119,7 @@ def main(debug, quiet):
 @click.option("--max-batch", default=8, show_default=True, help="largest batch (TensorRT profiles)")
 @click.option("--max-seq", type=int, help="longest sequence incl. queries (default: max positions)")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="directory with tokenizer.model/json")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-cpu"]), default="fp32",
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-cpu", "int4-cpu"]), default="fp32",
               show_default=True, help="also make a reduced-precision bundle (see `precision`)")
 @click.option("--calib", type=click.Path(path_type=Path), help="calibration images folder (int8)")
 @click.option("--dynamo", is_flag=True, help="use the torch.export-based exporter (slower)")
@@ -420,8 +421,10 @@ def classify(bundle, images, labels, template, mode, backend, device):
               help="decode steps timed per past length")
 @click.option("--compare", multiple=True, type=click.Path(path_type=Path),
               help="other bundles (e.g. fp16 / int8-cpu) to time and check against BUNDLE in the same run")
+@click.option("--repeats", default=3, show_default=True,
+              help="--compare: interleaved rounds per past length, best kept (raise it on a busy machine)")
 @friendly
-def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, compare):
+def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, compare, repeats):
     """Throughput and memory of a bundle (and the reference, side by side, in this one process)."""
     from .bench import run_bench
 
@@ -438,13 +441,26 @@ def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, com
         raise click.ClickException(f"--pasts must list positive past lengths, got {pasts!r}")
     run_bench(bundle, reference=load_reference if (reference or reference_preset) else None, threads=threads,
               pasts=past_list, steps=tokens,
-              compare=list(compare))
+              compare=list(compare), repeats=repeats)
+
+
+@main.command("bench-load")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--repeats", default=3, show_default=True, help="timed rounds (after one warm-up)")
+@click.option("--threads", default=None, type=int)
+@click.option("--no-checksums", is_flag=True, help="skip timing runtime.load(verify_checksums=True)")
+@friendly
+def bench_load(bundle, repeats, threads, no_checksums):
+    """Time runtime.load() against onnxruntime opening the graphs, side by side."""
+    from .bench_load import format_load, measure_load
+
+    click.echo(format_load(bundle, measure_load(bundle, repeats, threads, checksums=not no_checksums)))
 
 
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True)
 @click.option("--limit", default=0, type=click.IntRange(0), help="use only the first N test digits (0: all)")
-@click.option("--precisions", default="fp32,fp16,int8,int8-cpu", show_default=True)
+@click.option("--precisions", default="fp32,fp16,int8,int8-cpu,int4-cpu", show_default=True)
 @friendly
 def demo(out, limit, precisions):
     """The main job: shipped digits model -> bundle(s) -> onnxruntime, with an accuracy/speed report."""
@@ -458,26 +474,38 @@ def demo(out, limit, precisions):
 @click.option("--fp16", "mode", flag_value="fp16", help="FP16 weights/compute, sensitive ops in fp32")
 @click.option("--int8", "mode", flag_value="int8", help="static Q/DQ INT8 (TensorRT and onnxruntime)")
 @click.option("--int8-cpu", "mode", flag_value="int8-cpu", help="dynamic INT8 MatMuls for onnxruntime CPUs")
+@click.option("--int4-cpu", "mode", flag_value="int4-cpu",
+              help="4-bit weights (MatMulNBits) for onnxruntime CPU/CUDA; the fastest decoding")
+@click.option("--block-size", default=32, show_default=True, help="int4: weights per scale (16-256, power of 2)")
+@click.option("--symmetric", is_flag=True, help="int4: no zero points")
+@click.option("--accuracy-level", default=4, show_default=True,
+              help="int4: MatMulNBits compute (4 = int8 activations, fastest on CPU; 0 = fp32)")
 @click.option("--calib", type=click.Path(path_type=Path), help="folder of calibration images (--int8)")
 @click.option("--calib-texts", type=click.Path(path_type=Path), help="file of calibration texts, one per line")
 @click.option("--method", type=click.Choice(["max", "entropy", "percentile"]), default="max", show_default=True)
+@click.option("--target-cosine", type=float, default=None,
+              help="int8: keep the most sensitive MatMuls in fp32 until every output reaches this cosine to fp32 "
+                   "on held-out inputs (e.g. 0.999); without it the achieved cosines are reported")
 @click.option("--exclude", default="", help="comma-separated op types to keep in fp32 (replaces the default)")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True)
 @friendly
-def precision(bundle, mode, calib, calib_texts, method, exclude, out, overwrite):
-    """Make an FP16 or INT8 bundle from an fp32 one, and print its accuracy report."""
+def precision(bundle, mode, block_size, symmetric, accuracy_level, calib, calib_texts, method, target_cosine, exclude,
+              out, overwrite):
+    """Make an FP16, INT8 or INT4 bundle from an fp32 one, and print its accuracy report."""
+    from .int4 import Int4Options
     from .precision import make_precision_bundle
 
     if mode is None:
-        raise click.ClickException("choose one of --fp16, --int8 or --int8-cpu")
+        raise click.ClickException("choose one of --fp16, --int8, --int8-cpu or --int4-cpu")
     make_precision_bundle(bundle, out, mode, calib=calib, calib_texts=calib_texts, method=method,
-                          exclude=[s for s in exclude.split(",") if s] or None, overwrite=overwrite)
+                          exclude=[s for s in exclude.split(",") if s] or None, overwrite=overwrite,
+                          target_cosine=target_cosine, int4=Int4Options(block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level))
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--graphs", default="vision_encoder,query_bridge,text_decoder", show_default=True)
+@click.option("--graphs", default=",".join(GRAPHS), show_default=True)
 @click.option("--max-batch", default=None, type=click.IntRange(1, 4096))
 @click.option("--max-seq", default=None, type=click.IntRange(1))
 @click.option("--workspace", default=4.0, show_default=True, type=click.FloatRange(0, 1024, min_open=True), help="GiB")

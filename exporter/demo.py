@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from reference_model.digits import (CAPTION_PROMPT, WORDS, ReferenceRunner, evaluate, load_test_split,
-                                   names_digit)
+from reference_model.digits import (CAPTION_PROMPT, TEMPLATE, WORDS, ReferenceRunner, caption_text, evaluate,
+                                   load_test_split, names_digit)
 from runtime.progress import get_logger, reporter
 
 log = get_logger(__name__)
@@ -51,14 +51,14 @@ def save_grid(images, labels, texts, path: Path, n: int = 32) -> Path:
     return path
 
 
-def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "fp16", "int8", "int8-cpu"),
+def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "fp16", "int8", "int8-cpu", "int4-cpu"),
              progress=None) -> dict:
     """Export the shipped checkpoint, run every variant over the test digits, print and return the report."""
     from .output import owned_folder
 
-    unknown = sorted(set(precisions) - {"fp32", "fp16", "int8", "int8-cpu"})
+    unknown = sorted(set(precisions) - {"fp32", "fp16", "int8", "int8-cpu", "int4-cpu"})
     if unknown:
-        raise ValueError(f"unknown precisions {unknown}: choose from fp32, fp16, int8, int8-cpu")
+        raise ValueError(f"unknown precisions {unknown}: choose from fp32, fp16, int8, int8-cpu, int4-cpu")
     progress = reporter(progress, log)
     t_start = time.perf_counter()
     # an earlier demo folder is reused (each bundle in it replaced atomically); a folder holding anything
@@ -104,11 +104,14 @@ def _run(work: Path, limit: int, precisions, progress) -> dict:
         with np.load(DEMO_CHECKPOINT / "test_digits.npz") as d:
             for i, im in enumerate(d["calib_images"]):
                 Image.fromarray(im).save(calib_dir / f"{i:03d}.png")
+    texts_file = work / "calib_texts.txt"  # the task's own texts: class prompts and captions
+    texts_file.write_text("\n".join([TEMPLATE.format(w) for w in WORDS] + [caption_text(i) for i in range(10)]
+                                     + [f"{CAPTION_PROMPT} {caption_text(i)}" for i in range(10)]) + "\n")
     for prec in precisions:
         if prec == "fp32":
             continue
         b = make_precision_bundle(fp32, work / f"bundle-{prec}", prec, calib=calib_dir if prec == "int8" else None,
-                                  overwrite=True, progress=lambda s: None, report=False)
+                                  calib_texts=texts_file, overwrite=True, progress=lambda s: None, report=False)
         progress(f"[demo] made the {prec} bundle")
         variants[f"onnx {prec}"] = BundleRunner(runtime.load(b))
     results = {}

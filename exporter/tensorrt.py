@@ -55,11 +55,21 @@ def engine_profiles(manifest, graph: str, opts: EngineOptions) -> list[dict[str,
     return graph_profiles(graph, manifest.dims, manifest.kv_layout, limits)
 
 
+ONNXRUNTIME_ONLY = {"int8-cpu": "MatMulInteger/DynamicQuantizeLinear", "int4-cpu": "MatMulNBits/GatherBlockQuantized"}
+
+
+def refuse_onnxruntime_only(precision: str) -> None:
+    """Raise for precisions TensorRT cannot parse (onnxruntime contrib/integer ops), saying what to build from."""
+    if precision in ONNXRUNTIME_ONLY:
+        raise ValueError(f"this {precision} bundle is onnxruntime-only ({ONNXRUNTIME_ONLY[precision]}, which TensorRT "
+                         "does not parse): build engines from the fp32, fp16 or int8 (Q/DQ) bundle")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ValueError(f"TensorRT cannot build a {precision!r} bundle: build from the fp32, fp16 or int8 bundle")
+
+
 def precision_plan(trt_major: int, precision: str) -> dict:
     """How to build a graph of `precision` on TensorRT `trt_major`: network typing and builder flags."""
-    if precision not in ("fp32", "fp16", "int8"):
-        raise ValueError(f"TensorRT cannot build a {precision!r} bundle: int8-cpu uses MatMulInteger, which "
-                         "TensorRT does not parse; build from the fp32, fp16 or int8 (Q/DQ) bundle")
+    refuse_onnxruntime_only(precision)
     if trt_major >= 11:
         return {"strongly_typed": True, "builder_flags": [], "trtexec_flags": ["--stronglyTyped"]}
     flags = {"fp32": [], "fp16": ["FP16"], "int8": ["INT8", "FP16"]}[precision]
@@ -92,6 +102,7 @@ def trtexec_command(onnx_path: Path, engine_path: Path, profiles: list[dict], pl
 def write_trtexec_script(bundle, out_dir, opts: EngineOptions, trt_major: int = 10) -> Path:
     """Write build_engines.sh with one trtexec command per graph (TensorRT 10 flags by default)."""
     man = read_manifest(bundle, verify_checksums=False)
+    refuse_onnxruntime_only(man.precision.mode)
     out_dir = owned_folder(out_dir, "engines", legacy=_legacy_engine_dir)
     lines = ["#!/usr/bin/env bash", "# Build the bundle's TensorRT engines on the target device (e.g. a Jetson).",
              f"# precision: {man.precision.mode}; flags for TensorRT {trt_major}.x", "set -euo pipefail",
@@ -130,6 +141,7 @@ def sidecar(man, graph: str, trt_version: str, gpu_name: str, compute_capability
 def build_engines(bundle, out_dir, opts: EngineOptions, progress=None) -> list[Path]:
     """Build one engine per graph with the TensorRT Python API (the only code here that needs TensorRT)."""
     progress = reporter(progress, log)
+    refuse_onnxruntime_only(read_manifest(bundle).precision.mode)
     try:
         import tensorrt as trt
     except ImportError as e:

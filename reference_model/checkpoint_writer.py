@@ -25,6 +25,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from runtime.errors import UserError
+
 from .config import InternVLConfig, preset_config
 from .loading import DTYPES, init_rule
 from .model import InternVLModel
@@ -39,7 +41,7 @@ INDEX = "model.safetensors.index.json"
 CHUNK = 1 << 24
 
 
-class CheckpointWriteError(ValueError):
+class CheckpointWriteError(UserError, ValueError):
     """A checkpoint that cannot be written as asked; the message says what to do."""
 
 

@@ -351,7 +351,7 @@ class PrecisionInfo(Record):
     higher precision, the cosines they measured, and so on.
     """
 
-    mode: str = "fp32"  # fp32 | fp16 | int8 | int8-cpu
+    mode: str = "fp32"  # fp32 | fp16 | int8 | int8-cpu | int4-cpu
     derived_from: dict[str, Any] | None = None
     accuracy: dict[str, Any] | None = None
     report: dict[str, Any] = field(default_factory=dict)

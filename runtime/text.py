@@ -32,7 +32,9 @@ class ExactBPE:
                  whitespace_only_pieces: bool = True):
         self.vocab = vocab
         self.ws_runs = whitespace_only_pieces
-        self.score = {p: float(scores[i]) for p, i in vocab.items() if np.isfinite(scores[i])}
+        finite = np.isfinite(scores).tolist()
+        values = scores.tolist()  # python floats: one conversion for the whole vocabulary
+        self.score = {p: values[i] for p, i in vocab.items() if finite[i]}
         self.specials = sorted(specials, key=len, reverse=True)
         self.byte_ids = [vocab.get(f"<0x{b:02X}>") for b in range(256)]
 

@@ -208,3 +208,25 @@ def test_force_image_size_resize_matches_the_original_code():
     assert torch.equal(vit.embeddings.position_embedding.detach(), original)
     assert vit.embeddings.position_embedding.dtype == torch.bfloat16
     assert vit(torch.randn(1, 3, 28, 28)).shape == (1, 50, 8)
+
+
+def test_lora_checkpoint_exports_merged_and_reproduces_peft(expected, tmp_path):
+    """The bundle exported from the peft-saved, 24-px-forced checkpoint gives the peft model's outputs."""
+    from click.testing import CliRunner
+
+    import runtime
+    from exporter.cli import main
+
+    r = CliRunner().invoke(main, ["onnx", "--checkpoint", str(FIXTURE), "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    with runtime.load(tmp_path / "b") as pipe:
+        assert pipe.preprocessing.image_size == 24  # force_image_size, not vision_config.image_size (16)
+        pv = expected["pixel_values"]
+        for mode, key in (("InternVL-C", "image_c"), ("InternVL-G", "image_g")):
+            got = pipe.encode_image(pv, mode)
+            cos = (got * expected[key]).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected[key], axis=1)
+            assert cos.min() > 0.99999, (mode, cos)
+        got = pipe.encode_text(expected["text_ids"])
+        np.testing.assert_allclose(got, expected["text"], rtol=1e-3, atol=1e-4 * np.abs(expected["text"]).max())
+        tokens = pipe.generate(pv, expected["prompt_ids"], max_new_tokens=8)
+        np.testing.assert_array_equal(tokens, expected["tokens"])

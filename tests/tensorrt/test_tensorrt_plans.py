@@ -33,6 +33,8 @@ def test_precision_plans():
                                           "trtexec_flags": ["--stronglyTyped"]}
     with pytest.raises(ValueError, match="MatMulInteger"):
         precision_plan(10, "int8-cpu")
+    with pytest.raises(ValueError, match="int4-cpu bundle is onnxruntime-only"):
+        precision_plan(11, "int4-cpu")
 
 
 def test_trtexec_script(tiny_bundle, tmp_path):

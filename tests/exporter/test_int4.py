@@ -1,0 +1,107 @@
+"""int4-cpu: the per-tensor functions equal the maintained quantizer, and the bundle runs and stays close."""
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import runtime
+from exporter.int4 import Int4Options, int4_plan, quantize_embedding, quantize_graph, quantize_matmul_weight
+from runtime.manifest import read_manifest
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from exporter.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def int4_bundle(tiny_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int4") / "b"
+    r = _cli("precision", tiny_bundle, "--int4-cpu", "--out", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_cli_rejects_bad_int4_settings(tiny_bundle, tmp_path):
+    r = _cli("precision", tiny_bundle, "--int4-cpu", "--block-size", "48", "--out", tmp_path / "x")
+    assert r.exit_code == 1 and "power of two" in r.output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("opts", [Int4Options(), Int4Options(block_size=16, symmetric=True, accuracy_level=0)])
+def test_per_tensor_functions_equal_the_maintained_quantizer(tiny_bundle, opts):
+    model = onnx.load(str(tiny_bundle / "text_decoder.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    before = {n.name: n for n in model.graph.node}
+    quantized, _ = quantize_graph(onnx.load(str(tiny_bundle / "text_decoder.onnx")), opts)
+    q_inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    q_raw = {t.name: t for t in quantized.graph.initializer}
+    nbits = [n for n in quantized.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == len(int4_plan(model, opts)["matmul"]) > 0
+    for node in nbits:
+        orig = before[node.name[: -len("_Q4")]]
+        w = orig.input[1]
+        mine = quantize_matmul_weight(inits[w], opts)
+        expected = mine.node(orig.input[0], orig.output[0], w, orig.name)
+        assert expected == node, node.name  # same inputs, output, name, domain and attributes
+        for t in mine.initializers(w):
+            assert t.dims == q_raw[t.name].dims and t.data_type == q_raw[t.name].data_type
+            np.testing.assert_array_equal(numpy_helper.to_array(t), q_inits[t.name])
+    (gq,) = [n for n in quantized.graph.node if n.op_type == "GatherBlockQuantized"]
+    orig = before[gq.name[: -len("_Q4")]]
+    table = quantize_embedding(inits[orig.input[0]], orig.input[0], opts)
+    assert table.node(orig.input[1], orig.output[0], orig.name) == gq
+    for t in table.initializers():
+        assert t.SerializeToString() == q_raw[t.name].SerializeToString()
+
+
+def test_per_tensor_function_rejects_bad_weights():
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_matmul_weight(np.zeros((2, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_matmul_weight(np.full((32, 4), np.nan, np.float32))
+    with pytest.raises(ValueError, match="power of two"):
+        Int4Options(block_size=48)
+
+
+def test_int4_bundle_runs_close_and_small(int4_bundle, tiny_bundle):
+    ref, new = runtime.load(tiny_bundle), runtime.load(int4_bundle)
+    x = np.random.default_rng(9).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    for m in ("InternVL-C", "InternVL-G"):
+        a, b = ref.encode_image(x, m), new.encode_image(x, m)
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cos.min() >= 0.98, (m, cos)
+    assert new.generate(x, np.array([[1, 5, 6]] * 3), max_new_tokens=3).shape[0] == 3
+    ops = {n.op_type for g in ("vision_encoder", "query_bridge", "text_decoder")
+           for n in onnx.load(str(int4_bundle / f"{g}.onnx"), load_external_data=False).graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "MatMul" in ops  # pooling heads stay fp32
+    man = read_manifest(int4_bundle)
+    how = man.graphs["text_decoder"].how
+    assert man.precision.mode == "int4-cpu" and how["block_size"] == 32 and how["tensorrt"] is False
+    assert (int4_bundle / "weights.bin").stat().st_size < 0.4 * (tiny_bundle / "weights.bin").stat().st_size
+
+
+def test_engine_refuses_onnxruntime_only_bundles(int4_bundle, tmp_path):
+    r = _cli("engine", int4_bundle, "--emit-trtexec", "--out", tmp_path / "e")
+    assert r.exit_code == 1 and "int4-cpu bundle is onnxruntime-only" in r.output
+    assert not (tmp_path / "e").exists()
+
+
+def test_demo_model_int4_keeps_zero_shot_accuracy(tmp_path):
+    """The issue's bar: the shipped digits model in int4-cpu classifies >= 95% of held-out digits."""
+    import reference_model
+    from exporter.bundle import export_bundle
+    from exporter.demo import BundleRunner
+    from exporter.precision import make_precision_bundle
+    from reference_model.digits import evaluate, load_test_split
+
+    ckpt = reference_model.DEMO_CHECKPOINT
+    fp32 = export_bundle(reference_model.load_pretrained(ckpt), tmp_path / "fp32", checkpoint=ckpt,
+                         progress=lambda s: None)
+    int4 = make_precision_bundle(fp32, tmp_path / "int4", "int4-cpu", report=False, progress=lambda s: None)
+    images, labels = load_test_split(ckpt)
+    pipe = runtime.load(int4)
+    r = evaluate(BundleRunner(pipe), pipe.codec, images, labels)
+    assert r["zero_shot_C"] >= 0.95 and r["zero_shot_G"] >= 0.95 and r["caption"] >= 0.95, r
