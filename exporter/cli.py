@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from runtime.errors import UserError
+from runtime.manifest import GRAPHS
 from runtime.pipeline import MAX_BATCH, MAX_CAPTION_BATCH
 from runtime.search import MAX_BEAMS
 
@@ -41,7 +42,7 @@ def _debug() -> bool:
 EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export",
           "transformers": "export", "sentencepiece": "export", "google": "export",
           "tensorrt": "tensorrt", "polygraphy": "tensorrt", "cuda": "tensorrt", "sklearn": "train",
-          "pyarrow": "ray", "ray": "ray", "pytriton": "serve"}
+          "pyarrow": "ray", "ray": "ray", "pytriton": "serve", "tritonclient": "serve"}
 
 
 def missing_extra(e: ModuleNotFoundError) -> str | None:
@@ -443,6 +444,19 @@ def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, com
               compare=list(compare), repeats=repeats)
 
 
+@main.command("bench-load")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--repeats", default=3, show_default=True, help="timed rounds (after one warm-up)")
+@click.option("--threads", default=None, type=int)
+@click.option("--no-checksums", is_flag=True, help="skip timing runtime.load(verify_checksums=True)")
+@friendly
+def bench_load(bundle, repeats, threads, no_checksums):
+    """Time runtime.load() against onnxruntime opening the graphs, side by side."""
+    from .bench_load import format_load, measure_load
+
+    click.echo(format_load(bundle, measure_load(bundle, repeats, threads, checksums=not no_checksums)))
+
+
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True)
 @click.option("--limit", default=0, type=click.IntRange(0), help="use only the first N test digits (0: all)")
@@ -491,7 +505,7 @@ def precision(bundle, mode, block_size, symmetric, accuracy_level, calib, calib_
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--graphs", default="vision_encoder,query_bridge,text_decoder", show_default=True)
+@click.option("--graphs", default=",".join(GRAPHS), show_default=True)
 @click.option("--max-batch", default=None, type=click.IntRange(1, 4096))
 @click.option("--max-seq", default=None, type=click.IntRange(1))
 @click.option("--workspace", default=4.0, show_default=True, type=click.FloatRange(0, 1024, min_open=True), help="GiB")

@@ -4,6 +4,7 @@ No torch here: `import runtime` must work where torch is not installed.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .manifest import GRAPHS, BundleError, Manifest, read_manifest
@@ -33,19 +34,24 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
     memory, providers = _device(device, backend, providers)
     manifest = read_manifest(bundle, verify_checksums=verify_checksums)
     sessions = {}
+    # The tokenizer (tokenizers, Rust) is parsed on a thread while onnxruntime opens the graphs.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridge-export-tokenizer")
+    codec = pool.submit(TextCodec.from_manifest, manifest)
+    pool.shutdown(wait=False)
     try:
         for name in GRAPHS:
             path = manifest.graph_path(name)
             if backend == "tensorrt":
                 path = Path(bundle) / "engines" / f"{name}.engine"
             sessions[name] = open_session(path, backend, providers=providers, threads=threads, memory=memory)
+        text_codec = codec.result()
     except BaseException:
         for s in sessions.values():
             s.close()
         if memory is not None:
             memory.close()
         raise
-    return Pipeline(manifest, sessions, TextCodec.from_manifest(manifest), memory=memory)
+    return Pipeline(manifest, sessions, text_codec, memory=memory)
 
 
 def _device(device, backend: str, providers):

@@ -8,6 +8,7 @@ import runtime
 from exporter.calibration import CalibrationError, read_image_folder
 from exporter.precision import fp16_block_list, int8_nodes, make_precision_bundle
 from runtime.manifest import read_manifest
+from runtime.numeric import min_row_cosine
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +31,7 @@ def variants(tiny_bundle, calib_dir, tmp_path_factory):
                                      progress=quiet) for m in ("fp16", "int8", "int8-cpu")}
 
 
-def _cos(a, b):
-    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    return ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min()
+_cos = min_row_cosine
 
 
 @pytest.mark.parametrize("mode,min_cos", [("fp16", 0.999), ("int8", 0.99), ("int8-cpu", 0.99)])
