@@ -154,6 +154,8 @@ class TextCodec:
         """`manifest`: a Manifest or a TextConventions (anything with `special_tokens` and `prompts`)."""
         self.special = manifest.special_tokens
         self.prompts = manifest.prompts
+        # a model with fewer positions than the embedding max_length truncates at its positions instead
+        self.max_positions = getattr(getattr(manifest, "dims", None), "max_positions", None)
         self.tok, self.exact = None, None
         if isinstance(exact_bpe, dict):  # as exporter.tokenizer.write_tokenizer returns it
             exact_bpe = ExactBPEInfo.from_dict(exact_bpe, "exact_bpe")
@@ -203,6 +205,8 @@ class TextCodec:
             raise ValueError("no texts given: pass at least one")
         conv = self.prompts.text_embedding
         limit = conv.max_length
+        if self.max_positions and (not limit or limit > self.max_positions):
+            limit = self.max_positions
         rows = []
         for t in texts:
             self._check_known(t, limit)
