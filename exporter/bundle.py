@@ -64,10 +64,14 @@ def caption_defaults(checkpoint: Path | None) -> CaptionPrompt:
     return out
 
 
-def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
-    """Record every file's size and sha256 and write manifest.json (last, so its presence means complete)."""
+def write_manifest(directory: Path, manifest: Manifest, known: dict[str, str] | None = None) -> Manifest:
+    """Record every file's size and sha256 and write manifest.json (last, so its presence means complete).
+
+    `known` holds sha256 digests computed while files were written (weights.bin is not read back).
+    """
     directory = Path(directory)
-    manifest.files = {p.name: FileEntry(size=p.stat().st_size, sha256=sha256_file(p))
+    known = known or {}
+    manifest.files = {p.name: FileEntry(size=p.stat().st_size, sha256=known.get(p.name) or sha256_file(p))
                       for p in sorted(directory.iterdir())
                       if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
     manifest.save(directory)
@@ -122,8 +126,26 @@ def build_manifest(config, *, limits: Limits | None = None, tokenizer: dict | To
 
 def export_bundle(model: torch.nn.Module, out, *, checkpoint: Path | None = None, tokenizer: Path | None = None,
                   opset: int = DEFAULT_OPSET, limits: Limits | None = None, overwrite: bool = False,
-                  dynamo: bool = False, progress: Callable[[str], None] | None = None, source: str = "") -> Path:
-    """Export `model` (a reference InternVLModel; converted to fp32 in place) into the bundle directory `out`."""
+                  dynamo: bool = False, progress: Callable[[str], None] | None = None, source: str = "",
+                  exporter: str = "stream", precision: str = "fp32") -> Path:
+    """Export `model` (a reference InternVLModel) into the bundle directory `out`.
+
+    exporter "stream" (default) writes the graphs from the config and streams the model's state
+    dict into weights.bin (stream_export); "torchscript" / "dynamo" (or dynamo=True) trace the
+    model in memory (legacy; the model is converted to fp32 in place) and write fp32 only.
+    """
+    exporter = "dynamo" if dynamo else exporter
+    if exporter == "stream":
+        from .stream_export import export_model
+
+        return export_model(model, out, precision=precision, checkpoint=checkpoint, tokenizer=tokenizer,
+                            opset=opset, limits=limits, overwrite=overwrite, progress=progress,
+                            source_desc=source or "in-memory model")
+    if exporter not in ("torchscript", "dynamo"):
+        raise ExportError(f"exporter must be stream, torchscript or dynamo, got {exporter!r}")
+    if precision != "fp32":
+        raise ExportError(f"the {exporter} exporter writes fp32 only: use exporter='stream' for {precision}")
+    dynamo = exporter == "dynamo"
     say = reporter(progress, log)
     limits = limits or Limits()
     config = model.config
@@ -136,12 +158,16 @@ def export_bundle(model: torch.nn.Module, out, *, checkpoint: Path | None = None
         tok = write_tokenizer(checkpoint, tokenizer, tmp, vocab_size=config.qllama.vocab_size)
         paths = []
         model = model.float().eval()
+        (tmp / ".trace").mkdir()
         for spec in all_specs(config):
             t0 = time.perf_counter()
             say(f"[export] {spec.name} ...")
-            paths.append(export_graph(model, spec, config, tmp / spec.filename, opset=opset, dynamo=dynamo))
+            # traced into a scratch folder: over 2 GB the exporter writes one file per tensor beside it
+            paths.append(export_graph(model, spec, config, tmp / ".trace" / spec.filename, opset=opset,
+                                      dynamo=dynamo))
             say(f"[export] {spec.name} done in {time.perf_counter() - t0:.1f}s")
         saved = relink_weights(paths, tmp)
+        shutil.rmtree(tmp / ".trace")
         say(f"[export] weights shared across graphs ({saved / 1e6:.1f} MB stored once)")
         checks = {spec.name: check_graph(tmp / spec.filename) for spec in all_specs(config)}
         if tok is None:

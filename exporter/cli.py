@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from runtime.errors import UserError
+from runtime.manifest import GRAPHS
 from runtime.pipeline import MAX_BATCH, MAX_CAPTION_BATCH
 from runtime.search import MAX_BEAMS
 
@@ -41,7 +42,7 @@ def _debug() -> bool:
 EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export",
           "transformers": "export", "sentencepiece": "export", "google": "export",
           "tensorrt": "tensorrt", "polygraphy": "tensorrt", "cuda": "tensorrt", "sklearn": "train",
-          "pyarrow": "ray", "ray": "ray", "pytriton": "serve"}
+          "pyarrow": "ray", "ray": "ray", "pytriton": "serve", "tritonclient": "serve"}
 
 
 def missing_extra(e: ModuleNotFoundError) -> str | None:
@@ -119,12 +120,16 @@ def main(debug, quiet):
 @click.option("--max-seq", type=int, help="longest sequence incl. queries (default: max positions)")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="directory with tokenizer.model/json")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-cpu", "int4-cpu"]), default="fp32",
-              show_default=True, help="also make a reduced-precision bundle (see `precision`)")
+              show_default=True, help="fp16/int8-cpu: written directly at --out; int8 (calibrated Q/DQ) and "
+              "int4-cpu: an fp32 bundle at --out plus OUT-PRECISION")
 @click.option("--calib", type=click.Path(path_type=Path), help="calibration images folder (int8)")
-@click.option("--dynamo", is_flag=True, help="use the torch.export-based exporter (slower)")
+@click.option("--exporter", "exporter", type=click.Choice(["stream", "torchscript", "dynamo"]), default="stream",
+              show_default=True, help="stream: graphs written from the config, weights streamed tensor by "
+              "tensor (bounded memory); torchscript/dynamo: trace the model in memory (legacy)")
+@click.option("--dynamo", is_flag=True, help="same as --exporter dynamo")
 @click.option("--overwrite", is_flag=True, help="replace an existing --out")
 @friendly
-def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer, precision, calib, dynamo,
+def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer, precision, calib, exporter, dynamo,
              overwrite):
     """Export a checkpoint or preset into a bundle of ONNX graphs plus manifest."""
     from .bundle import check_export_args, export_bundle, load_source
@@ -134,20 +139,38 @@ def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer
     if max_seq is not None and max_seq <= 0:
         raise click.ClickException(f"--max-seq must be a positive number of positions, got {max_seq}")
     limits = Limits(max_batch, max_seq or 0)
-    # everything that can be refused is refused before the (possibly 28 GB) model is loaded
+    exporter = "dynamo" if dynamo else exporter
+    direct = exporter == "stream" and precision in ("fp16", "int8-cpu")  # written at --out, no fp32 bundle
+    # everything that can be refused is refused before any weight is read
     check_export_args(opset, limits)
     check_output_dir(out, overwrite)
-    if precision != "fp32":
+    if precision != "fp32" and not direct:
         check_output_dir(Path(f"{Path(out).absolute()}-{precision}"), overwrite, flag="--precision output")
         if precision == "int8" and calib is None:
             raise click.ClickException("--precision int8 needs --calib IMAGES_DIR: INT8 scales are calibrated on "
                                        "your images")
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise click.ClickException(f"--tokenizer {tokenizer} is not a directory")
-    model, source = load_source(checkpoint, preset, seed)
-    path = export_bundle(model, out, checkpoint=checkpoint, tokenizer=tokenizer, opset=opset,
-                         limits=limits, overwrite=overwrite, dynamo=dynamo, source=source)
-    if precision != "fp32":
+    if exporter == "stream":
+        from .bundle import ExportError
+        from .stream_export import export_checkpoint, export_model
+
+        if (checkpoint is None) == (preset is None):
+            raise ExportError("give exactly one of --checkpoint DIR or --preset NAME")
+        common = dict(precision=precision if direct else "fp32", tokenizer=tokenizer, opset=opset, limits=limits,
+                      overwrite=overwrite)
+        if checkpoint is not None:
+            path = export_checkpoint(checkpoint, out, **common)
+        else:
+            import reference_model
+
+            model = reference_model.from_preset(preset, seed=seed)
+            path = export_model(model, out, source_desc=f"preset:{preset}:seed={seed}", **common)
+    else:
+        model, source = load_source(checkpoint, preset, seed)
+        path = export_bundle(model, out, checkpoint=checkpoint, tokenizer=tokenizer, opset=opset, limits=limits,
+                             overwrite=overwrite, exporter=exporter, source=source)
+    if precision != "fp32" and not direct:
         from .precision import make_precision_bundle
 
         make_precision_bundle(path, Path(f"{path}-{precision}"), precision, calib=calib, overwrite=overwrite)
@@ -443,6 +466,19 @@ def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, com
               compare=list(compare), repeats=repeats)
 
 
+@main.command("bench-load")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--repeats", default=3, show_default=True, help="timed rounds (after one warm-up)")
+@click.option("--threads", default=None, type=int)
+@click.option("--no-checksums", is_flag=True, help="skip timing runtime.load(verify_checksums=True)")
+@friendly
+def bench_load(bundle, repeats, threads, no_checksums):
+    """Time runtime.load() against onnxruntime opening the graphs, side by side."""
+    from .bench_load import format_load, measure_load
+
+    click.echo(format_load(bundle, measure_load(bundle, repeats, threads, checksums=not no_checksums)))
+
+
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True)
 @click.option("--limit", default=0, type=click.IntRange(0), help="use only the first N test digits (0: all)")
@@ -491,7 +527,7 @@ def precision(bundle, mode, block_size, symmetric, accuracy_level, calib, calib_
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--graphs", default="vision_encoder,query_bridge,text_decoder", show_default=True)
+@click.option("--graphs", default=",".join(GRAPHS), show_default=True)
 @click.option("--max-batch", default=None, type=click.IntRange(1, 4096))
 @click.option("--max-seq", default=None, type=click.IntRange(1))
 @click.option("--workspace", default=4.0, show_default=True, type=click.FloatRange(0, 1024, min_open=True), help="GiB")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from reference_model.digits import (CAPTION_PROMPT, TEMPLATE, WORDS, ReferenceRunner, caption_text, evaluate,
-                                   load_test_split, names_digit)
+                                   load_calibration_images, load_heldout_style, load_test_split, names_digit)
 from runtime.progress import get_logger, reporter
 
 log = get_logger(__name__)
@@ -51,6 +51,18 @@ def save_grid(images, labels, texts, path: Path, n: int = 32) -> Path:
     return path
 
 
+def demo_sets(checkpoint: Path, limit: int = 0) -> dict:
+    """{title: (images, labels)}: the handwriting test split and, when shipped, the held-out font style."""
+    images, labels = load_test_split(checkpoint)
+    sets = {f"test split: {len(labels)} handwritten digits (scikit-learn load_digits, not trained on)":
+            (images, labels)}
+    held = load_heldout_style(checkpoint)
+    if held is not None:
+        sets[f"held-out style: {len(held[1])} digits typeset in {len(set(held[2].tolist()))} DejaVu fonts "
+             "(never trained on), random size/position/stroke"] = held[:2]
+    return {t: (x[:limit], y[:limit]) if limit else (x, y) for t, (x, y) in sets.items()}
+
+
 def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "fp16", "int8", "int8-cpu", "int4-cpu"),
              progress=None) -> dict:
     """Export the shipped checkpoint, run every variant over the test digits, print and return the report."""
@@ -66,6 +78,8 @@ def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "
     out = owned_folder(out, "demo", legacy=_legacy_demo_dir)
     results = _run(out, limit, precisions, progress)
     print(f"caption grid: {out / 'captions.png'}")
+    if (out / "captions-heldout.png").is_file() and len(results) > 1:
+        print(f"caption grid (held-out style): {out / 'captions-heldout.png'}")
     print(f"finished in {time.perf_counter() - t_start:.0f}s")
     return results
 
@@ -73,7 +87,7 @@ def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "
 def _legacy_demo_dir(path: Path) -> bool:
     """A demo folder written before owner files existed."""
     return {p.name for p in path.iterdir()} <= {"bundle-fp32", "bundle-fp16", "bundle-int8", "bundle-int8-cpu",
-                                                 "calib", "captions.png"}
+                                                 "calib", "captions.png", "captions-heldout.png"}
 
 
 def _run(work: Path, limit: int, precisions, progress) -> dict:
@@ -84,11 +98,8 @@ def _run(work: Path, limit: int, precisions, progress) -> dict:
     from .bundle import export_bundle
     from .precision import make_precision_bundle
 
-    images, labels = load_test_split(DEMO_CHECKPOINT)
-    if limit:
-        images, labels = images[:limit], labels[:limit]
-    progress(f"[demo] {len(labels)} held-out handwritten digits (scikit-learn load_digits), shipped model "
-             f"{DEMO_CHECKPOINT.name}")
+    sets = demo_sets(DEMO_CHECKPOINT, limit)
+    progress(f"[demo] shipped model {DEMO_CHECKPOINT.name}; " + "; ".join(t.split(" (")[0] for t in sets))
     model = load_pretrained(DEMO_CHECKPOINT)
     fp32 = export_bundle(model, work / "bundle-fp32", checkpoint=DEMO_CHECKPOINT, overwrite=True, progress=progress)
     pipe = runtime.load(fp32)
@@ -101,9 +112,8 @@ def _run(work: Path, limit: int, precisions, progress) -> dict:
         from PIL import Image
 
         calib_dir.mkdir(exist_ok=True)
-        with np.load(DEMO_CHECKPOINT / "test_digits.npz") as d:
-            for i, im in enumerate(d["calib_images"]):
-                Image.fromarray(im).save(calib_dir / f"{i:03d}.png")
+        for i, im in enumerate(load_calibration_images(DEMO_CHECKPOINT)):
+            Image.fromarray(im).save(calib_dir / f"{i:03d}.png")
     texts_file = work / "calib_texts.txt"  # the task's own texts: class prompts and captions
     texts_file.write_text("\n".join([TEMPLATE.format(w) for w in WORDS] + [caption_text(i) for i in range(10)]
                                      + [f"{CAPTION_PROMPT} {caption_text(i)}" for i in range(10)]) + "\n")
@@ -114,27 +124,28 @@ def _run(work: Path, limit: int, precisions, progress) -> dict:
                                   calib_texts=texts_file, overwrite=True, progress=lambda s: None, report=False)
         progress(f"[demo] made the {prec} bundle")
         variants[f"onnx {prec}"] = BundleRunner(runtime.load(b))
-    results = {}
-    for name, runner in variants.items():
-        progress(f"[demo] evaluating {name} ...")
-        results[name] = evaluate(runner, codec, images, labels)
-    print(format_report(results, images, labels))
     from .output import atomic_file
 
-    with atomic_file(work / "captions.png") as tmp:
-        save_grid(images, labels, results["onnx fp32"]["texts"], tmp)
+    results = {}
+    for (title, (images, labels)), grid in zip(sets.items(), ("captions.png", "captions-heldout.png")):
+        results[title] = {}
+        for name, runner in variants.items():
+            progress(f"[demo] evaluating {name} on the {title.split(':')[0]} ...")
+            results[title][name] = evaluate(runner, codec, images, labels)
+        print(format_report(title, results[title], labels))
+        with atomic_file(work / grid) as tmp:
+            save_grid(images, labels, results[title]["onnx fp32"]["texts"], tmp)
     return results
 
 
-def format_report(results: dict, images, labels) -> str:
-    """The side-by-side table plus a few example captions."""
-    lines = ["", f"{'':<20} {'zero-shot C':>11} {'zero-shot G':>11} {'caption':>8} {'images/s':>9} {'tokens/s':>9}"]
+def format_report(title: str, results: dict, labels) -> str:
+    """The side-by-side table of one digit set plus a few example captions."""
+    lines = ["", title, f"{'':<20} {'zero-shot C':>11} {'zero-shot G':>11} {'caption':>8} {'images/s':>9} {'tokens/s':>9}"]
     for name, r in results.items():
         lines.append(f"{name:<20} {r['zero_shot_C']:>11.1%} {r['zero_shot_G']:>11.1%} {r['caption']:>8.1%} "
                      f"{r['images_per_s']:>9.0f} {r['tokens_per_s']:>9.0f}")
-    lines.append("")
     lines.append("example captions (onnx fp32):")
     texts = results["onnx fp32"]["texts"]
-    for i in range(min(6, len(texts))):
+    for i in range(min(4, len(texts))):
         lines.append(f"  true {WORDS[labels[i]]:<6} -> {texts[i]!r}")
     return "\n".join(lines)

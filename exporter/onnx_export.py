@@ -122,13 +122,13 @@ class SharedWeights:
 
 
 def relink_weights(exported: list[Path], out_dir: Path) -> int:
-    """Rewrite exported graphs so they share `weights.bin`; returns the bytes saved by sharing."""
+    """Rewrite exported graphs into `out_dir` so they share `weights.bin`; returns the bytes saved by sharing."""
     shared = SharedWeights(out_dir)
     try:
         for p in exported:
             m = onnx.load(str(p), load_external_data=True)  # whatever the exporter wrote beside it
             shared.add_model(m)
-            onnx.save_model(m, str(p))
+            onnx.save_model(m, str(Path(out_dir) / p.name))
             leftover = Path(str(p) + ".data")
             if leftover.exists():
                 leftover.unlink()

@@ -55,6 +55,7 @@ class EmbedActor:
         """batch["path"] -> a pyarrow table of rows in the same order."""
         import numpy as np
         import pyarrow as pa
+        from PIL import Image
 
         from runtime.preprocess import ImageError, to_pil
 
@@ -66,8 +67,8 @@ class EmbedActor:
             try:
                 images.append(to_pil(p))
                 good.append(i)
-            except (ImageError, OSError) as e:
-                errors[i] = str(e)
+            except (ImageError, OSError, Image.DecompressionBombError) as e:  # an error row, not a failed job
+                errors[i] = f"{type(e).__name__}: {e}" if not isinstance(e, ImageError) else str(e)
         if images:
             emb = self.pipe.embed_images(images, self.mode, batch_size=len(images))
             for i, e in zip(good, np.asarray(emb, np.float32)):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.numeric import normalize
+
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATE = "the digit {}"
 CAPTION_PROMPT = "English caption:"
@@ -84,9 +86,7 @@ class ReferenceRunner:
         pix = torch.from_numpy(preprocess(images, self.pre, crop=True))
         img = self.m.encode_image(pix, f"InternVL-{mode}").numpy()
         txt = self.m.encode_text(torch.from_numpy(self.codec.embedding_ids([template.format(w) for w in labels])))
-        img = img / np.linalg.norm(img, axis=1, keepdims=True)
-        txt = txt.numpy() / np.linalg.norm(txt.numpy(), axis=1, keepdims=True)
-        return img @ txt.T
+        return normalize(img) @ normalize(txt.numpy()).T
 
     def caption_tokens(self, images, max_new_tokens):
         """Greedy caption tokens [N, n] for the images."""

@@ -4,6 +4,7 @@ No torch here: `import runtime` must work where torch is not installed.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .manifest import GRAPHS, BundleError, Manifest, read_manifest
@@ -12,7 +13,7 @@ from .text import TextCodec, TokenizerMissing
 
 
 def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | None = None,
-         verify_checksums: bool = False, device=None) -> Pipeline:
+         verify_checksums: bool = False, device=None, session_config: dict[str, str] | None = None) -> Pipeline:
     """Open a bundle directory and return a Pipeline (sessions for all three graphs).
 
     Checks what is cheap (the manifest's digest, file sizes, graph headers); `verify_checksums=True`
@@ -21,6 +22,9 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
     provider or TensorRT, with the KV cache in device memory and I/O bound there), or a
     runtime.device_memory.DeviceMemory to bind onnxruntime's I/O in (the tests' host stand-in).
     TensorRT defaults to "cuda:0". Close the pipeline (or use `with`) to free the device memory.
+    `session_config`: onnxruntime session config entries for every graph, e.g.
+    {"session.disable_prepacking": "1"} so weights stay in the bundle's memory-mapped file instead
+    of being copied per session (the bridge and the decoder share QLLaMA's bytes in weights.bin).
     """
     from .sessions import BackendUnavailable, check_threads, open_session, tensorrt_available
 
@@ -33,19 +37,25 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
     memory, providers = _device(device, backend, providers)
     manifest = read_manifest(bundle, verify_checksums=verify_checksums)
     sessions = {}
+    # The tokenizer (tokenizers, Rust) is parsed on a thread while onnxruntime opens the graphs.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridge-export-tokenizer")
+    codec = pool.submit(TextCodec.from_manifest, manifest)
+    pool.shutdown(wait=False)
     try:
         for name in GRAPHS:
             path = manifest.graph_path(name)
             if backend == "tensorrt":
                 path = Path(bundle) / "engines" / f"{name}.engine"
-            sessions[name] = open_session(path, backend, providers=providers, threads=threads, memory=memory)
+            sessions[name] = open_session(path, backend, providers=providers, threads=threads, memory=memory,
+                                          session_config=session_config)
+        text_codec = codec.result()
     except BaseException:
         for s in sessions.values():
             s.close()
         if memory is not None:
             memory.close()
         raise
-    return Pipeline(manifest, sessions, TextCodec.from_manifest(manifest), memory=memory)
+    return Pipeline(manifest, sessions, text_codec, memory=memory)
 
 
 def _device(device, backend: str, providers):

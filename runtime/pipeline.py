@@ -75,6 +75,8 @@ def check_labels(labels) -> list[str]:
     if isinstance(labels, str):
         raise ValueError(f"labels must be a list of names, got one string {labels[:40]!r}: pass a list "
                          "(e.g. labels.split(','))")
+    if labels is None or not hasattr(labels, "__iter__"):
+        raise ValueError(f"labels must be a list of names, got {type(labels).__name__}")
     labels = list(labels)
     if not labels:
         raise ValueError("no labels given: pass at least one")

@@ -87,7 +87,8 @@ def check_threads(threads) -> None:
 class OrtSession(Session):
     """An onnxruntime InferenceSession over one graph, run through I/O binding."""
 
-    def __init__(self, path: Path, providers=None, threads: int | None = None, check: bool = True):
+    def __init__(self, path: Path, providers=None, threads: int | None = None, check: bool = True,
+                 session_config: dict[str, str] | None = None):
         import onnxruntime as ort
 
         self.name = Path(path).stem
@@ -97,6 +98,8 @@ class OrtSession(Session):
             check_threads(threads)
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        for key, value in (session_config or {}).items():
+            opts.add_session_config_entry(key, value)
         check_providers(providers)
         try:
             self.sess = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
@@ -156,7 +159,8 @@ def tensorrt_available() -> bool:
     return hasattr(tensorrt, "Runtime")
 
 
-def open_session(path: Path, backend: str = "onnxruntime", providers=None, threads=None, memory=None) -> Session:
+def open_session(path: Path, backend: str = "onnxruntime", providers=None, threads=None, memory=None,
+                 session_config: dict[str, str] | None = None) -> Session:
     """Open one graph on the named backend ("onnxruntime" or "tensorrt"); with a DeviceMemory
     (`memory`), onnxruntime binds its inputs and outputs in that memory (runtime.ort_device)."""
     if backend == "onnxruntime":
@@ -164,7 +168,7 @@ def open_session(path: Path, backend: str = "onnxruntime", providers=None, threa
             from .ort_device import OrtDeviceSession
 
             return OrtDeviceSession(path, memory, providers=providers, threads=threads)
-        return OrtSession(path, providers=providers, threads=threads)
+        return OrtSession(path, providers=providers, threads=threads, session_config=session_config)
     if backend == "tensorrt":
         if not tensorrt_available():
             raise BackendUnavailable("backend='tensorrt' needs TensorRT, which is not installed here: pip install "

@@ -32,7 +32,9 @@ class ExactBPE:
                  whitespace_only_pieces: bool = True):
         self.vocab = vocab
         self.ws_runs = whitespace_only_pieces
-        self.score = {p: float(scores[i]) for p, i in vocab.items() if np.isfinite(scores[i])}
+        finite = np.isfinite(scores).tolist()
+        values = scores.tolist()  # python floats: one conversion for the whole vocabulary
+        self.score = {p: values[i] for p, i in vocab.items() if finite[i]}
         self.specials = sorted(specials, key=len, reverse=True)
         self.byte_ids = [vocab.get(f"<0x{b:02X}>") for b in range(256)]
 
@@ -152,6 +154,8 @@ class TextCodec:
         """`manifest`: a Manifest or a TextConventions (anything with `special_tokens` and `prompts`)."""
         self.special = manifest.special_tokens
         self.prompts = manifest.prompts
+        # a model with fewer positions than the embedding max_length truncates at its positions instead
+        self.max_positions = getattr(getattr(manifest, "dims", None), "max_positions", None)
         self.tok, self.exact = None, None
         if isinstance(exact_bpe, dict):  # as exporter.tokenizer.write_tokenizer returns it
             exact_bpe = ExactBPEInfo.from_dict(exact_bpe, "exact_bpe")
@@ -201,6 +205,8 @@ class TextCodec:
             raise ValueError("no texts given: pass at least one")
         conv = self.prompts.text_embedding
         limit = conv.max_length
+        if self.max_positions and (not limit or limit > self.max_positions):
+            limit = self.max_positions
         rows = []
         for t in texts:
             self._check_known(t, limit)

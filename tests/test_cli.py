@@ -66,16 +66,63 @@ def test_engine_emit_trtexec(tiny_bundle, tmp_path):
     assert r.exit_code == 0 and (tmp_path / "e" / "build_engines.sh").is_file()
 
 
-def test_precision_at_export_time(tmp_path):
+def test_precision_at_export_time(tmp_path, tiny_bundle):
     out = tmp_path / "b"
     r = _run("onnx", "--preset", "tiny", "--out", out, "--precision", "fp16")
     assert r.exit_code == 0, r.output
     from runtime.manifest import read_manifest
 
-    assert read_manifest(out).precision.mode == "fp32"
-    assert read_manifest(tmp_path / "b-fp16").precision.mode == "fp16"
-    r = _run("precision", out, "--int8", "--out", tmp_path / "q")
+    assert read_manifest(out).precision.mode == "fp16"  # written directly, no fp32 bundle first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    r = _run("precision", tiny_bundle, "--int8", "--out", tmp_path / "q")
     assert r.exit_code == 1 and "--int8 needs --calib" in r.output
+
+
+def test_missing_extra_is_one_line(tmp_path):
+    """Without torch, an export command names the extra to install; bundle commands still start."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "torch":
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        sys.meta_path.insert(0, Block())
+        from exporter.cli import main
+        main(sys.argv[1:])
+    """)
+    r = subprocess.run([sys.executable, "-c", code, "onnx", "--preset", "tiny", "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == \
+        'Error: this command needs torch, which is not installed: pip install "bridge-export[export]"'
+    assert not (tmp_path / "x").exists()
+    r = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "caption" in r.stdout
+
+
+def test_bench_load_prints_side_by_side(tiny_bundle):
+    r = _run("bench-load", tiny_bundle, "--repeats", "1")
+    assert r.exit_code == 0, r.output
+    rows = {line.split("  ")[0].strip(): line for line in r.output.splitlines()}
+    assert {"onnxruntime", "runtime.load", "runtime.load(verify_checksums=True)"} <= set(rows)
+    assert rows["onnxruntime"].rstrip().endswith("1.00x") and "ratio = time / onnxruntime" in r.output
+
+
+def test_verify_checksums_only(tiny_bundle, tmp_path):
+    import shutil
+
+    b = shutil.copytree(tiny_bundle, tmp_path / "b")
+    r = _run("verify", b, "--checksums")
+    assert r.exit_code == 0 and "files match the manifest" in r.output, r.output
+    data = bytearray((b / "weights.bin").read_bytes())
+    data[100] ^= 1
+    (b / "weights.bin").write_bytes(bytes(data))
+    assert _run("inspect", b).exit_code == 0  # the cheap checks do not read every byte
+    r = _run("verify", b, "--checksums")
+    assert r.exit_code == 1 and "weights.bin is corrupt: sha256" in r.output
 
 
 def test_device_options_fail_in_one_line_without_a_gpu(tiny_bundle, tmp_path):

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 import reference_model
-from reference_model.digits import WORDS, load_test_split, names_digit
+from reference_model.digits import WORDS, load_heldout_style, load_test_split, names_digit
+
+# Digits typeset in fonts the model never saw (the shipped held-out style): the demo checkpoint's
+# measured accuracy is in its metrics.json; the bar sits a few points below it.
+HELDOUT_MIN = 0.70
 
 
 def test_shipped_checkpoint_meets_targets_through_reference_and_runtime(tmp_path):
@@ -25,6 +29,16 @@ def test_shipped_checkpoint_meets_targets_through_reference_and_runtime(tmp_path
     for r in (ref, got):
         assert r["zero_shot_C"] >= 0.9 and r["zero_shot_G"] >= 0.9 and r["caption"] >= 0.9
     assert ref["texts"] == got["texts"]
+
+    held_images, held_labels, fonts = load_heldout_style(ckpt)
+    assert len(held_labels) >= 300 and len(set(fonts.tolist())) >= 10
+    ref = evaluate(ReferenceRunner(model, pipe.codec, pipe.preprocessing), pipe.codec, held_images, held_labels)
+    got = evaluate(BundleRunner(pipe), pipe.codec, held_images, held_labels)
+    for r in (ref, got):
+        assert min(r["zero_shot_C"], r["zero_shot_G"], r["caption"]) >= HELDOUT_MIN, r
+    assert ref["texts"] == got["texts"]
+    shipped = json.loads((ckpt / "metrics.json").read_text())
+    assert abs(shipped["heldout_fonts"]["zero_shot_C"] - ref["zero_shot_C"]) < 0.02
 
 
 def test_user_digit_image_classified_like_training(tmp_path):
@@ -68,9 +82,13 @@ def test_training_smoke(tmp_path):
     from reference_model.train_demo import train
 
     logs = []
-    metrics = train(steps=3, batch=16, out=tmp_path / "ckpt", log=logs.append)
-    assert set(metrics) == {"zero_shot_C", "zero_shot_G", "caption"}
+    metrics = train(steps=3, batch=16, out=tmp_path / "ckpt", log=logs.append, eval_limit=20)
+    assert {"test", "test_moved"} <= set(metrics)
+    for m in metrics.values():
+        assert set(m) == {"zero_shot_C", "zero_shot_G", "caption"} and all(0 <= v <= 1 for v in m.values())
     assert any("step 3/3" in line for line in logs)
     m = reference_model.load_pretrained(tmp_path / "ckpt")
     assert isinstance(m.encode_image(torch.zeros(1, 3, 16, 16)), torch.Tensor)
     assert json.loads((tmp_path / "ckpt" / "metrics.json").read_text())["steps"] == 3
+    with np.load(tmp_path / "ckpt" / "test_digits.npz") as d:
+        assert d["calib_images"].shape[0] == 64 and d["calib_images"].dtype == np.uint8

@@ -83,3 +83,13 @@ def test_04_precisions_side_by_side(tmp_path):
     assert sizes["int8-cpu"] < sizes["fp32"] and sizes["fp16"] < sizes["fp32"]
     for name, c, cap, _ in rows:
         assert float(c) >= 85 and float(cap) >= 85, name
+
+
+@pytest.mark.slow
+@slow
+def test_06_train_demo_model(tmp_path):
+    pytest.importorskip("sklearn")
+    out = run_example("06_train_demo_model.py", tmp_path)
+    assert "[train] step 40/40" in out
+    assert re.search(r"zero-shot accuracy \d+% on 100 test digits", out)
+    assert "model.safetensors" in out and "test_digits.npz" in out

@@ -20,11 +20,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.errors import MissingDependency
+from runtime.errors import MissingDependency, UserError
 
 from . import SERVE_EXTRA
 
 log = logging.getLogger(__name__)
+
+
+class ServeError(UserError, RuntimeError):
+    """Triton could not start serving the bundle: the message gives the cause, the server log the rest."""
 
 
 @dataclass
@@ -142,7 +146,7 @@ def serve(bundle, opts: ServeOptions | None = None) -> None:
             raise
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         cause = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else str(e))
-        raise RuntimeError(f"Triton could not load the models: {cause} ({lines[0][:100] if lines else ''}...; "
+        raise ServeError(f"Triton could not load the models: {cause} ({lines[0][:100] if lines else ''}...; "
                            "the server log above has the rest)") from e
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -185,21 +185,24 @@ class TestBadInput:
         finally:
             ro.chmod(0o700)
 
-    def test_interrupted_export_leaves_nothing(self, tmp_path, tiny_model, monkeypatch):
-        import exporter.bundle as eb
+    @pytest.mark.parametrize("exporter,module,step", [("stream", "exporter.stream_export", "materialize"),
+                                                      ("torchscript", "exporter.bundle", "export_graph")])
+    def test_interrupted_export_leaves_nothing(self, tmp_path, tiny_model, monkeypatch, exporter, module, step):
+        import importlib
 
+        mod = importlib.import_module(module)
         calls = []
 
         def boom(*a, **k):
             calls.append(1)
-            if len(calls) == 2:
+            if len(calls) == 2:  # interrupted in the middle: one tensor / graph already written
                 raise KeyboardInterrupt
             return real(*a, **k)
 
-        real = eb.export_graph
-        monkeypatch.setattr(eb, "export_graph", boom)
+        real = getattr(mod, step)
+        monkeypatch.setattr(mod, step, boom)
         with pytest.raises(KeyboardInterrupt):
-            export_bundle(tiny_model, tmp_path / "b", progress=lambda s: None)
+            export_bundle(tiny_model, tmp_path / "b", progress=lambda s: None, exporter=exporter)
         assert list(tmp_path.iterdir()) == []  # neither the bundle nor its temporary sibling
 
     def test_overwrite_replaces_atomically(self, tmp_path, tiny_model):

@@ -90,6 +90,7 @@ TEXT = [
      "exactly once"),
     ("template unbalanced brace", lambda p: p.classify([np.zeros((4, 4))], ["cat"], template="a {} {"),
      "not a valid format string"),
+    ("labels None", lambda p: p.classify([np.zeros((4, 4))], None), "list of names"),
     ("labels as one string", lambda p: p.classify([np.zeros((4, 4))], "cat,dog"), "one string"),
     ("no labels", lambda p: p.classify([np.zeros((4, 4))], []), "no labels"),
     ("empty label", lambda p: p.classify([np.zeros((4, 4))], ["cat", " "]), "non-empty strings"),
@@ -129,6 +130,26 @@ def test_silent_nonsense_refused(text_pipe, call, match):
 def test_a_4d_array_is_a_batch_of_images(text_pipe):
     batch = np.random.default_rng(0).random((3, 20, 20, 3)).astype(np.float32)
     np.testing.assert_allclose(text_pipe.embed_images(batch), text_pipe.embed_images(list(batch)), rtol=1e-5)
+
+
+def test_a_long_text_truncates_at_the_models_positions(tmp_path):
+    """A model with fewer positions (16) than the embedding max_length (80) truncates there, not errors."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from runtime.manifest import SpecialTokens, TextConventions
+    from runtime.text import TextCodec
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from helpers import word_tokenizer
+
+    conv = TextConventions(SpecialTokens(bos=1, eos=2, pad=0))
+    manifest = SimpleNamespace(special_tokens=conv.special_tokens, prompts=conv.prompts,
+                               dims=SimpleNamespace(max_positions=16))
+    codec = TextCodec(word_tokenizer(128, tmp_path / "tokenizer.json"), manifest)
+    ids = codec.embedding_ids(["a cat " * 1000])
+    assert ids.shape == (1, 16) and ids[0, 0] == 1 and ids[0, -1] == 2
 
 
 def test_partly_unknown_words_warn(text_pipe, caplog):

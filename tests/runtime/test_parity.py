@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import runtime
+from runtime.numeric import row_cosines
 
 
 @pytest.fixture(scope="module")
@@ -17,9 +18,7 @@ def _pix(n=3, seed=0):
     return np.random.default_rng(seed).standard_normal((n, 3, 32, 32), dtype=np.float32)
 
 
-def _cos(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+_cos = row_cosines
 
 
 @pytest.mark.parametrize("mode", ["InternVL-C", "InternVL-G"])

@@ -1,0 +1,261 @@
+"""InternVL-14B at full size on one machine: random checkpoint -> streamed bundles -> run, measured.
+
+    PYTHONPATH=. python -m exporter.fullsize run --work /big/disk/dir [--preset internvl-14b-224px]
+    PYTHONPATH=. python -m exporter.fullsize measure BUNDLE     # the runtime figures of one bundle
+
+`run` does the whole sequence, deleting as it goes so that at most checkpoint + one bundle exist
+at once (27.7 + 27.7 GB at 14B): random bf16 checkpoint -> int8-cpu bundle (export measured with
+/usr/bin/time -v) -> measure it (load, embeddings C/G, a text embedding, a 20-token greedy caption,
+decode tokens/s against the bandwidth a large GEMV reaches in the same process) -> delete it ->
+fp16 bundle (export measured) -> delete everything. It prints one table and writes it as JSON.
+The run step (~15 GB at 14B) takes /work/coord/bigmem.lock when that file exists (one big-memory job
+at a time); exports stay under ~2 GB and do not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LOCK = Path("/work/coord/bigmem.lock")
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _timed(cmd: list[str], log: Path, lock: bool = False) -> dict:
+    """Run `cmd` under /usr/bin/time -v (and the big-memory lock if asked); returns wall s, peak RSS GB, output."""
+    full = ["/usr/bin/time", "-v"] + cmd
+    if lock and LOCK.exists():
+        full = ["flock", str(LOCK)] + full
+    t0 = time.time()
+    p = subprocess.run(full, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    log.write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}); see {log}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", p.stderr).group(1)
+    secs = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall.split(":"))))
+    return {"wall_s": round(secs, 1), "peak_rss_gb": round(rss / 1e6, 2), "stdout": p.stdout,
+            "outer_wall_s": round(time.time() - t0, 1)}
+
+
+def _size_gb(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e9, 2)
+
+
+def _free_gb(path: Path) -> float:
+    return shutil.disk_usage(path).free / 1e9
+
+
+def _need_disk(path: Path, gb: float, what: str) -> None:
+    free = _free_gb(path)
+    if free < gb:
+        raise RuntimeError(f"{what} needs ~{gb:.0f} GB free on {path}, only {free:.0f} GB: free space first")
+
+
+# -- the runtime measurement (runs in its own process so its peak RSS is its own) ------------------
+def gemv_bandwidth(threads: int, gib: float = 1.0) -> float:
+    """GB/s a large fp32 GEMV reaches in onnxruntime here (weights far larger than any cache)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = 4096
+    n = int(gib * (1 << 30) / 4 / k)
+    w = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                          [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    s = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    del m, g, w
+    x = np.ones((1, k), np.float32)
+    for _ in range(3):
+        s.run(None, {"x": x})
+    best = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        s.run(None, {"x": x})
+        best.append(time.perf_counter() - t0)
+    best.sort()
+    return k * n * 4 / best[len(best) // 2] / 1e9
+
+
+def decoder_weight_bytes(bundle: Path) -> int:
+    """Bytes of weights a decode step reads: every text_decoder initializer except the embedding
+    table (a step gathers one row of it)."""
+    import onnx
+
+    m = onnx.load(str(bundle / "text_decoder.onnx"), load_external_data=False)
+    total = 0
+    for t in m.graph.initializer:
+        if "embed_tokens" in t.name:
+            continue
+        ext = {e.key: e.value for e in t.external_data}
+        total += int(ext["length"]) if "length" in ext else len(t.raw_data)
+    return total
+
+
+def measure(bundle: Path, threads: int, new_tokens: int = 20) -> dict:
+    """Load the bundle, embed, caption, decode; figures as a dict."""
+    import numpy as np
+
+    import runtime
+
+    bundle = Path(bundle)
+    res = {}
+    t0 = time.perf_counter()
+    # No prepacking: onnxruntime would otherwise copy every MatMul weight onto the heap once per
+    # session, holding QLLaMA twice (bridge and decoder: 2 x 7.3 GB int8 at 14B, beyond 24 GB with
+    # the vision tower). Unpacked, the weights stay in weights.bin's shared page cache.
+    pipe = runtime.load(bundle, threads=threads, session_config={"session.disable_prepacking": "1"})
+    res["load_s"] = round(time.perf_counter() - t0, 1)
+    man = pipe.manifest
+    s = man.preprocessing.image_size
+    px = np.random.default_rng(0).standard_normal((1, 3, s, s), dtype=np.float32)
+    t0 = time.perf_counter()
+    hidden, c = pipe.vision(px)
+    res["vision_s_per_image"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    g, prefix = pipe.bridge(hidden)
+    res["bridge_s_per_image"] = round(time.perf_counter() - t0, 2)
+    res["image_embeds_C"] = [float(v) for v in c[0, :4]]
+    res["image_embeds_G_part"] = [float(v) for v in g[0, :4]]
+    ids = np.array([[1, 3234, 29901, 263, 15661, 2]])
+    t0 = time.perf_counter()
+    txt = pipe.encode_text(ids)
+    res["text_embedding_s"] = round(time.perf_counter() - t0, 2)
+    res["text_embeds"] = [float(v) for v in txt[0, :4]]
+    for k in ("image_embeds_C", "image_embeds_G_part", "text_embeds"):
+        if not np.all(np.isfinite(res[k])):
+            raise RuntimeError(f"{k} is not finite: the bundle is broken")
+    prompt = np.array([[1, 4223, 5777, 29901]])
+    t0 = time.perf_counter()
+    toks = pipe.generate(px, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    res["caption_s"] = round(time.perf_counter() - t0, 1)
+    res["caption_tokens"] = [int(t) for t in np.asarray(toks)[0]]
+    res["pss_after_caption_gb"] = _pss_gb()
+    # decode speed alone: steps timed through the decoder session with a growing cache
+    dec = pipe.sessions["text_decoder"]
+    kv = man.kv_layout
+    H, Dh, L = kv.num_heads, kv.head_dim, kv.num_layers
+    P = kv.prefix_length + 4
+    feeds = {"input_ids": np.array([[5]]), "position_ids": np.array([[P]]),
+             "attention_mask": np.ones((1, P + 1), np.int64)}
+    for i in range(L):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, H, P, Dh), np.float32)
+    dec.run(feeds)
+    steps = []
+    for _ in range(new_tokens):
+        t0 = time.perf_counter()
+        dec.run(feeds)
+        steps.append(time.perf_counter() - t0)
+    steps.sort()
+    step = steps[len(steps) // 2]
+    res["decode_tokens_per_s"] = round(1 / step, 2)
+    pipe.close()
+    del pipe
+    res["weight_bytes_per_token_gb"] = round(decoder_weight_bytes(bundle) / 1e9, 2)
+    bw = gemv_bandwidth(threads)
+    res["gemv_bandwidth_gb_s"] = round(bw, 1)
+    res["bandwidth_bound_tokens_per_s"] = round(bw / res["weight_bytes_per_token_gb"], 2)
+    res["fraction_of_bound"] = round(res["decode_tokens_per_s"] / res["bandwidth_bound_tokens_per_s"], 2)
+    return res
+
+
+def _pss_gb() -> float:
+    """Proportional set size now (pages shared between mappings counted once; RSS counts each)."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return round(int(line.split()[1]) / 1e6, 2)
+    except OSError:
+        pass
+    return -1.0
+
+
+# -- the whole sequence ------------------------------------------------------------------------------
+def run(work: Path, preset: str, threads: int, keep: bool = False) -> dict:
+    """Checkpoint -> int8-cpu bundle (measured, deleted) -> fp16 bundle (measured, deleted)."""
+    work = Path(work).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    py = [sys.executable, "-m"]
+    ck, table = work / "checkpoint", {"preset": preset}
+    try:
+        if not (ck / "config.json").is_file():
+            _need_disk(work, 30, "the random checkpoint")
+            r = _timed(py + ["exporter.cli", "random-checkpoint", "--preset", preset, "--dtype", "bf16",
+                             "--out", str(ck)], work / "checkpoint.log")
+            table["checkpoint"] = {"wall_s": r["wall_s"], "peak_rss_gb": r["peak_rss_gb"]}
+        table["checkpoint_gb"] = _size_gb(ck)
+        for precision in ("int8-cpu", "fp16"):
+            out = work / f"bundle-{precision}"
+            _need_disk(work, table["checkpoint_gb"] * (0.55 if precision == "int8-cpu" else 1.05), precision)
+            r = _timed(py + ["exporter.cli", "onnx", "--checkpoint", str(ck), "--out", str(out), "--precision",
+                             precision, "--overwrite"], work / f"export-{precision}.log")
+            entry = {"export_wall_s": r["wall_s"], "export_peak_rss_gb": r["peak_rss_gb"],
+                     "bundle_gb": _size_gb(out), "files": sorted(p.name for p in out.iterdir())}
+            if precision == "int8-cpu":
+                m = _timed(py + ["exporter.fullsize", "measure", str(out), "--threads", str(threads)],
+                           work / "measure.log", lock=True)
+                entry.update(json.loads(m["stdout"].strip().splitlines()[-1]))
+                entry["run_peak_rss_gb"], entry["run_wall_s"] = m["peak_rss_gb"], m["wall_s"]
+            table[precision] = entry
+            print(json.dumps({precision: entry}), flush=True)
+            if not keep:
+                shutil.rmtree(out)
+    finally:
+        if not keep:
+            shutil.rmtree(ck, ignore_errors=True)
+    return table
+
+
+def format_table(t: dict) -> str:
+    """The README table."""
+    rows = [f"| figure | int8-cpu | fp16 |", "|---|---|---|"]
+    keys = [("export wall time (s)", "export_wall_s"), ("export peak RSS (GB)", "export_peak_rss_gb"),
+            ("bundle size (GB)", "bundle_gb"), ("load time (s)", "load_s"),
+            ("peak RSS while running (GB)", "run_peak_rss_gb"), ("vision s/image", "vision_s_per_image"),
+            ("bridge s/image", "bridge_s_per_image"), ("text embedding (s)", "text_embedding_s"),
+            ("20-token greedy caption (s)", "caption_s"), ("decode tokens/s", "decode_tokens_per_s"),
+            ("weight GB read per token", "weight_bytes_per_token_gb"),
+            ("GEMV bandwidth (GB/s)", "gemv_bandwidth_gb_s"),
+            ("bandwidth-bound tokens/s", "bandwidth_bound_tokens_per_s"), ("fraction of bound", "fraction_of_bound")]
+    for label, k in keys:
+        rows.append(f"| {label} | {t.get('int8-cpu', {}).get(k, '-')} | {t.get('fp16', {}).get(k, '-')} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    """Command line: `run` the whole sequence or `measure` one bundle."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--work", required=True, type=Path)
+    r.add_argument("--preset", default="internvl-14b-224px")
+    r.add_argument("--threads", type=int, default=os.cpu_count())
+    r.add_argument("--keep", action="store_true", help="keep checkpoint and bundles (needs ~70 GB)")
+    m = sub.add_parser("measure")
+    m.add_argument("bundle", type=Path)
+    m.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args(argv)
+    if args.cmd == "measure":
+        print(json.dumps(measure(args.bundle, args.threads)))
+        return
+    table = run(args.work, args.preset, args.threads, args.keep)
+    (args.work / "fullsize.json").write_text(json.dumps(table, indent=2))
+    print(format_table(table))
+
+
+if __name__ == "__main__":
+    main()
