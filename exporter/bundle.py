@@ -1,6 +1,7 @@
 """Write a bundle: graphs, shared weights, tokenizer, host tensors and manifest, atomically."""
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Callable

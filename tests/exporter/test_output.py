@@ -124,21 +124,28 @@ def _failing_rename(real):
     return rename
 
 
-def test_export_on_full_disk_leaves_nothing(tmp_path, monkeypatch, tiny_model):
+@pytest.mark.parametrize("exporter_kind", ["stream", "torchscript"])
+def test_export_on_full_disk_leaves_nothing(tmp_path, monkeypatch, tiny_model, exporter_kind):
     """A real export whose write fails: the earlier bundle is intact and no .partial/.old remains."""
     import exporter.bundle as bundle
+    import exporter.stream_export as stream_export
 
     out = tmp_path / "b"
     (tmp_path / "b").mkdir()
     (out / "manifest.json").write_text(json.dumps({"format": "bridge-export-bundle"}))
     before = _snapshot(tmp_path)
+
     def export_graph(model, spec, config, path, **kw):  # the disk fills while the first graph is written
         path.write_bytes(b"half a graph")
         _enospc()
 
+    def stream_weights(models, refs, source, *args, **kw):  # the disk fills while weights.bin is written
+        _enospc()
+
     monkeypatch.setattr(bundle, "export_graph", export_graph)
+    monkeypatch.setattr(stream_export, "stream_weights", stream_weights)
     with pytest.raises(OSError):
-        bundle.export_bundle(tiny_model, out, overwrite=True, progress=lambda s: None)
+        bundle.export_bundle(tiny_model, out, overwrite=True, progress=lambda s: None, exporter=exporter_kind)
     assert _snapshot(tmp_path) == before
 
 
