@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from reference_model.config import InternVLConfig
-from reference_model.checkpoint_reader import IGNORED_PREFIXES, CheckpointError, plan_checkpoint
+from reference_model.checkpoint_reader import (IGNORED_PREFIXES, CheckpointError, plan_checkpoint,
+                                               raise_mismatch)
 
 from .graph_builder import WeightRef
 
@@ -204,15 +205,7 @@ def resolve_keys(source, config: InternVLConfig) -> tuple[dict[str, str], dict[s
     unexpected = sorted(have - set(want))
     shapes = [f"{k}: checkpoint {list(source.shape(s))} vs model {list(want[k])}"
               for k, s in mapping.items() if tuple(source.shape(s)) != want[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    if shapes:
-        problems.append(f"mis-shaped keys {shapes[:8]}")
-    if problems:
-        raise CheckpointError("checkpoint does not match its config.json: " + "; ".join(problems))
+    raise_mismatch(missing, unexpected, shapes)
     return mapping, want
 
 

@@ -188,6 +188,19 @@ def plan_checkpoint(path, config: InternVLConfig | None = None, lora_alpha: floa
     return list(entries.values())
 
 
+def raise_mismatch(missing: list[str], unexpected: list[str], shapes: list[str]) -> None:
+    """Raise one CheckpointError naming (the first 8 of) the missing, unexpected and mis-shaped keys."""
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    if shapes:
+        problems.append(f"mis-shaped keys {shapes[:8]}")
+    if problems:
+        raise CheckpointError("checkpoint does not match its config.json: " + "; ".join(problems))
+
+
 def check_against(entries: list[Entry], expected: dict[str, tuple[int, ...]], tie: bool) -> None:
     """Raise CheckpointError naming missing, unexpected and mis-shaped keys (itm_head is optional)."""
     have = {e.name: e.shape for e in entries if not e.name.startswith(IGNORED_PREFIXES)}
@@ -201,15 +214,7 @@ def check_against(entries: list[Entry], expected: dict[str, tuple[int, ...]], ti
     unexpected = sorted(set(have) - set(expected))
     shapes = [f"{k}: checkpoint {list(have[k])} vs model {list(v)}"
               for k, v in expected.items() if k in have and tuple(have[k]) != tuple(v)]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    if shapes:
-        problems.append(f"mis-shaped keys {shapes[:8]}")
-    if problems:
-        raise CheckpointError("checkpoint does not match its config.json: " + "; ".join(problems))
+    raise_mismatch(missing, unexpected, shapes)
 
 
 class _Files:
