@@ -110,6 +110,21 @@ def main(debug, quiet):
     quiet_third_party()
 
 
+def int4_options(f):
+    """--block-size / --symmetric / --accuracy-level (int4-cpu settings), for `onnx` and `precision`."""
+    f = click.option("--accuracy-level", default=4, show_default=True,
+                     help="int4: MatMulNBits compute (4 = int8 activations, fastest on CPU; 0 = fp32)")(f)
+    f = click.option("--symmetric", is_flag=True, help="int4: no zero points")(f)
+    return click.option("--block-size", default=32, show_default=True,
+                        help="int4: weights per scale (16-256, power of 2)")(f)
+
+
+def _int4(block_size: int, symmetric: bool, accuracy_level: int):
+    from .int4 import Int4Options
+
+    return Int4Options(block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level)
+
+
 @main.command("onnx")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="original-format model directory")
 @click.option("--preset", help="a preset instead of a checkpoint (tiny, small, internvl-14b-224px)")
@@ -120,8 +135,9 @@ def main(debug, quiet):
 @click.option("--max-seq", type=int, help="longest sequence incl. queries (default: max positions)")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="directory with tokenizer.model/json")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-cpu", "int4-cpu"]), default="fp32",
-              show_default=True, help="fp16/int8-cpu: written directly at --out; int8 (calibrated Q/DQ) and "
-              "int4-cpu: an fp32 bundle at --out plus OUT-PRECISION")
+              show_default=True, help="fp16/int8-cpu/int4-cpu: written directly at --out (streamed); int8 "
+              "(calibrated Q/DQ) or a traced exporter: an fp32 bundle at --out plus OUT-PRECISION")
+@int4_options
 @click.option("--calib", type=click.Path(path_type=Path), help="calibration images folder (int8)")
 @click.option("--exporter", "exporter", type=click.Choice(["stream", "torchscript", "dynamo"]), default="stream",
               show_default=True, help="stream: graphs written from the config, weights streamed tensor by "
@@ -129,8 +145,8 @@ def main(debug, quiet):
 @click.option("--dynamo", is_flag=True, help="same as --exporter dynamo")
 @click.option("--overwrite", is_flag=True, help="replace an existing --out")
 @friendly
-def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer, precision, calib, exporter, dynamo,
-             overwrite):
+def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer, precision, block_size, symmetric,
+             accuracy_level, calib, exporter, dynamo, overwrite):
     """Export a checkpoint or preset into a bundle of ONNX graphs plus manifest."""
     from .bundle import check_export_args, export_bundle, load_source
     from .output import check_output_dir
@@ -140,7 +156,8 @@ def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer
         raise click.ClickException(f"--max-seq must be a positive number of positions, got {max_seq}")
     limits = Limits(max_batch, max_seq or 0)
     exporter = "dynamo" if dynamo else exporter
-    direct = exporter == "stream" and precision in ("fp16", "int8-cpu")  # written at --out, no fp32 bundle
+    direct = exporter == "stream" and precision in ("fp16", "int8-cpu", "int4-cpu")  # at --out, no fp32 bundle
+    int4 = _int4(block_size, symmetric, accuracy_level)
     # everything that can be refused is refused before any weight is read
     check_export_args(opset, limits)
     check_output_dir(out, overwrite)
@@ -158,7 +175,7 @@ def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer
         if (checkpoint is None) == (preset is None):
             raise ExportError("give exactly one of --checkpoint DIR or --preset NAME")
         common = dict(precision=precision if direct else "fp32", tokenizer=tokenizer, opset=opset, limits=limits,
-                      overwrite=overwrite)
+                      overwrite=overwrite, int4=int4 if precision == "int4-cpu" else None)
         if checkpoint is not None:
             path = export_checkpoint(checkpoint, out, **common)
         else:
@@ -173,7 +190,7 @@ def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer
     if precision != "fp32" and not direct:
         from .precision import make_precision_bundle
 
-        make_precision_bundle(path, Path(f"{path}-{precision}"), precision, calib=calib, overwrite=overwrite)
+        make_precision_bundle(path, Path(f"{path}-{precision}"), precision, calib=calib, overwrite=overwrite, int4=int4)
 
 
 @main.command("random-checkpoint")
@@ -498,10 +515,7 @@ def demo(out, limit, precisions):
 @click.option("--int8-cpu", "mode", flag_value="int8-cpu", help="dynamic INT8 MatMuls for onnxruntime CPUs")
 @click.option("--int4-cpu", "mode", flag_value="int4-cpu",
               help="4-bit weights (MatMulNBits) for onnxruntime CPU/CUDA; the fastest decoding")
-@click.option("--block-size", default=32, show_default=True, help="int4: weights per scale (16-256, power of 2)")
-@click.option("--symmetric", is_flag=True, help="int4: no zero points")
-@click.option("--accuracy-level", default=4, show_default=True,
-              help="int4: MatMulNBits compute (4 = int8 activations, fastest on CPU; 0 = fp32)")
+@int4_options
 @click.option("--calib", type=click.Path(path_type=Path), help="folder of calibration images (--int8)")
 @click.option("--calib-texts", type=click.Path(path_type=Path), help="file of calibration texts, one per line")
 @click.option("--method", type=click.Choice(["max", "entropy", "percentile"]), default="max", show_default=True)
@@ -515,14 +529,13 @@ def demo(out, limit, precisions):
 def precision(bundle, mode, block_size, symmetric, accuracy_level, calib, calib_texts, method, target_cosine, exclude,
               out, overwrite):
     """Make an FP16, INT8 or INT4 bundle from an fp32 one, and print its accuracy report."""
-    from .int4 import Int4Options
     from .precision import make_precision_bundle
 
     if mode is None:
         raise click.ClickException("choose one of --fp16, --int8, --int8-cpu or --int4-cpu")
     make_precision_bundle(bundle, out, mode, calib=calib, calib_texts=calib_texts, method=method,
                           exclude=[s for s in exclude.split(",") if s] or None, overwrite=overwrite,
-                          target_cosine=target_cosine, int4=Int4Options(block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level))
+                          target_cosine=target_cosine, int4=_int4(block_size, symmetric, accuracy_level))
 
 
 @main.command()

@@ -14,6 +14,10 @@ Precision is decided here, per node, so reduced-precision bundles are written di
 * int8-cpu  MatMuls with constant weights as onnxruntime's dynamic quantizer writes them
             (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul, uint8 weights, per output
             column); norms and the pooling heads stay fp32.
+* int4-cpu  MatMuls with constant weights as MatMulNBits and the token embedding table as
+            GatherBlockQuantized, exactly as onnxruntime's MatMulNBitsQuantizer writes them (same
+            initializer names, layouts and attributes; exporter/int4.py packs them with the
+            quantizer's own routines); norms and the pooling heads stay fp32.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-PRECISIONS = ("fp32", "fp16", "int8-cpu")
+PRECISIONS = ("fp32", "fp16", "int8-cpu", "int4-cpu")
+QUANTIZED = ("int8-cpu", "int4-cpu")  # MatMul weights stored as integers (onnxruntime-only graphs)
 _NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.INT64: np.int64}
 INLINE_BYTES = 1024  # smaller constants live inside the graph file
 
@@ -33,8 +38,10 @@ INLINE_BYTES = 1024  # smaller constants live inside the graph file
 class WeightRef:
     """How to make one stored tensor from the checkpoint: key, transposed or not, storage kind.
 
-    `storage` is "float32", "float16", or "uint8-cols" (per-column asymmetric uint8: three tensors,
-    the quantized matrix, its scales and zero points).
+    `storage` is "float32", "float16", "uint8-cols" (per-column asymmetric uint8: three tensors,
+    the quantized matrix, its scales and zero points), or 4-bit blocks along the input dimension:
+    "int4-matmul:<block>:<sym|asym>" (MatMulNBits inputs) and "int4-gather:<block>:<sym|asym>"
+    (GatherBlockQuantized inputs of an embedding table); asymmetric ones add zero points.
     """
 
     key: str
@@ -47,16 +54,32 @@ class WeightRef:
         base = self.key + (".T" if self.transpose else "")
         if self.storage == "uint8-cols":
             return [base + ".quantized", base + ".scale", base + ".zero_point"]
+        if self.int4 is not None:  # the names MatMulNBitsQuantizer gives a weight it quantizes
+            return [base + "_Q4", base + "_scales"] + ([] if self.int4[2] else [base + "_zero_points"])
         return [base + (".fp16" if self.storage == "float16" else "")]
+
+    @property
+    def int4(self) -> tuple[str, int, bool] | None:
+        """(kind "matmul"/"gather", block size, symmetric) of a 4-bit storage, else None."""
+        if not self.storage.startswith("int4-"):
+            return None
+        kind, block, sym = self.storage[5:].split(":")
+        return kind, int(block), sym == "sym"
 
 
 class GraphBuilder:
     """Collects nodes, inputs, outputs, literal constants and weight references for one graph."""
 
-    def __init__(self, name: str, precision: str):
+    def __init__(self, name: str, precision: str, int4=None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.name, self.precision = name, precision
+        if precision == "int4-cpu":
+            from .int4 import Int4Options
+
+            self.int4 = int4 or Int4Options()
+        else:
+            self.int4 = None
         self.act = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -68,6 +91,7 @@ class GraphBuilder:
         self._count: dict[str, int] = {}
         self._quantized_inputs: dict[str, tuple[str, str, str]] = {}
         self._alias: dict[str, str] = {}
+        self._nbits: dict[str, str] = {}  # MatMulNBits node name -> checkpoint key (K, N set in model())
 
     # -- naming --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -160,6 +184,8 @@ class GraphBuilder:
         """x @ W.T (+ bias) for the checkpoint's nn.Linear weight `key` ([out, in])."""
         if self.precision == "int8-cpu" and quantize:
             out = self._dynamic_int8_matmul(x, key)
+        elif self.precision == "int4-cpu" and quantize:
+            out = self._nbits_matmul(x, key)
         else:
             out = self.op("MatMul", [x, self.weight(key, transpose=True)])
         if bias is not None:
@@ -180,6 +206,30 @@ class GraphBuilder:
         scale = self.op("Mul", [xs, ws])
         acc = self.op("MatMulInteger", [xq, wq, xz, wz])
         return self.op("Mul", [self.cast(acc, TensorProto.FLOAT), scale])
+
+    def _int4_storage(self, kind: str) -> str:
+        return f"int4-{kind}:{self.int4.block_size}:{'sym' if self.int4.symmetric else 'asym'}"
+
+    def _nbits_matmul(self, x: str, key: str) -> str:
+        """MatMulNBits as MatMulNBitsQuantizer writes it (K and N are filled in from the shapes in model())."""
+        ref = WeightRef(key, True, self._int4_storage("matmul"))
+        self.weight(key, transpose=True, storage=ref.storage)
+        attrs = {"bits": 4, "block_size": self.int4.block_size}
+        if self.int4.accuracy_level:
+            attrs["accuracy_level"] = self.int4.accuracy_level
+        out = self.op("MatMulNBits", [x] + ref.names, domain="com.microsoft", K=0, N=0, **attrs)
+        self._nbits[self.nodes[-1].name] = key
+        return out
+
+    def embedding(self, key: str, ids: str) -> str:
+        """Rows `ids` of the embedding table `key` ([V, D]): a Gather, or GatherBlockQuantized in int4-cpu."""
+        if self.int4 is None or not self.int4.embeddings:
+            return self.op("Gather", [self.weight(key), ids])
+        ref = WeightRef(key, False, self._int4_storage("gather"))
+        self.weight(key, storage=ref.storage)
+        q, scales, *zp = ref.names
+        return self.op("GatherBlockQuantized", [q, ids, scales] + zp, domain="com.microsoft", gather_axis=0,
+                       quantize_axis=1, block_size=self.int4.block_size)
 
     def rms_norm(self, x: str, key: str, eps: float) -> str:
         """RMSNorm in fp32 (the pattern onnxruntime fuses into SimplifiedLayerNormalization)."""
@@ -220,6 +270,14 @@ class GraphBuilder:
         `shapes` maps checkpoint keys to their shapes; `weight_stream` later points every
         placeholder at its bytes in weights.bin.
         """
+        for node in self.nodes:
+            if node.name in self._nbits:
+                n_out, k_in = shapes[self._nbits[node.name]]
+                for a in node.attribute:
+                    if a.name in ("K", "N"):
+                        a.i = k_in if a.name == "K" else n_out
+        if any(r.int4 and r.int4[0] == "gather" for r in self.weights.values()):
+            opset = max(opset, 21)  # 4-bit tensors (as MatMulNBitsQuantizer raises it for a quantized Gather)
         inits = []
         for name, arr in self.literals.items():
             inits.append(numpy_helper.from_array(arr, name))
@@ -236,6 +294,14 @@ class GraphBuilder:
 def stored_shape(ref: WeightRef, name: str, shape: tuple) -> tuple:
     """Shape of initializer `name` made from a checkpoint tensor of `shape` by `ref`."""
     full = tuple(reversed(shape)) if ref.transpose else tuple(shape)
+    if ref.int4 is not None:
+        kind, block, _ = ref.int4
+        if kind == "gather":  # [V, D]: data [V, D], scales and zero points [V, D / block]
+            return tuple(shape) if name.endswith("_Q4") else (shape[0], -(-shape[1] // block))
+        n, blocks = shape[0], -(-shape[1] // block)  # checkpoint [N, K]; blocks run along K
+        if name.endswith("_Q4"):
+            return n, blocks, block // 2
+        return (n, blocks) if name.endswith("_scales") else (n, -(-blocks // 2))  # zero points: 2 per byte
     if ref.storage == "uint8-cols" and not name.endswith(".quantized"):
         return (full[-1],)
     return full
@@ -245,6 +311,12 @@ def stored_dtype(ref: WeightRef, name: str) -> int:
     """ONNX element type of initializer `name` of `ref`."""
     if ref.storage == "uint8-cols":
         return TensorProto.FLOAT if name.endswith(".scale") else TensorProto.UINT8
+    if ref.int4 is not None:
+        if name.endswith("_scales"):
+            return TensorProto.FLOAT
+        if ref.int4[0] == "gather":
+            return TensorProto.INT4 if ref.int4[2] else TensorProto.UINT4
+        return TensorProto.UINT8
     return TensorProto.FLOAT16 if ref.storage == "float16" else TensorProto.FLOAT
 
 

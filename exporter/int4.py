@@ -157,6 +157,32 @@ def quantize_embedding(table: np.ndarray, name: str, opts: Int4Options = Int4Opt
                                {"gather_axis": 0, "quantize_axis": 1, "block_size": opts.block_size})
 
 
+def quantize_embedding_rows(table, opts: Int4Options = Int4Options(), rows: int = 4096, to_numpy=np.asarray):
+    """`quantize_embedding`'s bytes for a table too large to quantize at once: (packed 4-bit data as
+    uint8 [V * D / 2], scales float32 [V, D / block], packed zero points as uint8 or None).
+
+    Blocks run along D, so rows are independent: the table (any tensor with `[i:j]` row slices that
+    `to_numpy` converts, e.g. a bf16 torch tensor) is quantized `rows` rows at a time with the
+    quantizer's routine, and the byte strings concatenate to exactly the one-shot result (`rows` is
+    even, so the two-per-byte packing never straddles a chunk)."""
+    if rows < 2 or rows % 2:
+        raise ValueError(f"rows must be a positive even number, got {rows}")
+    mnq = _quantizer_module()
+    v, d = table.shape
+    data, scales, zps = [], [], []
+    for i in range(0, v, rows):
+        chunk = np.asarray(to_numpy(table[i:i + rows]), dtype=np.float32)
+        if not np.isfinite(chunk).all():
+            raise ValueError("the embedding table holds NaN or Inf values; fix the checkpoint before quantizing")
+        q, s, z = mnq.DefaultWeightOnlyQuantizer.quantize_ndarray(chunk, 1, opts.block_size, opts.symmetric)
+        data.append(np.frombuffer(q.tobytes(), np.uint8))
+        scales.append(s)
+        if z is not None and not opts.symmetric:
+            zps.append(np.frombuffer(z.tobytes(), np.uint8))
+    return (np.concatenate(data), np.concatenate(scales).astype(np.float32, copy=False),
+            np.concatenate(zps) if zps else None)
+
+
 # -- whole graphs ---------------------------------------------------------------------------------
 def int4_plan(model: onnx.ModelProto, opts: Int4Options) -> dict[str, list[str]]:
     """Which nodes to quantize: MatMuls with a constant 2-D weight (and the token embedding Gather).

@@ -21,7 +21,7 @@ from onnx import TensorProto
 from reference_model.config import InternVLConfig
 from reference_model.layers import rope_cos_sin
 
-from .graph_builder import GraphBuilder
+from .graph_builder import QUANTIZED, GraphBuilder
 from .specs import GraphSpec, all_specs
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
@@ -75,10 +75,10 @@ def _vision_norm(b: GraphBuilder, cfg, x: str, p: str) -> str:
     return b.layer_norm(x, p, cfg.layer_norm_eps)
 
 
-def build_vision(config: InternVLConfig, precision: str) -> GraphBuilder:
+def build_vision(config: InternVLConfig, precision: str, int4=None) -> GraphBuilder:
     """pixel_values -> vision_hidden (InternViT last hidden state), image_embeds_c."""
     v = config.vision
-    b = GraphBuilder("vision_encoder", precision)
+    b = GraphBuilder("vision_encoder", precision, int4)
     s, D, H, Dh = config.image_size, v.hidden_size, v.num_attention_heads, v.head_dim
     px = b.to_act(b.input("pixel_values", F32, ["batch", 3, s, s]))
     e = "vision_model.embeddings"
@@ -153,11 +153,11 @@ def _cross_attention(b: GraphBuilder, cfg, x: str, vision: str, p: str) -> str:
     return b.linear(b.merge_heads(o, D), f"{p}.o_proj.weight")
 
 
-def build_bridge(config: InternVLConfig, precision: str) -> GraphBuilder:
+def build_bridge(config: InternVLConfig, precision: str, int4=None) -> GraphBuilder:
     """vision_hidden -> image_embeds_g and the visual prefix (per layer K, V of the query rows)."""
     q = config.qllama
     Q, Dh = config.num_query_token, q.head_dim
-    b = GraphBuilder("query_bridge", precision)
+    b = GraphBuilder("query_bridge", precision, int4)
     b.input("vision_hidden", F32, ["batch", config.num_image_tokens, config.vision.hidden_size])
     vision = b.to_act("vision_hidden")
     batch = b.op("Shape", ["vision_hidden"], start=0, end=1)
@@ -207,11 +207,11 @@ def _decoder_mask(b: GraphBuilder) -> tuple[str, str]:
     return mask, P
 
 
-def build_decoder(config: InternVLConfig, precision: str) -> GraphBuilder:
+def build_decoder(config: InternVLConfig, precision: str, int4=None) -> GraphBuilder:
     """One QLLaMA step with past K/V: logits (last position), hidden_states, present K/V (new positions)."""
     q = config.qllama
     H, Dh, L = q.num_attention_heads, q.head_dim, q.num_hidden_layers
-    b = GraphBuilder("text_decoder", precision)
+    b = GraphBuilder("text_decoder", precision, int4)
     b.input("input_ids", I64, ["batch", "seq"])
     b.input("position_ids", I64, ["batch", "seq"])
     b.input("attention_mask", I64, ["batch", "total"])
@@ -226,7 +226,7 @@ def build_decoder(config: InternVLConfig, precision: str) -> GraphBuilder:
                                                  b.ints([1])]))  # (B, 1, T, Dh)
                      for n in ("cos_q", "sin_q", "cos_k", "sin_k"))
     with b.scope("qllama/embed_tokens"):
-        x = b.op("Gather", [b.weight("qllama.model.embed_tokens.weight"), "input_ids"])  # (B, T, D)
+        x = b.embedding("qllama.model.embed_tokens.weight", "input_ids")  # (B, T, D)
     for i in range(L):
         p = f"qllama.model.layers.{i}"
         with b.scope(f"qllama/layers.{i}"):
@@ -243,8 +243,10 @@ def build_decoder(config: InternVLConfig, precision: str) -> GraphBuilder:
         x = b.rms_norm(x, "qllama.model.norm.weight", q.rms_norm_eps)
     with b.scope("lm_head"):
         last = b.to_f32(b.op("Gather", [x, b.ints(-1)], axis=1))  # (B, D): logits of the last position only
-        logits = b.linear(last, "qllama.lm_head.weight") if precision == "int8-cpu" else \
-            b.op("MatMul", [last, b.weight("qllama.lm_head.weight", transpose=True, storage="float32")])
+        if precision in QUANTIZED:
+            logits = b.linear(last, "qllama.lm_head.weight", quantize=b.int4 is None or b.int4.lm_head)
+        else:
+            logits = b.op("MatMul", [last, b.weight("qllama.lm_head.weight", transpose=True, storage="float32")])
     b.output(logits, "logits", F32, ["batch", q.vocab_size])
     b.output(b.to_f32(x), "hidden_states", F32, ["batch", "seq", q.hidden_size])
     for val, name in present:
@@ -255,9 +257,10 @@ def build_decoder(config: InternVLConfig, precision: str) -> GraphBuilder:
 BUILDERS = {"vision_encoder": build_vision, "query_bridge": build_bridge, "text_decoder": build_decoder}
 
 
-def build_graphs(config: InternVLConfig, precision: str) -> dict[str, GraphBuilder]:
-    """All three graphs (in run order) as builders holding weight references."""
-    return {spec.name: BUILDERS[spec.name](config, precision) for spec in all_specs(config)}
+def build_graphs(config: InternVLConfig, precision: str, int4=None) -> dict[str, GraphBuilder]:
+    """All three graphs (in run order) as builders holding weight references (`int4`: the
+    exporter.int4.Int4Options of an int4-cpu bundle)."""
+    return {spec.name: BUILDERS[spec.name](config, precision, int4) for spec in all_specs(config)}
 
 
 def check_against_spec(b: GraphBuilder, spec: GraphSpec) -> None:

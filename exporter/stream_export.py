@@ -25,7 +25,7 @@ from runtime.progress import get_logger, reporter
 
 from .bundle import build_manifest, commit_output, prepare_output, write_manifest
 from .checks import check_graph
-from .graph_builder import INLINE_BYTES, WeightRef
+from .graph_builder import INLINE_BYTES, QUANTIZED, WeightRef
 from .internvl_graphs import build_graphs, check_against_spec
 from .onnx_export import DEFAULT_OPSET, WEIGHTS_FILE
 from .specs import Limits, all_specs
@@ -41,7 +41,22 @@ HOW = {
     "int8-cpu": {"method": "streamed dynamic INT8 (DynamicQuantizeLinear + MatMulInteger, uint8 weights per "
                            "output column, as onnxruntime.quantization.quantize_dynamic); norms and pooling heads "
                            "fp32", "tensorrt": False},
+    "int4-cpu": {"method": "streamed INT4 weight-only: MatMulNBits and GatherBlockQuantized packed per tensor with "
+                           "onnxruntime.quantization.matmul_nbits_quantizer's own routines (the initializers "
+                           "MatMulNBitsQuantizer writes); norms and pooling heads fp32", "tensorrt": False},
 }
+
+
+def _how(precision: str, model: onnx.ModelProto, int4) -> dict:
+    """The manifest's `how` for one streamed graph (int4-cpu: its settings and what was quantized)."""
+    how = dict(HOW[precision])
+    if precision == "int4-cpu":
+        ops = [n.op_type for n in model.graph.node]
+        how.update(int4.as_dict(), quantized_matmuls=ops.count("MatMulNBits"),
+                   quantized_gathers=ops.count("GatherBlockQuantized"),
+                   kept_fp32=[n.name for n in model.graph.node if n.op_type == "MatMul"
+                              and any(i.endswith(".T") for i in n.input[1:])])
+    return how
 
 
 def _ordered_refs(models: dict[str, onnx.ModelProto], refs: dict[str, dict[str, WeightRef]]) -> list[WeightRef]:
@@ -98,8 +113,10 @@ def stream_weights(models: dict[str, onnx.ModelProto], refs: dict[str, dict[str,
 def export_streamed(source, config: InternVLConfig, out, *, precision: str = "fp32",
                     checkpoint: Path | None = None, tokenizer: Path | None = None, opset: int = DEFAULT_OPSET,
                     limits: Limits | None = None, overwrite: bool = False,
-                    progress: Callable[[str], None] | None = None, source_desc: str = "") -> Path:
-    """Write the bundle of `config` with weights from `source` (CheckpointSource / StateDictSource)."""
+                    progress: Callable[[str], None] | None = None, source_desc: str = "", int4=None) -> Path:
+    """Write the bundle of `config` with weights from `source` (CheckpointSource / StateDictSource).
+
+    `int4`: the exporter.int4.Int4Options of an int4-cpu bundle (its defaults when None)."""
     show_bar = progress is None
     progress = reporter(progress, log)
     limits = limits or Limits()
@@ -108,7 +125,11 @@ def export_streamed(source, config: InternVLConfig, out, *, precision: str = "fp
     tmp = prepare_output(out, overwrite)
     try:
         t0 = time.perf_counter()
-        builders = build_graphs(config, precision)
+        if precision == "int4-cpu":
+            from .int4 import Int4Options
+
+            int4 = int4 or Int4Options()
+        builders = build_graphs(config, precision, int4)
         specs = {s.name: s for s in all_specs(config)}
         for name, b in builders.items():
             check_against_spec(b, specs[name])
@@ -121,10 +142,11 @@ def export_streamed(source, config: InternVLConfig, out, *, precision: str = "fp
                                 show_progress=show_bar)
         progress(f"[export] weights streamed ({(tmp / WEIGHTS_FILE).stat().st_size / 1e9:.2f} GB, {precision}) "
                  f"in {time.perf_counter() - t0:.1f}s")
-        checks = {}
+        checks, hows = {}, {}
         for name, model in models.items():
             onnx.save_model(model, str(tmp / specs[name].filename))
-            checks[name] = check_graph(tmp / specs[name].filename, tensorrt=precision != "int8-cpu")
+            checks[name] = check_graph(tmp / specs[name].filename, tensorrt=precision not in QUANTIZED)
+            hows[name] = _how(precision, model, int4)
         del models
         tok = write_tokenizer(checkpoint, tokenizer, tmp, vocab_size=config.qllama.vocab_size)
         if tok is None:
@@ -133,8 +155,8 @@ def export_streamed(source, config: InternVLConfig, out, *, precision: str = "fp
             np.save(tmp / f"{host}.npy", source.get(mapping[host]).to(torch.float32).numpy())
         manifest = build_manifest(config, limits=limits, tokenizer=tok, source=source_desc, opset=opset,
                                   exporter="stream", precision=precision, checks=checks)
-        for g in manifest.graphs.values():
-            g.how = dict(HOW[precision])
+        for name, g in manifest.graphs.items():
+            g.how = hows[name]
         write_manifest(tmp, manifest, known={WEIGHTS_FILE: digest})
         commit_output(tmp, out)
         progress(f"[export] bundle written to {out}")

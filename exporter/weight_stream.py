@@ -233,8 +233,28 @@ def _transposed(t: torch.Tensor, dtype: torch.dtype, rows: int = 1024) -> torch.
     return out
 
 
+def _int4_arrays(ref: WeightRef, tensor: torch.Tensor) -> list[np.ndarray]:
+    """MatMulNBits / GatherBlockQuantized arrays of one checkpoint tensor (exporter.int4's packing,
+    the maintained quantizer's own routines), in `ref.names` order."""
+    from .int4 import Int4Options, quantize_embedding_rows, quantize_matmul_weight
+
+    kind, block, symmetric = ref.int4
+    opts = Int4Options(block_size=block, symmetric=symmetric)
+    try:
+        if kind == "gather":  # [V, D] quantized along D, a few thousand rows at a time
+            arrays = quantize_embedding_rows(tensor, opts, to_numpy=lambda t: t.to(torch.float32).numpy())
+        else:  # nn.Linear [N, K] -> the MatMul weight [K, N] in fp32 (one copy), blocks along K
+            q = quantize_matmul_weight(_transposed(tensor, torch.float32).numpy(), opts)
+            arrays = (q.packed, q.scales, q.zero_points)
+    except ValueError as e:  # NaN / Inf in the checkpoint
+        raise CheckpointError(f"{ref.key}: {e}") from e
+    return [a for a in arrays if a is not None]
+
+
 def materialize(ref: WeightRef, tensor: torch.Tensor) -> list[np.ndarray]:
     """The stored array(s) of `ref` from the checkpoint tensor (one copy in the target layout)."""
+    if ref.int4 is not None:
+        return _int4_arrays(ref, tensor)
     if ref.storage == "uint8-cols":
         # quantize the [out, in] rows (contiguous), then transpose the 4x smaller uint8 result
         w = torch.empty(tensor.shape, dtype=torch.float32).copy_(tensor)

@@ -111,3 +111,71 @@ def test_demo_model_int4_keeps_zero_shot_accuracy(tmp_path):
     assert r["zero_shot_G"] >= 0.95, r
     for k in ("zero_shot_C", "zero_shot_G", "caption"):
         assert r[k] >= ref[k] - 0.01, (k, r, ref)
+
+
+def test_embedding_rows_equal_the_one_shot_quantizer():
+    """Quantizing a table a few rows at a time (the streamed exporter) gives the quantizer's bytes."""
+    from exporter.int4 import quantize_embedding_rows
+
+    table = np.random.default_rng(2).standard_normal((13, 96)).astype(np.float32)
+    for symmetric in (False, True):
+        opts = Int4Options(symmetric=symmetric)
+        whole = quantize_embedding(table, "E", opts)
+        data, scales, zp = quantize_embedding_rows(table, opts, rows=4)
+        assert data.tobytes() == whole.data.raw_data
+        np.testing.assert_array_equal(scales, numpy_helper.to_array(whole.scales))
+        assert (zp is None) == symmetric and (symmetric or zp.tobytes() == whole.zero_points.raw_data)
+    with pytest.raises(ValueError, match="even"):
+        quantize_embedding_rows(table, rows=3)
+
+
+def test_streamed_int4_equals_the_quantizer_on_an_fp32_bundle(tiny_checkpoint, int4_bundle, tmp_path):
+    """`onnx --precision int4-cpu` writes the bundle directly from the checkpoint (no fp32 bundle first),
+    with exactly the initializers, attributes and opsets MatMulNBitsQuantizer gives the fp32 bundle."""
+    out = tmp_path / "s4"
+    r = _cli("onnx", "--checkpoint", tiny_checkpoint, "--precision", "int4-cpu", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s4"]  # no fp32 sibling
+    quantized = ("_Q4", "_scales", "_zero_points")
+    for g in ("vision_encoder", "query_bridge", "text_decoder"):
+        a, b = (onnx.load(str(d / f"{g}.onnx"), load_external_data=True) for d in (out, int4_bundle))
+        ia = {t.name: t for t in a.graph.initializer if t.name.endswith(quantized)}
+        ib = {t.name: t for t in b.graph.initializer if t.name.endswith(quantized)}
+        assert ia and set(ia) == set(ib), g
+        for n in ia:
+            assert (ia[n].data_type, list(ia[n].dims)) == (ib[n].data_type, list(ib[n].dims)), n
+            assert numpy_helper.to_array(ia[n]).tobytes() == numpy_helper.to_array(ib[n]).tobytes(), n
+
+        def nodes(m):
+            return sorted((n.op_type, tuple(sorted((x.name, onnx.helper.get_attribute_value(x)) for x in n.attribute)))
+                          for n in m.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized"))
+
+        assert nodes(a) and nodes(a) == nodes(b), g
+        assert {o.domain: o.version for o in a.opset_import} == {o.domain: o.version for o in b.opset_import}
+    man = read_manifest(out)
+    how = man.graphs["text_decoder"].how
+    assert man.precision.mode == "int4-cpu" and how["tensorrt"] is False and how["block_size"] == 32
+    assert how["quantized_matmuls"] > 0 and how["quantized_gathers"] == 1 and how["kept_fp32"] == []
+    ref, new = runtime.load(int4_bundle), runtime.load(out)
+    s = ref.preprocessing.image_size
+    x = np.random.default_rng(5).standard_normal((2, 3, s, s), dtype=np.float32)
+    for mode in ("InternVL-C", "InternVL-G"):
+        np.testing.assert_array_equal(ref.encode_image(x, mode), new.encode_image(x, mode))
+    ids = np.array([[1, 9, 33, 17, 2]])
+    np.testing.assert_array_equal(ref.encode_text(ids), new.encode_text(ids))
+    np.testing.assert_array_equal(ref.generate(x[:1], ids[:, :2], max_new_tokens=4),
+                                  new.generate(x[:1], ids[:, :2], max_new_tokens=4))
+
+
+def test_streamed_int4_settings_and_refusals(tiny_checkpoint, tmp_path):
+    out = tmp_path / "sym128"
+    r = _cli("onnx", "--checkpoint", tiny_checkpoint, "--precision", "int4-cpu", "--block-size", "64", "--symmetric",
+             "--out", out)
+    assert r.exit_code == 0, r.output
+    m = onnx.load(str(out / "text_decoder.onnx"), load_external_data=False)
+    nb = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    assert nb and all(len(n.input) == 3 for n in nb)  # symmetric: no zero points
+    assert {onnx.helper.get_attribute_value(a) for n in nb for a in n.attribute if a.name == "block_size"} == {64}
+    r = _cli("onnx", "--checkpoint", tiny_checkpoint, "--precision", "int4-cpu", "--block-size", "48",
+             "--out", tmp_path / "bad")
+    assert r.exit_code == 1 and "power of two" in r.output and not (tmp_path / "bad").exists()
