@@ -2,12 +2,14 @@
 
     PYTHONPATH=. python -m exporter.fullsize run --work /big/disk/dir [--preset internvl-14b-224px]
     PYTHONPATH=. python -m exporter.fullsize measure BUNDLE     # the runtime figures of one bundle
+    PYTHONPATH=. python -m exporter.fullsize decode A B         # decode speed of A and B, interleaved
 
-`run` does the whole sequence, deleting as it goes so that at most checkpoint + one bundle exist
-at once (27.7 + 27.7 GB at 14B): random bf16 checkpoint -> int8-cpu bundle (export measured with
-/usr/bin/time -v) -> measure it (load, embeddings C/G, a text embedding, a 20-token greedy caption,
-decode tokens/s against the bandwidth a large GEMV reaches in the same process) -> delete it ->
-fp16 bundle (export measured) -> delete everything. It prints one table and writes it as JSON.
+`run` does the whole sequence, deleting as it goes (at most the checkpoint plus the int4-cpu and
+int8-cpu bundles exist at once: 27.7 + 8 + 14.8 GB at 14B): random bf16 checkpoint -> int4-cpu and
+int8-cpu bundles (exports measured with /usr/bin/time -v), each measured (load, embeddings C/G, a
+text embedding, a 20-token greedy caption, decode tokens/s against the bandwidth a large GEMV
+reaches in the same process) -> their decoders timed against each other in one process -> both
+deleted -> fp16 bundle (export measured) -> delete everything. It prints one table and writes it as JSON.
 The run step (~15 GB at 14B) takes /work/coord/bigmem.lock when that file exists (one big-memory job
 at a time); exports stay under ~2 GB and do not.
 """
@@ -105,19 +107,25 @@ def decoder_weight_bytes(bundle: Path) -> int:
     return total
 
 
-def measure(bundle: Path, threads: int, new_tokens: int = 20) -> dict:
-    """Load the bundle, embed, caption, decode; figures as a dict."""
+def measure(bundle: Path, threads: int, new_tokens: int = 20, no_prepack: tuple[str, ...] = ("query_bridge",),
+            gemv_gib: float = 1.0) -> dict:
+    """Load the bundle, embed, caption, decode; figures as a dict.
+
+    Graphs in `no_prepack` run with onnxruntime's prepacking off: their weights stay in weights.bin's
+    shared, reclaimable page cache instead of a packed heap copy per session. Default: the bridge
+    (run once per image), so that at 14B int8-cpu QLLaMA is not packed twice (2 x 7.3 GB) beside the
+    vision tower. The decoder keeps prepacking: without it a decode step was 3.5x (int8-cpu) and
+    100x (int4-cpu) slower (the previous measurement ran every graph unpacked: 0.22 of the bound).
+    """
     import numpy as np
 
     import runtime
 
     bundle = Path(bundle)
-    res = {}
+    res = {"prepacking_off": list(no_prepack)}
     t0 = time.perf_counter()
-    # No prepacking: onnxruntime would otherwise copy every MatMul weight onto the heap once per
-    # session, holding QLLaMA twice (bridge and decoder: 2 x 7.3 GB int8 at 14B, beyond 24 GB with
-    # the vision tower). Unpacked, the weights stay in weights.bin's shared page cache.
-    pipe = runtime.load(bundle, threads=threads, session_config={"session.disable_prepacking": "1"})
+    pipe = runtime.load(bundle, threads=threads,
+                        session_config={g: {"session.disable_prepacking": "1"} for g in no_prepack})
     res["load_s"] = round(time.perf_counter() - t0, 1)
     man = pipe.manifest
     s = man.preprocessing.image_size
@@ -130,7 +138,8 @@ def measure(bundle: Path, threads: int, new_tokens: int = 20) -> dict:
     res["bridge_s_per_image"] = round(time.perf_counter() - t0, 2)
     res["image_embeds_C"] = [float(v) for v in c[0, :4]]
     res["image_embeds_G_part"] = [float(v) for v in g[0, :4]]
-    ids = np.array([[1, 3234, 29901, 263, 15661, 2]])
+    vocab = man.dims.vocab_size  # the ids below are real words at 14B; folded into a small model's vocabulary
+    ids = np.array([[1, 3234, 29901, 263, 15661, 2]]) % vocab
     t0 = time.perf_counter()
     txt = pipe.encode_text(ids)
     res["text_embedding_s"] = round(time.perf_counter() - t0, 2)
@@ -138,7 +147,7 @@ def measure(bundle: Path, threads: int, new_tokens: int = 20) -> dict:
     for k in ("image_embeds_C", "image_embeds_G_part", "text_embeds"):
         if not np.all(np.isfinite(res[k])):
             raise RuntimeError(f"{k} is not finite: the bundle is broken")
-    prompt = np.array([[1, 4223, 5777, 29901]])
+    prompt = np.array([[1, 4223, 5777, 29901]]) % vocab
     t0 = time.perf_counter()
     toks = pipe.generate(px, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     res["caption_s"] = round(time.perf_counter() - t0, 1)
@@ -165,12 +174,54 @@ def measure(bundle: Path, threads: int, new_tokens: int = 20) -> dict:
     res["decode_tokens_per_s"] = round(1 / step, 2)
     pipe.close()
     del pipe
-    res["weight_bytes_per_token_gb"] = round(decoder_weight_bytes(bundle) / 1e9, 2)
-    bw = gemv_bandwidth(threads)
+    gb = decoder_weight_bytes(bundle) / 1e9
+    res["weight_bytes_per_token_gb"] = round(gb, 2 if gb >= 1 else 4)
+    bw = gemv_bandwidth(threads, gemv_gib)
     res["gemv_bandwidth_gb_s"] = round(bw, 1)
-    res["bandwidth_bound_tokens_per_s"] = round(bw / res["weight_bytes_per_token_gb"], 2)
+    res["bandwidth_bound_tokens_per_s"] = round(bw / gb, 2)
     res["fraction_of_bound"] = round(res["decode_tokens_per_s"] / res["bandwidth_bound_tokens_per_s"], 2)
     return res
+
+
+def decode_compare(bundles: list[Path], threads: int, steps: int = 8, rounds: int = 5) -> dict:
+    """Decode tokens/s of each bundle's text_decoder alone (the other graphs are not loaded, so two
+    14B bundles fit in memory; onnxruntime's prepacking on, as runtime.load does), timed in turns:
+    each round runs `steps` steps of every bundle in turn at past = visual prefix + 4; a bundle's
+    figure is its best round. Returns {bundle name: tokens/s} plus each one's ratio to the first."""
+    import numpy as np
+
+    from runtime.manifest import read_manifest
+    from runtime.sessions import OrtSession
+
+    runs = []
+    for b in bundles:
+        man = read_manifest(b)
+        kv = man.kv_layout
+        P = kv.prefix_length + 4
+        feeds = {"input_ids": np.array([[5]]), "position_ids": np.array([[P]]),
+                 "attention_mask": np.ones((1, P + 1), np.int64)}
+        for i in range(kv.num_layers):
+            for name in kv.past(i):  # key, value
+                feeds[name] = np.zeros((1, kv.num_heads, P, kv.head_dim), np.float32)
+        t0 = time.perf_counter()
+        sess = OrtSession(man.graph_path("text_decoder"), threads=threads)
+        print(f"[decode] {Path(b).name}: text_decoder opened in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        sess.run(feeds)  # warm-up: pages in the weights
+        runs.append((Path(b).name, man.precision.mode, sess, feeds))
+    best = {name: float("inf") for name, *_ in runs}
+    for r in range(rounds):
+        for name, _, sess, feeds in runs:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                sess.run(feeds)
+            best[name] = min(best[name], (time.perf_counter() - t0) / steps)
+        print(f"[decode] round {r + 1}/{rounds}: " + ", ".join(f"{n} {1 / t:.3f} tok/s" for n, t in best.items()),
+              file=sys.stderr)
+    first = runs[0][0]
+    return {name: {"precision": mode, "decode_tokens_per_s": round(1 / best[name], 3),
+                   "vs_first": round(best[first] / best[name], 3),
+                   "weight_bytes_per_token_gb": round(decoder_weight_bytes(Path(b)) / 1e9, 4)}
+            for (name, mode, _, _), b in zip(runs, bundles)}
 
 
 def _pss_gb() -> float:
@@ -185,12 +236,20 @@ def _pss_gb() -> float:
 
 
 # -- the whole sequence ------------------------------------------------------------------------------
-def run(work: Path, preset: str, threads: int, keep: bool = False) -> dict:
-    """Checkpoint -> int8-cpu bundle (measured, deleted) -> fp16 bundle (measured, deleted)."""
+DISK_FACTOR = {"int4-cpu": 0.4, "int8-cpu": 0.55, "fp16": 1.05}  # bundle size / bf16 checkpoint size
+PAIR = ("int8-cpu", "int4-cpu")  # decoders timed against each other when both are made
+
+
+def run(work: Path, preset: str, threads: int, keep: bool = False,
+        precisions: tuple[str, ...] = ("int4-cpu", "int8-cpu", "fp16"), gemv_gib: float = 1.0) -> dict:
+    """Checkpoint -> each bundle in `precisions` exported (measured); int4-cpu and int8-cpu bundles are
+    also run (measured), and their decoders timed against each other in one process; each bundle is
+    deleted as soon as nothing else needs it, the checkpoint at the end."""
     work = Path(work).absolute()
     work.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-m"]
     ck, table = work / "checkpoint", {"preset": preset}
+    made: dict[str, Path] = {}
     try:
         if not (ck / "config.json").is_file():
             _need_disk(work, 30, "the random checkpoint")
@@ -198,31 +257,43 @@ def run(work: Path, preset: str, threads: int, keep: bool = False) -> dict:
                              "--out", str(ck)], work / "checkpoint.log")
             table["checkpoint"] = {"wall_s": r["wall_s"], "peak_rss_gb": r["peak_rss_gb"]}
         table["checkpoint_gb"] = _size_gb(ck)
-        for precision in ("int8-cpu", "fp16"):
+        for precision in precisions:
             out = work / f"bundle-{precision}"
-            _need_disk(work, table["checkpoint_gb"] * (0.55 if precision == "int8-cpu" else 1.05), precision)
+            _need_disk(work, table["checkpoint_gb"] * DISK_FACTOR.get(precision, 2.1), precision)
             r = _timed(py + ["exporter.cli", "onnx", "--checkpoint", str(ck), "--out", str(out), "--precision",
                              precision, "--overwrite"], work / f"export-{precision}.log")
+            made[precision] = out
             entry = {"export_wall_s": r["wall_s"], "export_peak_rss_gb": r["peak_rss_gb"],
                      "bundle_gb": _size_gb(out), "files": sorted(p.name for p in out.iterdir())}
-            if precision == "int8-cpu":
-                m = _timed(py + ["exporter.fullsize", "measure", str(out), "--threads", str(threads)],
-                           work / "measure.log", lock=True)
+            if precision in PAIR:
+                m = _timed(py + ["exporter.fullsize", "measure", str(out), "--threads", str(threads),
+                                 "--gemv-gib", str(gemv_gib)],
+                           work / f"measure-{precision}.log", lock=True)
                 entry.update(json.loads(m["stdout"].strip().splitlines()[-1]))
                 entry["run_peak_rss_gb"], entry["run_wall_s"] = m["peak_rss_gb"], m["wall_s"]
             table[precision] = entry
             print(json.dumps({precision: entry}), flush=True)
-            if not keep:
-                shutil.rmtree(out)
+            if all(p in made for p in PAIR) and "decode" not in table:
+                d = _timed(py + ["exporter.fullsize", "decode"] + [str(made[p]) for p in PAIR]
+                           + ["--threads", str(threads)], work / "decode.log", lock=True)
+                table["decode"] = json.loads(d["stdout"].strip().splitlines()[-1])
+                table["decode"]["peak_rss_gb"] = d["peak_rss_gb"]
+                print(json.dumps({"decode": table["decode"]}), flush=True)
+            pair_pending = all(p in precisions for p in PAIR) and "decode" not in table
+            for p in [p for p in made if not keep and not (pair_pending and p in PAIR)]:
+                shutil.rmtree(made.pop(p))
     finally:
         if not keep:
+            for path in made.values():
+                shutil.rmtree(path, ignore_errors=True)
             shutil.rmtree(ck, ignore_errors=True)
     return table
 
 
 def format_table(t: dict) -> str:
-    """The README table."""
-    rows = [f"| figure | int8-cpu | fp16 |", "|---|---|---|"]
+    """The README table: one column per precision made, plus the interleaved decode comparison."""
+    cols = [p for p in ("int4-cpu", "int8-cpu", "fp16") if p in t]
+    rows = ["| figure | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     keys = [("export wall time (s)", "export_wall_s"), ("export peak RSS (GB)", "export_peak_rss_gb"),
             ("bundle size (GB)", "bundle_gb"), ("load time (s)", "load_s"),
             ("peak RSS while running (GB)", "run_peak_rss_gb"), ("vision s/image", "vision_s_per_image"),
@@ -232,7 +303,11 @@ def format_table(t: dict) -> str:
             ("GEMV bandwidth (GB/s)", "gemv_bandwidth_gb_s"),
             ("bandwidth-bound tokens/s", "bandwidth_bound_tokens_per_s"), ("fraction of bound", "fraction_of_bound")]
     for label, k in keys:
-        rows.append(f"| {label} | {t.get('int8-cpu', {}).get(k, '-')} | {t.get('fp16', {}).get(k, '-')} |")
+        rows.append(f"| {label} | " + " | ".join(str(t[c].get(k, "-")) for c in cols) + " |")
+    for name, d in t.get("decode", {}).items():
+        if isinstance(d, dict):
+            rows.append(f"| decoders interleaved: {d['precision']} tokens/s (vs int8-cpu) | "
+                        f"{d['decode_tokens_per_s']} ({d['vs_first']}x) |" + " |" * (len(cols) - 1))
     return "\n".join(rows)
 
 
@@ -244,15 +319,31 @@ def main(argv=None) -> None:
     r.add_argument("--work", required=True, type=Path)
     r.add_argument("--preset", default="internvl-14b-224px")
     r.add_argument("--threads", type=int, default=os.cpu_count())
-    r.add_argument("--keep", action="store_true", help="keep checkpoint and bundles (needs ~70 GB)")
+    r.add_argument("--keep", action="store_true", help="keep checkpoint and bundles (needs ~80 GB)")
+    r.add_argument("--precisions", default="int4-cpu,int8-cpu,fp16", help="bundles to export, in order")
+    r.add_argument("--gemv-gib", type=float, default=1.0, help="size of the bandwidth probe's weight")
+    d = sub.add_parser("decode", help="decode speed of bundles' text decoders, interleaved (best round)")
+    d.add_argument("bundles", type=Path, nargs="+")
+    d.add_argument("--threads", type=int, default=os.cpu_count())
+    d.add_argument("--steps", type=int, default=8)
+    d.add_argument("--rounds", type=int, default=5)
     m = sub.add_parser("measure")
     m.add_argument("bundle", type=Path)
     m.add_argument("--threads", type=int, default=os.cpu_count())
+    m.add_argument("--no-prepack", default="query_bridge",
+                   help="graphs run without onnxruntime's prepacking (comma-separated; '' for none)")
+    m.add_argument("--gemv-gib", type=float, default=1.0, help="size of the bandwidth probe's weight")
     args = ap.parse_args(argv)
-    if args.cmd == "measure":
-        print(json.dumps(measure(args.bundle, args.threads)))
+    if args.cmd == "decode":
+        print(json.dumps(decode_compare(args.bundles, args.threads, args.steps, args.rounds)))
         return
-    table = run(args.work, args.preset, args.threads, args.keep)
+    if args.cmd == "measure":
+        print(json.dumps(measure(args.bundle, args.threads,
+                                 no_prepack=tuple(g for g in args.no_prepack.split(",") if g),
+                                 gemv_gib=args.gemv_gib)))
+        return
+    table = run(args.work, args.preset, args.threads, args.keep, tuple(p for p in args.precisions.split(",") if p),
+                args.gemv_gib)
     (args.work / "fullsize.json").write_text(json.dumps(table, indent=2))
     print(format_table(table))
 

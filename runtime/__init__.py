@@ -12,6 +12,20 @@ from .pipeline import Caption, Pipeline
 from .text import TextCodec, TokenizerMissing
 
 
+def _per_graph(session_config) -> dict[str, dict[str, str]]:
+    """{graph: config entries} from load()'s `session_config` (one dict for all graphs, or per graph)."""
+    if not session_config:
+        return {}
+    per_graph = {k: v for k, v in session_config.items() if isinstance(v, dict)}
+    if per_graph and len(per_graph) != len(session_config):
+        raise ValueError("session_config mixes graph names and config entries: give either "
+                         "{key: value} for every graph or {graph: {key: value}}")
+    unknown = sorted(set(per_graph) - set(GRAPHS))
+    if unknown:
+        raise ValueError(f"session_config names unknown graphs {unknown}: the graphs are {list(GRAPHS)}")
+    return per_graph or {name: dict(session_config) for name in GRAPHS}
+
+
 def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | None = None,
          verify_checksums: bool = False, device=None, session_config: dict[str, str] | None = None) -> Pipeline:
     """Open a bundle directory and return a Pipeline (sessions for all three graphs).
@@ -22,9 +36,13 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
     provider or TensorRT, with the KV cache in device memory and I/O bound there), or a
     runtime.device_memory.DeviceMemory to bind onnxruntime's I/O in (the tests' host stand-in).
     TensorRT defaults to "cuda:0". Close the pipeline (or use `with`) to free the device memory.
-    `session_config`: onnxruntime session config entries for every graph, e.g.
-    {"session.disable_prepacking": "1"} so weights stay in the bundle's memory-mapped file instead
-    of being copied per session (the bridge and the decoder share QLLaMA's bytes in weights.bin).
+    `session_config`: onnxruntime session config entries for every graph, or per graph as
+    {graph name: {key: value}}. E.g. {"query_bridge": {"session.disable_prepacking": "1"}} keeps
+    the bridge's weights in the bundle's memory-mapped file instead of a packed copy on the heap
+    (the bridge and the decoder share QLLaMA's bytes in weights.bin; at 14B int8-cpu a packed copy
+    per session does not fit in 24 GB). Prepacking is what makes onnxruntime's integer kernels
+    fast: without it a decode step was 3.5x (int8-cpu) and 100x (int4-cpu) slower here, so leave
+    it on for the decoder.
     """
     from .sessions import BackendUnavailable, check_threads, open_session, tensorrt_available
 
@@ -34,6 +52,7 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
         raise BackendUnavailable("backend='tensorrt' needs TensorRT, which is not installed here: pip install "
                                  "tensorrt on a machine with an NVIDIA GPU, or use backend='onnxruntime'")
     check_threads(threads)
+    configs = _per_graph(session_config)
     memory, providers = _device(device, backend, providers)
     manifest = read_manifest(bundle, verify_checksums=verify_checksums)
     sessions = {}
@@ -47,7 +66,7 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
             if backend == "tensorrt":
                 path = Path(bundle) / "engines" / f"{name}.engine"
             sessions[name] = open_session(path, backend, providers=providers, threads=threads, memory=memory,
-                                          session_config=session_config)
+                                          session_config=configs.get(name))
         text_codec = codec.result()
     except BaseException:
         for s in sessions.values():

@@ -200,9 +200,26 @@ def test_lora_and_force_image_size_checkpoint_streams_merged(tmp_path):
         np.testing.assert_allclose(v, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+def _entry(session, key):
+    try:
+        return session.sess.get_session_options().get_session_config_entry(key)
+    except RuntimeError:  # onnxruntime: no such entry
+        return None
+
+
 def test_session_config_reaches_onnxruntime(tiny_bundle):
-    """Without prepacking (the full-size run's setting) the outputs are the same."""
+    """Without prepacking (the full-size run's setting) the outputs are the same; the entries reach
+    every graph, or only the graphs named."""
+    key = "session.disable_prepacking"
     px = np.random.default_rng(1).standard_normal((1, 3, 32, 32), dtype=np.float32)
     a = runtime.load(tiny_bundle).encode_image(px, "InternVL-G")
-    b = runtime.load(tiny_bundle, session_config={"session.disable_prepacking": "1"}).encode_image(px, "InternVL-G")
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    every = runtime.load(tiny_bundle, session_config={key: "1"})
+    assert all(_entry(s, key) == "1" for s in every.sessions.values())
+    np.testing.assert_allclose(a, every.encode_image(px, "InternVL-G"), rtol=1e-5, atol=1e-6)
+    one = runtime.load(tiny_bundle, session_config={"query_bridge": {key: "1"}})
+    assert {n: _entry(s, key) for n, s in one.sessions.items()} == {
+        "vision_encoder": None, "query_bridge": "1", "text_decoder": None}
+    with pytest.raises(ValueError, match="unknown graphs"):
+        runtime.load(tiny_bundle, session_config={"bridge": {key: "1"}})
+    with pytest.raises(ValueError, match="mixes graph names"):
+        runtime.load(tiny_bundle, session_config={"query_bridge": {key: "1"}, key: "1"})

@@ -1,0 +1,32 @@
+"""The full-size driver at tiny size: checkpoint -> int4-cpu / int8-cpu / fp16 bundles, each measured,
+the two integer decoders timed against each other, everything deleted, one table."""
+import json
+import shutil
+import sys
+
+import pytest
+
+from exporter import fullsize
+
+
+@pytest.mark.skipif(shutil.which("time") is None and not __import__("os").path.exists("/usr/bin/time"),
+                    reason="needs /usr/bin/time -v for peak RSS")
+def test_run_measures_every_precision_and_cleans_up(tmp_path, monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(fullsize.__file__).parents[1])  # PYTHONPATH=. for the children
+    work = tmp_path / "work"
+    table = fullsize.run(work, "tiny", threads=1, gemv_gib=0.02)
+    assert table["checkpoint"]["peak_rss_gb"] > 0 and sorted(p.name for p in work.iterdir()) == sorted(
+        ["checkpoint.log", "export-int4-cpu.log", "export-int8-cpu.log", "export-fp16.log", "measure-int4-cpu.log",
+         "measure-int8-cpu.log", "decode.log"])  # bundles and checkpoint deleted, logs kept
+    for p in ("int4-cpu", "int8-cpu", "fp16"):
+        assert table[p]["export_peak_rss_gb"] > 0 and "weights.bin" in table[p]["files"]
+    for p in fullsize.PAIR:
+        t = table[p]
+        assert t["decode_tokens_per_s"] > 0 and 0 < t["fraction_of_bound"] and t["prepacking_off"] == ["query_bridge"]
+        assert len(t["caption_tokens"]) == 20
+    d = table["decode"]
+    assert d["bundle-int8-cpu"]["vs_first"] == 1.0 and d["bundle-int4-cpu"]["precision"] == "int4-cpu"
+    assert d["bundle-int4-cpu"]["weight_bytes_per_token_gb"] <= d["bundle-int8-cpu"]["weight_bytes_per_token_gb"]
+    text = fullsize.format_table(table)
+    assert "| figure | int4-cpu | int8-cpu | fp16 |" in text and "decoders interleaved: int4-cpu" in text
+    json.dumps(table)  # the JSON the command writes
