@@ -179,3 +179,25 @@ def test_streamed_int4_settings_and_refusals(tiny_checkpoint, tmp_path):
     r = _cli("onnx", "--checkpoint", tiny_checkpoint, "--precision", "int4-cpu", "--block-size", "48",
              "--out", tmp_path / "bad")
     assert r.exit_code == 1 and "power of two" in r.output and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.gpu
+def test_int4_runs_on_onnxruntime_cuda(int4_bundle):
+    """MatMulNBits and GatherBlockQuantized have CUDA kernels: the int4-cpu bundle on onnxruntime-gpu gives
+    the CPU's embeddings and tokens (not run here: this machine has neither a GPU nor onnxruntime-gpu)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu and an NVIDIA GPU")
+    cpu = runtime.load(int4_bundle)
+    gpu = runtime.load(int4_bundle, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    s = cpu.preprocessing.image_size
+    x = np.random.default_rng(9).standard_normal((2, 3, s, s), dtype=np.float32)
+    from exporter.accuracy import min_row_cosine
+
+    for mode in ("InternVL-C", "InternVL-G"):
+        assert min_row_cosine(cpu.encode_image(x, mode), gpu.encode_image(x, mode)) > 0.999
+    ids = np.array([[1, 9, 33, 17, 2]])
+    assert min_row_cosine(cpu.encode_text(ids), gpu.encode_text(ids)) > 0.999
+    np.testing.assert_array_equal(cpu.generate(x[:1], ids[:, :2], max_new_tokens=4),
+                                  gpu.generate(x[:1], ids[:, :2], max_new_tokens=4))
