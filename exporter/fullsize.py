@@ -54,6 +54,17 @@ def _free_gb(path: Path) -> float:
     return shutil.disk_usage(path).free / 1e9
 
 
+def checkpoint_gb(preset: str) -> float:
+    """Size of the preset's bf16 checkpoint in GB (27.7 for internvl-14b-224px)."""
+    import math
+
+    from reference_model.config import preset_config
+
+    from .weight_stream import expected_shapes
+
+    return sum(math.prod(s) for s in expected_shapes(preset_config(preset)).values()) * 2 / 1e9
+
+
 def _need_disk(path: Path, gb: float, what: str) -> None:
     free = _free_gb(path)
     if free < gb:
@@ -107,21 +118,47 @@ def decoder_weight_bytes(bundle: Path) -> int:
     return total
 
 
-def measure(bundle: Path, threads: int, new_tokens: int = 20, no_prepack: tuple[str, ...] = ("query_bridge",),
+def graph_weight_bytes(bundle: Path) -> dict[str, int]:
+    """Bytes of external weights each graph references (QLLaMA's count in the bridge and the decoder)."""
+    import onnx
+
+    from runtime.manifest import read_manifest
+
+    man = read_manifest(bundle)
+    out = {}
+    for name in man.graphs:
+        m = onnx.load(str(man.graph_path(name)), load_external_data=False)
+        out[name] = sum(int({e.key: e.value for e in t.external_data}.get("length", 0)) for t in m.graph.initializer)
+    return out
+
+
+def prepacking_plan(bundle: Path, memory_bytes: int | None = None, share: float = 0.6) -> tuple[str, ...]:
+    """Graphs to run unpacked so that the packed copies fit in `share` of the machine's memory.
+
+    onnxruntime copies every prepacked weight onto the heap, per session, so QLLaMA is packed twice
+    (bridge and decoder). If all three graphs' weights fit in `share` of RAM, pack everything (the
+    int4-cpu 14B bundle here: 13.5 GB of 24); otherwise leave the bridge (run once per image)
+    unpacked in the shared page cache (int8-cpu 14B: 21.5 GB would not fit). The decoder is always
+    packed: without it a decode step was 3.5x (int8-cpu) and 100x (int4-cpu) slower."""
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return () if sum(graph_weight_bytes(bundle).values()) <= share * memory_bytes else ("query_bridge",)
+
+
+def measure(bundle: Path, threads: int, new_tokens: int = 20, no_prepack: tuple[str, ...] | None = None,
             gemv_gib: float = 1.0) -> dict:
     """Load the bundle, embed, caption, decode; figures as a dict.
 
-    Graphs in `no_prepack` run with onnxruntime's prepacking off: their weights stay in weights.bin's
-    shared, reclaimable page cache instead of a packed heap copy per session. Default: the bridge
-    (run once per image), so that at 14B int8-cpu QLLaMA is not packed twice (2 x 7.3 GB) beside the
-    vision tower. The decoder keeps prepacking: without it a decode step was 3.5x (int8-cpu) and
-    100x (int4-cpu) slower (the previous measurement ran every graph unpacked: 0.22 of the bound).
+    Graphs in `no_prepack` (default: `prepacking_plan`) run with onnxruntime's prepacking off:
+    their weights stay in weights.bin's shared, reclaimable page cache instead of a packed heap
+    copy per session. (The first 14B run left every graph unpacked: 0.22 of the bound.)
     """
     import numpy as np
 
     import runtime
 
     bundle = Path(bundle)
+    no_prepack = prepacking_plan(bundle) if no_prepack is None else tuple(no_prepack)
     res = {"prepacking_off": list(no_prepack)}
     t0 = time.perf_counter()
     pipe = runtime.load(bundle, threads=threads,
@@ -252,7 +289,7 @@ def run(work: Path, preset: str, threads: int, keep: bool = False,
     made: dict[str, Path] = {}
     try:
         if not (ck / "config.json").is_file():
-            _need_disk(work, 30, "the random checkpoint")
+            _need_disk(work, checkpoint_gb(preset) * 1.05, "the random checkpoint")
             r = _timed(py + ["exporter.cli", "random-checkpoint", "--preset", preset, "--dtype", "bf16",
                              "--out", str(ck)], work / "checkpoint.log")
             table["checkpoint"] = {"wall_s": r["wall_s"], "peak_rss_gb": r["peak_rss_gb"]}
@@ -330,8 +367,9 @@ def main(argv=None) -> None:
     m = sub.add_parser("measure")
     m.add_argument("bundle", type=Path)
     m.add_argument("--threads", type=int, default=os.cpu_count())
-    m.add_argument("--no-prepack", default="query_bridge",
-                   help="graphs run without onnxruntime's prepacking (comma-separated; '' for none)")
+    m.add_argument("--no-prepack", default=None,
+                   help="graphs run without onnxruntime's prepacking (comma-separated; '' for none; "
+                        "default: the bridge when packed copies of every graph would not fit in 60%% of RAM)")
     m.add_argument("--gemv-gib", type=float, default=1.0, help="size of the bandwidth probe's weight")
     args = ap.parse_args(argv)
     if args.cmd == "decode":
@@ -339,7 +377,8 @@ def main(argv=None) -> None:
         return
     if args.cmd == "measure":
         print(json.dumps(measure(args.bundle, args.threads,
-                                 no_prepack=tuple(g for g in args.no_prepack.split(",") if g),
+                                 no_prepack=None if args.no_prepack is None else
+                                 tuple(g for g in args.no_prepack.split(",") if g),
                                  gemv_gib=args.gemv_gib)))
         return
     table = run(args.work, args.preset, args.threads, args.keep, tuple(p for p in args.precisions.split(",") if p),

@@ -22,7 +22,7 @@ def test_run_measures_every_precision_and_cleans_up(tmp_path, monkeypatch):
         assert table[p]["export_peak_rss_gb"] > 0 and "weights.bin" in table[p]["files"]
     for p in fullsize.PAIR:
         t = table[p]
-        assert t["decode_tokens_per_s"] > 0 and 0 < t["fraction_of_bound"] and t["prepacking_off"] == ["query_bridge"]
+        assert t["decode_tokens_per_s"] > 0 and 0 < t["fraction_of_bound"] and t["prepacking_off"] == []  # fits: all packed
         assert len(t["caption_tokens"]) == 20
     d = table["decode"]
     assert d["bundle-int8-cpu"]["vs_first"] == 1.0 and d["bundle-int4-cpu"]["precision"] == "int4-cpu"
@@ -30,3 +30,11 @@ def test_run_measures_every_precision_and_cleans_up(tmp_path, monkeypatch):
     text = fullsize.format_table(table)
     assert "| figure | int4-cpu | int8-cpu | fp16 |" in text and "decoders interleaved: int4-cpu" in text
     json.dumps(table)  # the JSON the command writes
+
+
+def test_prepacking_plan_leaves_the_bridge_unpacked_only_when_packed_copies_do_not_fit(tiny_bundle):
+    w = fullsize.graph_weight_bytes(tiny_bundle)
+    assert set(w) == {"vision_encoder", "query_bridge", "text_decoder"} and all(v > 0 for v in w.values())
+    total = sum(w.values())
+    assert fullsize.prepacking_plan(tiny_bundle, memory_bytes=int(total / 0.6) + 1) == ()
+    assert fullsize.prepacking_plan(tiny_bundle, memory_bytes=int(total / 0.6) - 1) == ("query_bridge",)

@@ -101,8 +101,12 @@ def test_target_cosine_rejected_where_it_does_not_apply(tiny_bundle, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("BRIDGE_EXPORT_SLOW") != "1", reason="slow (minutes): set BRIDGE_EXPORT_SLOW=1")
-@pytest.mark.parametrize("preset,seed,widths", [("small", 1, None), ("tiny", 3, {"hidden_size": 96, "intermediate_size": 256})])
-def test_target_met_on_other_sizes(tmp_path, preset, seed, widths):
+# small at 0.999: met, but only 40 of 162 MatMuls stayed quantized (README): with random weights every
+# node is about equally sensitive (~35 dB) and the errors add up over its 8 QLLaMA layers (all
+# quantized, the decoder's worst output is 0.9946), so that target needs most nodes in fp32.
+@pytest.mark.parametrize("preset,seed,widths,target", [("small", 1, None, 0.995),
+                                                       ("tiny", 3, {"hidden_size": 96, "intermediate_size": 256}, 0.999)])
+def test_target_met_on_other_sizes(tmp_path, preset, seed, widths, target):
     import dataclasses
 
     import reference_model
@@ -115,5 +119,5 @@ def test_target_met_on_other_sizes(tmp_path, preset, seed, widths):
     model = reference_model.InternVLModel(cfg)
     init_weights(model, seed)
     model.eval()
-    fp32, out = _targeted(tmp_path, model, 0.999)
-    _check_targeted(fp32, out, 0.999)
+    fp32, out = _targeted(tmp_path, model, target)
+    _check_targeted(fp32, out, target)
