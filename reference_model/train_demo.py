@@ -117,7 +117,7 @@ def heldout_style(seed: int, log=print):
     return images, labels, np.asarray([fonts[i][0] for i in which])
 
 
-def train(steps: int = 1500, batch: int = 64, lr: float = 1e-3, seed: int = 0, out: Path = DEMO_CHECKPOINT,
+def train(steps: int = 4000, batch: int = 64, lr: float = 1e-3, seed: int = 0, out: Path = DEMO_CHECKPOINT,
           log=print, fonts: str = "pillow", font_fraction: float = 0.2, warm_aug: float = 0.5,
           eval_limit: int = 0) -> dict:
     """Train with augmentation, evaluate on the test split and the held-out style, write `out` atomically."""
@@ -201,7 +201,7 @@ SET_TITLES = {"test": "test split (handwriting, as drawn)",
 def main(argv=None) -> None:
     """Command-line entry: python -m reference_model.train_demo."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)

@@ -106,9 +106,8 @@ def test_demo_model_int4_keeps_zero_shot_accuracy(tmp_path):
     r = evaluate(BundleRunner(pipe), pipe.codec, images, labels)
     ref_pipe = runtime.load(fp32)
     ref = evaluate(BundleRunner(ref_pipe), ref_pipe.codec, images, labels)
-    # The demo model trades ~5 points of clean-split zero-shot C (93%) for digits of unseen styles; the
-    # bar is met by zero-shot G, and int4 must lose at most one point against fp32 on every measure.
-    assert r["zero_shot_G"] >= 0.95, r
+    # the bar on both heads, and at most one point lost against fp32 on every measure
+    assert r["zero_shot_C"] >= 0.95 and r["zero_shot_G"] >= 0.95, r
     for k in ("zero_shot_C", "zero_shot_G", "caption"):
         assert r[k] >= ref[k] - 0.01, (k, r, ref)
 
