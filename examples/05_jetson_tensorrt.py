@@ -5,9 +5,11 @@ Exports the shipped digits model into a temporary directory and runs
 trtexec command per graph with the bundle's optimisation profiles and precision flags. Copy the
 bundle to the device and run that script there (trtexec ships with JetPack).
 
-The runtime then opens engines with `runtime.load(bundle, backend="tensorrt")`. It needs engines
-built by `bridge-export engine BUNDLE` (TensorRT's Python builder), which also writes the sidecar
-recording the TensorRT version, GPU and profiles that the runtime checks before it loads an engine.
+The runtime then opens engines with `runtime.load(bundle, backend="tensorrt")`. It checks each
+engine's sidecar (TensorRT version, GPU, profiles) before loading it: `bridge-export engine BUNDLE`
+(TensorRT's Python builder) writes it, and so does the script, which stamps a sidecar template
+after each trtexec build (`python3 -m runtime.trt_compat stamp`, needing TensorRT's Python package,
+which JetPack ships). For JetPack 7 (TensorRT 11) add `--trt-major 11`.
 Where TensorRT or a GPU is missing (as on a plain CPU machine) this part says so and stops cleanly.
 
     python examples/05_jetson_tensorrt.py

@@ -548,10 +548,13 @@ def precision(bundle, mode, block_size, symmetric, accuracy_level, calib, calib_
 @click.option("--version-compatible", is_flag=True)
 @click.option("--hardware-compatible", is_flag=True)
 @click.option("--out", type=click.Path(path_type=Path), help="engine directory (default BUNDLE/engines)")
-@click.option("--emit-trtexec", is_flag=True, help="only write build_engines.sh with trtexec commands")
+@click.option("--emit-trtexec", is_flag=True, help="only write build_engines.sh with trtexec commands (and sidecar "
+              "templates the script stamps after each build, so the runtime accepts the engines)")
+@click.option("--trt-major", type=click.Choice(["10", "11"]), default="10", show_default=True,
+              help="--emit-trtexec: TensorRT version on the device (10: JetPack 6, 11: JetPack 7)")
 @friendly
 def engine(bundle, graphs, max_batch, max_seq, workspace, timing_cache, version_compatible, hardware_compatible,
-           out, emit_trtexec):
+           out, emit_trtexec, trt_major):
     """Build TensorRT engines (one per graph) or write the equivalent trtexec script."""
     from .tensorrt import EngineOptions, build_engines, write_trtexec_script
 
@@ -560,7 +563,7 @@ def engine(bundle, graphs, max_batch, max_seq, workspace, timing_cache, version_
                          hardware_compatible=hardware_compatible)
     out = out or Path(bundle) / "engines"
     if emit_trtexec:
-        click.echo(f"wrote {write_trtexec_script(bundle, out, opts)}")
+        click.echo(f"wrote {write_trtexec_script(bundle, out, opts, trt_major=int(trt_major))}")
     else:
         for p in build_engines(bundle, out, opts):
             click.echo(f"built {p}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from runtime.errors import UserError
 from runtime.manifest import GRAPHS, Limits, read_manifest
 from runtime.progress import get_logger, reporter
-from runtime.trt_compat import EngineMismatch, check_engine_compat  # noqa: F401 (re-exported)
+from runtime.trt_compat import TEMPLATE_SUFFIX, EngineMismatch, check_engine_compat  # noqa: F401 (re-exported)
 
 from .errors import ExportError
 from .output import atomic_file, owned_folder
@@ -100,7 +100,9 @@ def trtexec_command(onnx_path: Path, engine_path: Path, profiles: list[dict], pl
 
 
 def write_trtexec_script(bundle, out_dir, opts: EngineOptions, trt_major: int = 10) -> Path:
-    """Write build_engines.sh with one trtexec command per graph (TensorRT 10 flags by default)."""
+    """Write build_engines.sh with one trtexec command per graph (TensorRT 10 flags by default), and per
+    graph a sidecar template `<graph>.json.in` that the script stamps after each build
+    (`python3 -m runtime.trt_compat stamp`: TensorRT version and GPU filled in on the device)."""
     man = read_manifest(bundle, verify_checksums=False)
     refuse_onnxruntime_only(man.precision.mode)
     out_dir = owned_folder(out_dir, "engines", legacy=_legacy_engine_dir)
@@ -108,10 +110,16 @@ def write_trtexec_script(bundle, out_dir, opts: EngineOptions, trt_major: int = 
              f"# precision: {man.precision.mode}; flags for TensorRT {trt_major}.x", "set -euo pipefail",
              'cd "$(dirname "$0")"']
     for g in opts.graphs:
+        profiles, plan = engine_profiles(man, g, opts), precision_plan(trt_major, man.precision.mode)
         cmd = trtexec_command(Path("..") / man.graph(g).file if out_dir == man.root / "engines"
-                              else man.graph_path(g).absolute(), Path(f"{g}.engine"),
-                              engine_profiles(man, g, opts), precision_plan(trt_major, man.precision.mode), opts)
-        lines += [f"echo 'building {g}'", cmd]
+                              else man.graph_path(g).absolute(), Path(f"{g}.engine"), profiles, plan, opts)
+        # the sidecar minus what only the device knows; stamped after the build so runtime.load accepts the engine
+        template = sidecar(man, g, None, None, None, profiles, plan, opts)
+        template["tensorrt_major"] = trt_major
+        with atomic_file(out_dir / f"{g}{TEMPLATE_SUFFIX}") as tmp:
+            tmp.write_text(json.dumps(template, indent=1))
+        lines += [f"echo 'building {g}'", cmd,
+                  f'"${{PYTHON:-python3}}" -m runtime.trt_compat stamp {shlex.quote(g + TEMPLATE_SUFFIX)}']
     path = out_dir / "build_engines.sh"
     with atomic_file(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
@@ -121,7 +129,8 @@ def write_trtexec_script(bundle, out_dir, opts: EngineOptions, trt_major: int = 
 
 def _legacy_engine_dir(path: Path) -> bool:
     """A folder an earlier version filled: only engines, their JSON sidecars and the trtexec script."""
-    return all(p.suffix in (".engine", ".json") or p.name == "build_engines.sh" for p in path.iterdir())
+    return all(p.suffix in (".engine", ".json") or p.name == "build_engines.sh" or p.name.endswith(TEMPLATE_SUFFIX)
+               for p in path.iterdir())
 
 
 def sidecar(man, graph: str, trt_version: str, gpu_name: str, compute_capability: str, profiles, plan,

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from .errors import UserError
 
+TEMPLATE_SUFFIX = ".json.in"  # a sidecar written with the trtexec script, stamped on the device after the build
+
 
 class EngineMismatch(UserError, RuntimeError):
     """An engine built by another TensorRT version or for another GPU than the one here."""
@@ -37,3 +39,55 @@ def check_engine_compat(side: dict, trt_version: str, gpu_name: str, compute_cap
             f"but this GPU is {gpu_name} ({compute_capability}): rebuild it on this GPU (or build with "
             "--hardware-compatible for Ampere and newer)"
         )
+
+
+def stamp_sidecar(template, trt_version: str, gpu_name: str, compute_capability: str) -> Path:
+    """Write `<graph>.json` beside `<graph>.engine` from the script's `<graph>.json.in`, with this device's
+    TensorRT version and GPU (what `bridge-export engine` records), so the runtime accepts the engine."""
+    template = Path(template)
+    if not template.name.endswith(TEMPLATE_SUFFIX) or not template.is_file():
+        raise EngineMismatch(f"{template} is not a sidecar template ({TEMPLATE_SUFFIX}): run the stamp step from "
+                             "build_engines.sh, in the folder it was written to")
+    side = json.loads(template.read_text())
+    engine = template.with_name(template.name[: -len(TEMPLATE_SUFFIX)] + ".engine")
+    if not engine.is_file() or engine.stat().st_size == 0:
+        raise EngineMismatch(f"{engine} is missing or empty: trtexec did not build it (see its output above)")
+    major = side.pop("tensorrt_major", None)
+    if major is not None and int(trt_version.split(".")[0]) != int(major):
+        raise EngineMismatch(f"the script was written for TensorRT {major}.x but this is TensorRT {trt_version}: "
+                             f"write it again with `bridge-export engine --emit-trtexec --trt-major "
+                             f"{trt_version.split('.')[0]}`")
+    side.update(tensorrt_version=trt_version, gpu=gpu_name, compute_capability=compute_capability)
+    out = engine.with_suffix(".json")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(side, indent=1))
+    tmp.replace(out)
+    return out
+
+
+def main(argv=None) -> int:
+    """`python -m runtime.trt_compat stamp GRAPH.json.in`: stamp a trtexec-built engine's sidecar here."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "stamp":
+        print("usage: python -m runtime.trt_compat stamp GRAPH.json.in", file=sys.stderr)
+        return 2
+    try:
+        try:
+            import tensorrt as trt
+        except ImportError as e:
+            raise EngineMismatch("TensorRT's Python package is not importable here (JetPack and NVIDIA's wheels ship "
+                                 "it): install it, or build with `bridge-export engine`") from e
+        from .cuda import device_info
+
+        name, cc = device_info(0)
+        print(f"wrote {stamp_sidecar(args[1], trt.__version__, name, cc)}")
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

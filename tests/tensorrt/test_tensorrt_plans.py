@@ -123,3 +123,44 @@ def test_emit_trtexec_without_torch(tiny_bundle, tmp_path):
     assert out.returncode == 0, out.stderr + out.stdout
     text = (tmp_path / "build_engines.sh").read_text()
     assert text.count("trtexec ") == 3 and "--maxShapes=pixel_values:2x3x32x32" in text
+
+
+def test_trtexec_engines_get_a_sidecar_stamped_on_the_device(tiny_bundle, tmp_path, capsys):
+    """The script writes a sidecar template per graph and stamps it after each trtexec build, so an engine
+    built by the script is accepted by the runtime like one from `bridge-export engine`."""
+    from runtime.trt_compat import TEMPLATE_SUFFIX, main, stamp_sidecar
+
+    out = tmp_path / "eng"
+    script = write_trtexec_script(tiny_bundle, out, EngineOptions(max_batch=2), trt_major=10).read_text()
+    for g in ("vision_encoder", "query_bridge", "text_decoder"):
+        stamp = f'"${{PYTHON:-python3}}" -m runtime.trt_compat stamp {g}{TEMPLATE_SUFFIX}'
+        lines = script.splitlines()
+        build = next(i for i, line in enumerate(lines) if line.startswith("trtexec ") and f"/{g}.onnx" in line)
+        assert lines[build + 1] == stamp  # right after its build (set -e: only when trtexec succeeded)
+        assert (out / f"{g}{TEMPLATE_SUFFIX}").is_file()
+    template = out / f"text_decoder{TEMPLATE_SUFFIX}"
+    with pytest.raises(EngineMismatch, match="text_decoder.engine is missing"):
+        stamp_sidecar(template, "10.3.0", "Orin", "8.7")
+    (out / "text_decoder.engine").write_bytes(b"plan")
+    with pytest.raises(EngineMismatch, match="written for TensorRT 10.x but this is TensorRT 11.0.1"):
+        stamp_sidecar(template, "11.0.1", "Orin", "8.7")
+    path = stamp_sidecar(template, "10.3.0", "Orin", "8.7")
+    side = read_sidecar(out / "text_decoder.engine")
+    assert path == out / "text_decoder.json" and side["tensorrt_version"] == "10.3.0" and side["gpu"] == "Orin"
+    assert "tensorrt_major" not in side and len(side["profiles"]) == 2 and side["builder_flags"] == []
+    man = read_manifest(tiny_bundle, verify_checksums=False)
+    assert side["source_sha256"] == man.files["text_decoder.onnx"].sha256
+    check_engine_compat(side, "10.3.1", "Orin", "8.7")
+    with pytest.raises(EngineMismatch, match="not a sidecar template"):
+        stamp_sidecar(out / "text_decoder.json", "10.3.0", "Orin", "8.7")
+    assert main(["stamp"]) == 2
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:  # here: the stamp step says in one line what is missing
+        assert main(["stamp", str(template)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "TensorRT's Python package is not importable" in err and "\n" not in err
+    # written for TensorRT 11: strongly typed, no precision flags
+    t11 = write_trtexec_script(tiny_bundle, tmp_path / "e11", EngineOptions(), trt_major=11)
+    assert "--stronglyTyped" in t11.read_text()
+    assert json.loads((tmp_path / "e11" / f"vision_encoder{TEMPLATE_SUFFIX}").read_text())["strongly_typed"] is True
