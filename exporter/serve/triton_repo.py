@@ -60,11 +60,6 @@ class RepoOptions:
     threads: int = 0  # onnxruntime intra-op threads in the Python models (0: onnxruntime's default)
 
 
-def _plain(manifest) -> dict:
-    """The manifest as plain JSON data, whether it is read as a dict or as typed records."""
-    return manifest.data if hasattr(manifest, "data") else manifest.to_dict()
-
-
 def _q(s: str) -> str:
     return json.dumps(s)
 
@@ -95,12 +90,12 @@ def _shape_list(profile: dict, which: int) -> str:
     return ",".join(f"{name}:{'x'.join(str(d) for d in dims[which])}" for name, dims in profile.items())
 
 
-def graph_config(name: str, graph: dict, opts: RepoOptions, max_batch: int) -> str:
-    """config.pbtxt of the vision encoder or query bridge graph model."""
-    ins = [_tensor("input", t["name"], t["dtype"], _dims(t["shape"][1:])) for t in graph["inputs"]]
-    outs = [_tensor("output", t["name"], t["dtype"], _dims(t["shape"][1:])) for t in graph["outputs"]]
+def graph_config(name: str, graph, opts: RepoOptions, max_batch: int) -> str:
+    """config.pbtxt of the vision encoder or query bridge graph model (`graph`: the manifest's GraphInfo)."""
+    ins = [_tensor("input", t.name, t.dtype, _dims(t.shape[1:])) for t in graph.inputs]
+    outs = [_tensor("output", t.name, t.dtype, _dims(t.shape[1:])) for t in graph.outputs]
     text = f"name: {_q(name)}\n"
-    profiles = graph.get("tensorrt_profiles") or []
+    profiles = graph.tensorrt_profiles or []
     if opts.backend == "onnxruntime":
         text += 'backend: "onnxruntime"\ndefault_model_filename: "model.onnx"\n'
     elif opts.backend == "tensorrt":
@@ -218,9 +213,8 @@ def write_repo(bundle, out, opts: RepoOptions | None = None, entries=ENTRIES, ov
         raise RepoError(f"unknown entry points {unknown}: choose from {', '.join(ENTRIES)}")
     bundle, out = Path(bundle), Path(out).absolute()
     manifest = read_manifest(bundle, verify_checksums=False)
-    data = _plain(manifest)
-    graphs = data["graphs"]
-    limit = data.get("limits", {}).get("max_batch") or 8
+    graphs = manifest.graphs
+    limit = manifest.limits.max_batch or 8
     engines = bundle / "engines"
     if opts.backend == "tensorrt":
         missing = [g for g in (*GRAPH_MODELS, "text_decoder") if not (engines / f"{g}.engine").is_file()]
@@ -228,7 +222,7 @@ def write_repo(bundle, out, opts: RepoOptions | None = None, entries=ENTRIES, ov
             raise RepoError(f"{engines} lacks {', '.join(m + '.engine' for m in missing)}: build the engines on a "
                             f"GPU of the serving kind first (bridge-export engine {bundle}), or use "
                             "--backend onnxruntime")
-        limit = min(max(d[2][0] for d in p.values()) for g in GRAPH_MODELS for p in graphs[g]["tensorrt_profiles"])
+        limit = min(max(d[2][0] for d in p.values()) for g in GRAPH_MODELS for p in graphs[g].tensorrt_profiles)
     max_batch = opts.max_batch or limit
     if opts.backend == "tensorrt" and max_batch > limit:
         raise RepoError(f"--max-batch {max_batch} exceeds the engines' largest profile batch {limit}: "
@@ -240,7 +234,7 @@ def write_repo(bundle, out, opts: RepoOptions | None = None, entries=ENTRIES, ov
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tally = {"linked": 0, "copied": 0}
-    embed_dim = next(t["shape"][-1] for t in graphs["vision_encoder"]["outputs"] if t["name"] == "image_embeds_c")
+    embed_dim = next(t.shape[-1] for t in graphs["vision_encoder"].outputs if t.name == "image_embeds_c")
     configs = {}
     try:
         for g in GRAPH_MODELS:
@@ -249,7 +243,7 @@ def write_repo(bundle, out, opts: RepoOptions | None = None, entries=ENTRIES, ov
             if opts.backend == "onnxruntime":
                 src = manifest.graph_path(g)
                 tally["linked" if _link_or_copy(src, vdir / "model.onnx") else "copied"] += src.stat().st_size
-                weights = data.get("weights") or "weights.bin"
+                weights = manifest.weights or "weights.bin"
                 if (bundle / weights).is_file():  # external data, referenced by its file name
                     tally["linked" if _link_or_copy(bundle / weights, vdir / weights) else "copied"] += \
                         (bundle / weights).stat().st_size

@@ -29,21 +29,17 @@ _INPUTS = {"embed_image": ("image", "mode"), "embed_text": ("text",),
            "caption_stream": ("image", "prompt", "max_new_tokens", "num_beams")}
 
 
-def _meta(graph: dict) -> dict:
-    return {t["name"]: TensorMeta(t["name"], _NP.get(t["dtype"], np.float32), t["shape"]) for t in graph["inputs"]}
-
-
-def _plain(manifest) -> dict:
-    """The manifest as plain JSON data, whether it is read as a dict or as typed records."""
-    return manifest.data if hasattr(manifest, "data") else manifest.to_dict()
+def _meta(graph) -> dict:
+    """Input name -> TensorMeta of a manifest GraphInfo."""
+    return {t.name: TensorMeta(t.name, _NP.get(t.dtype, np.float32), t.shape) for t in graph.inputs}
 
 
 class BlsSession(Session):
     """A graph served by another Triton model, called through BLS (Triton batches it with other callers)."""
 
-    def __init__(self, model_name: str, graph: dict, max_batch: int):
+    def __init__(self, model_name: str, graph, max_batch: int):
         self.name, self.inputs = model_name, _meta(graph)
-        self.output_names = [t["name"] for t in graph["outputs"]]
+        self.output_names = [t.name for t in graph.outputs]
         self.max_batch = max_batch
 
     def run(self, feeds):
@@ -67,9 +63,9 @@ class BlsSession(Session):
 class Unloaded(Session):
     """A graph this entry point never runs: its metadata only (the pipeline reads the KV shapes from it)."""
 
-    def __init__(self, name: str, graph: dict):
+    def __init__(self, name: str, graph):
         self.name, self.inputs = name, _meta(graph)
-        self.output_names = [t["name"] for t in graph["outputs"]]
+        self.output_names = [t.name for t in graph.outputs]
 
     def run(self, feeds):
         """Never called by this entry point."""
@@ -86,7 +82,7 @@ class TritonPythonModel:
         self.entry = params["entry"]
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         manifest = read_manifest(os.path.join(HERE, "bundle"), verify_checksums=False)
-        graphs = _plain(manifest)["graphs"]
+        graphs = manifest.graphs
         sessions = {}
         for graph, model in json.loads(params["bls_models"]).items():
             sessions[graph] = BlsSession(model, graphs[graph], int(params["bls_max_batch"]))
