@@ -65,13 +65,26 @@ def caption_defaults(checkpoint: Path | None) -> CaptionPrompt:
     return out
 
 
+def external_bytes(graph_path: Path) -> int:
+    """Bytes of external data a graph's initializers reference (read from the graph file alone)."""
+    import onnx
+
+    m = onnx.load(str(graph_path), load_external_data=False)
+    return sum(int({e.key: e.value for e in t.external_data}.get("length", 0)) for t in m.graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL)
+
+
 def write_manifest(directory: Path, manifest: Manifest, known: dict[str, str] | None = None) -> Manifest:
-    """Record every file's size and sha256 and write manifest.json (last, so its presence means complete).
+    """Record every file's size and sha256 (and each graph's external weight bytes) and write
+    manifest.json (last, so its presence means complete).
 
     `known` holds sha256 digests computed while files were written (weights.bin is not read back).
     """
     directory = Path(directory)
     known = known or {}
+    for g in manifest.graphs.values():
+        if (directory / g.file).is_file():
+            g.weight_bytes = external_bytes(directory / g.file)
     manifest.files = {p.name: FileEntry(size=p.stat().st_size, sha256=known.get(p.name) or sha256_file(p))
                       for p in sorted(directory.iterdir())
                       if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}

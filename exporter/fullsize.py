@@ -118,47 +118,22 @@ def decoder_weight_bytes(bundle: Path) -> int:
     return total
 
 
-def graph_weight_bytes(bundle: Path) -> dict[str, int]:
-    """Bytes of external weights each graph references (QLLaMA's count in the bridge and the decoder)."""
-    import onnx
-
-    from runtime.manifest import read_manifest
-
-    man = read_manifest(bundle)
-    out = {}
-    for name in man.graphs:
-        m = onnx.load(str(man.graph_path(name)), load_external_data=False)
-        out[name] = sum(int({e.key: e.value for e in t.external_data}.get("length", 0)) for t in m.graph.initializer)
-    return out
-
-
-def prepacking_plan(bundle: Path, memory_bytes: int | None = None, share: float = 0.6) -> tuple[str, ...]:
-    """Graphs to run unpacked so that the packed copies fit in `share` of the machine's memory.
-
-    onnxruntime copies every prepacked weight onto the heap, per session, so QLLaMA is packed twice
-    (bridge and decoder). If all three graphs' weights fit in `share` of RAM, pack everything (the
-    int4-cpu 14B bundle here: 13.5 GB of 24); otherwise leave the bridge (run once per image)
-    unpacked in the shared page cache (int8-cpu 14B: 21.5 GB would not fit). The decoder is always
-    packed: without it a decode step was 3.5x (int8-cpu) and 100x (int4-cpu) slower."""
-    if memory_bytes is None:
-        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return () if sum(graph_weight_bytes(bundle).values()) <= share * memory_bytes else ("query_bridge",)
-
-
 def measure(bundle: Path, threads: int, new_tokens: int = 20, no_prepack: tuple[str, ...] | None = None,
             gemv_gib: float = 1.0) -> dict:
     """Load the bundle, embed, caption, decode; figures as a dict.
 
-    Graphs in `no_prepack` (default: `prepacking_plan`) run with onnxruntime's prepacking off:
+    Graphs in `no_prepack` (default: runtime.sessions.prepacking_plan) run with onnxruntime's prepacking off:
     their weights stay in weights.bin's shared, reclaimable page cache instead of a packed heap
     copy per session. (The first 14B run left every graph unpacked: 0.22 of the bound.)
     """
     import numpy as np
 
     import runtime
+    from runtime.manifest import read_manifest
+    from runtime.sessions import prepacking_plan
 
     bundle = Path(bundle)
-    no_prepack = prepacking_plan(bundle) if no_prepack is None else tuple(no_prepack)
+    no_prepack = prepacking_plan(read_manifest(bundle)) if no_prepack is None else tuple(no_prepack)
     res = {"prepacking_off": list(no_prepack)}
     t0 = time.perf_counter()
     pipe = runtime.load(bundle, threads=threads,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .manifest import GRAPHS, BundleError, Manifest, read_manifest
 from .pipeline import Caption, Pipeline
+from .progress import get_logger
 from .text import TextCodec, TokenizerMissing
 
 
@@ -37,14 +38,15 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
     runtime.device_memory.DeviceMemory to bind onnxruntime's I/O in (the tests' host stand-in).
     TensorRT defaults to "cuda:0". Close the pipeline (or use `with`) to free the device memory.
     `session_config`: onnxruntime session config entries for every graph, or per graph as
-    {graph name: {key: value}}. E.g. {"query_bridge": {"session.disable_prepacking": "1"}} keeps
-    the bridge's weights in the bundle's memory-mapped file instead of a packed copy on the heap
-    (the bridge and the decoder share QLLaMA's bytes in weights.bin; at 14B int8-cpu a packed copy
-    per session does not fit in 24 GB). Prepacking is what makes onnxruntime's integer kernels
-    fast: without it a decode step was 3.5x (int8-cpu) and 100x (int4-cpu) slower here, so leave
-    it on for the decoder.
+    {graph name: {key: value}}, e.g. {"query_bridge": {"session.disable_prepacking": "1"}}, which
+    keeps the bridge's weights in the bundle's memory-mapped file instead of a packed copy on the
+    heap. When it is not given, onnxruntime on the CPU follows `runtime.sessions.prepacking_plan`:
+    everything packed unless the packed copies would not fit in 60% of RAM, then the bridge
+    unpacked (logged). Prepacking is what makes onnxruntime's integer kernels fast (unpacked, a
+    decode step was 3.5x slower in int8-cpu and 100x in int4-cpu), so the decoder always keeps it.
     """
-    from .sessions import BackendUnavailable, check_threads, open_session, tensorrt_available
+    from .sessions import (NO_PREPACK, BackendUnavailable, check_threads, open_session, prepacking_plan,
+                           tensorrt_available)
 
     if backend not in ("onnxruntime", "tensorrt"):
         raise ValueError(f"unknown backend {backend!r}: use 'onnxruntime' or 'tensorrt'")
@@ -55,6 +57,13 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
     configs = _per_graph(session_config)
     memory, providers = _device(device, backend, providers)
     manifest = read_manifest(bundle, verify_checksums=verify_checksums)
+    if session_config is None and backend == "onnxruntime" and memory is None:  # CPU kernels prepack
+        unpacked = prepacking_plan(manifest)
+        if unpacked:
+            get_logger(__name__).info(f"runtime: {', '.join(unpacked)} opened without onnxruntime's prepacking: "
+                                      "packed copies of every graph's weights would not fit in 60% of this "
+                                      "machine's memory")
+        configs = {g: dict(NO_PREPACK) for g in unpacked}
     sessions = {}
     # The tokenizer (tokenizers, Rust) is parsed on a thread while onnxruntime opens the graphs.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridge-export-tokenizer")

@@ -178,6 +178,9 @@ class GraphInfo(Record):
     checks: dict[str, Any] = field(default_factory=dict)  # what exporter.checks found (ops, opset)
     how: dict[str, Any] | None = None  # how a reduced-precision graph was made (free-form)
     report: dict[str, Any] | None = None  # its accuracy against fp32 (free-form)
+    # bytes of external weights (weights.bin) the graph references; 0 = not recorded (older bundles).
+    # The bridge and the decoder both count QLLaMA's: what onnxruntime's prepacking copies per session.
+    weight_bytes: int = 0
 
     def tensor(self, name: str) -> TensorInfo:
         """The input or output called `name`."""

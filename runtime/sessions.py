@@ -70,6 +70,35 @@ class Session:
         self.close()
 
 
+PREPACK_SHARE = 0.6  # packed weight copies may take this share of the machine's memory
+NO_PREPACK = {"session.disable_prepacking": "1"}
+
+
+def memory_bytes() -> int:
+    """Physical memory of this machine in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def prepacking_plan(manifest, memory: int | None = None, share: float = PREPACK_SHARE) -> tuple[str, ...]:
+    """Graphs to open with onnxruntime's prepacking off, so that the packed copies fit in memory.
+
+    onnxruntime copies every prepacked weight onto the heap, per session: QLLaMA is packed twice
+    (bridge and decoder). If all graphs' weights (the manifest's `weight_bytes`) fit in `share` of
+    RAM, everything is packed (the 14B int4-cpu bundle here: 13.3 GB of 24); otherwise the bridge,
+    which runs once per image, stays unpacked in weights.bin's shared, reclaimable page cache (14B
+    int8-cpu: 21 GB would not fit). The decoder is always packed: unpacked, a decode step was 3.5x
+    (int8-cpu) and 100x (int4-cpu) slower. Bundles without `weight_bytes` count weights.bin twice.
+    """
+    memory = memory_bytes() if memory is None else memory
+    per_graph = [g.weight_bytes for g in manifest.graphs.values()]
+    if all(per_graph):
+        need = sum(per_graph)
+    else:
+        entry = manifest.files.get(manifest.weights)
+        need = 2 * entry.size if entry else 0
+    return () if need <= share * memory else ("query_bridge",)
+
+
 def max_threads() -> int:
     """The most threads a session may ask for: 4x this machine's cores (more only thrashes, or hangs)."""
     return 4 * (os.cpu_count() or 1)

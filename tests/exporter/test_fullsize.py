@@ -32,9 +32,38 @@ def test_run_measures_every_precision_and_cleans_up(tmp_path, monkeypatch):
     json.dumps(table)  # the JSON the command writes
 
 
-def test_prepacking_plan_leaves_the_bridge_unpacked_only_when_packed_copies_do_not_fit(tiny_bundle):
-    w = fullsize.graph_weight_bytes(tiny_bundle)
-    assert set(w) == {"vision_encoder", "query_bridge", "text_decoder"} and all(v > 0 for v in w.values())
+def test_prepacking_plan_leaves_the_bridge_unpacked_only_when_packed_copies_do_not_fit(tiny_bundle, monkeypatch,
+                                                                                        caplog):
+    import logging
+
+    import runtime
+    from runtime import sessions
+    from runtime.manifest import read_manifest
+
+    man = read_manifest(tiny_bundle)
+    w = {n: g.weight_bytes for n, g in man.graphs.items()}
+    assert all(v > 0 for v in w.values())  # recorded at export
     total = sum(w.values())
-    assert fullsize.prepacking_plan(tiny_bundle, memory_bytes=int(total / 0.6) + 1) == ()
-    assert fullsize.prepacking_plan(tiny_bundle, memory_bytes=int(total / 0.6) - 1) == ("query_bridge",)
+    assert sessions.prepacking_plan(man, memory=int(total / 0.6) + 1) == ()
+    assert sessions.prepacking_plan(man, memory=int(total / 0.6) - 1) == ("query_bridge",)
+    for g in man.graphs.values():  # an older bundle without weight_bytes: weights.bin counted twice
+        g.weight_bytes = 0
+    size = man.files[man.weights].size
+    assert sessions.prepacking_plan(man, memory=int(2 * size / 0.6) + 1) == ()
+    assert sessions.prepacking_plan(man, memory=int(2 * size / 0.6) - 1) == ("query_bridge",)
+
+    def entry(pipe, name):
+        try:
+            return pipe.sessions[name].sess.get_session_options().get_session_config_entry(
+                "session.disable_prepacking")
+        except RuntimeError:
+            return None
+
+    assert all(entry(runtime.load(tiny_bundle), g) is None for g in w)  # fits here: all packed
+    monkeypatch.setattr(sessions, "memory_bytes", lambda: total)  # a machine too small for the packed copies
+    with caplog.at_level(logging.INFO):
+        small = runtime.load(tiny_bundle)
+    assert {g: entry(small, g) for g in w} == {"vision_encoder": None, "query_bridge": "1", "text_decoder": None}
+    assert "query_bridge opened without onnxruntime's prepacking" in caplog.text
+    explicit = runtime.load(tiny_bundle, session_config={})  # the caller's config wins: nothing changed
+    assert entry(explicit, "query_bridge") is None
