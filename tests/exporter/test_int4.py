@@ -200,3 +200,17 @@ def test_int4_runs_on_onnxruntime_cuda(int4_bundle):
     assert min_row_cosine(cpu.encode_text(ids), gpu.encode_text(ids)) > 0.999
     np.testing.assert_array_equal(cpu.generate(x[:1], ids[:, :2], max_new_tokens=4),
                                   gpu.generate(x[:1], ids[:, :2], max_new_tokens=4))
+
+
+def test_streamed_int4_refuses_non_finite_weights_in_one_line(tmp_path):
+    import torch
+
+    import reference_model
+
+    model = reference_model.from_preset("tiny", seed=0)
+    with torch.no_grad():
+        model.qllama.model.embed_tokens.weight[3, 0] = float("inf")
+    model.save_pretrained(tmp_path / "ck")
+    r = _cli("onnx", "--checkpoint", tmp_path / "ck", "--precision", "int4-cpu", "--out", tmp_path / "b")
+    assert r.exit_code == 1 and "qllama.model.embed_tokens.weight" in r.output and "NaN or Inf" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # nothing left behind
