@@ -5,8 +5,11 @@ All K/V tensors live in one allocation laid out (2L, rows, heads, capacity, head
 being layer i//2's key (even) or value (odd); each tensor is a contiguous view the graph reads
 by pointer. The visual prefix is written once per request; each step's new K/V are copied device
 to device into their slots (one strided copy per tensor); beam reorder and repeat move whole rows
-of every tensor at once (one 3-D copy per row). The key mask stays on the host (it is uploaded
-with the step's inputs): no byte of K/V crosses between host and device after the prefix.
+of every tensor at once (one 3-D copy per row). The key mask has a device copy too, laid out as a
+decode step's attention_mask feed (rows, capacity + 1: the slots, then the new token's 1), kept in
+step on the device (a step's slot is set from a buffer of ones); it is uploaded once per request
+and again only for a prompt with padding. So after the prefix no byte of K/V or mask crosses
+between host and device in a decode step: only the token ids and positions go up.
 """
 from __future__ import annotations
 
@@ -43,11 +46,21 @@ class DeviceKVCache:
         self.scratch = None  # second block for beam reorder, made on first use
         self.mask = np.zeros((rows, capacity), np.int64)
         self.mask[:, :q_len] = 1
+        self.dmask = self.dmask_scratch = self.ones = None
         try:
             self._write_prefix(prefix)
+            self._upload_mask()
+            self.ones = memory.upload(np.ones(rows, np.int64))  # the source of a decode step's new 1s
         except BaseException:  # e.g. out of device memory: free what was allocated, then report
             self.close()
             raise
+
+    def _upload_mask(self) -> None:
+        """The device mask (rows, capacity + 1) from the host one: slots, then the decode step's 1."""
+        self.memory.release(self.dmask)
+        self.memory.release(self.dmask_scratch)
+        self.dmask_scratch = None
+        self.dmask = self.memory.upload(np.concatenate([self.mask, np.ones((self.rows, 1), np.int64)], axis=1))
 
     def _write_prefix(self, prefix: list) -> None:
         rows, q_len = self.rows, self.prefix_len
@@ -101,7 +114,22 @@ class DeviceKVCache:
             self.memory.copy_2d(self._tensor_ptr(self.block, i, self.rows) + g["dst_offset"], g["dpitch"], new.ptr,
                                 g["spitch"], g["width"], g["height"])
         self.mask[:, self.length:self.length + T] = step_mask
+        mpitch = (self.capacity + 1) * 8
+        if step_mask.all() and T == 1:  # a decode step: device to device, from the ones
+            self.memory.copy_2d(self.dmask.ptr + self.length * 8, mpitch, self.ones.ptr, 8, 8, self.rows)
+        else:  # a prompt (once per request): its mask goes up
+            staged = self.memory.upload(np.ascontiguousarray(step_mask, np.int64))
+            self.memory.copy_2d(self.dmask.ptr + self.length * 8, mpitch, staged.ptr, T * 8, T * 8, self.rows)
+            self.memory.sync()
+            self.memory.release(staged)
         self.length += T
+
+    def attention_feed(self, step_mask: np.ndarray):
+        """The decoder's attention_mask for a step: the device mask for a decode step (one new
+        position, all ones), else the host array (prefill)."""
+        if step_mask.shape[1] == 1 and step_mask.all():
+            return self.dmask
+        return np.concatenate([self.mask, step_mask], axis=1)
 
     def _copy_rows(self, dst: DeviceBuffer, dst_rows: int, dst_row: int, src: DeviceBuffer, src_rows: int,
                    src_row: int, offset: int, width: int, height: int) -> None:
@@ -117,11 +145,22 @@ class DeviceKVCache:
         for r in range(rows):
             for k in range(n):  # whole rows (heads x capacity) of every tensor
                 self._copy_rows(new, rows * n, r * n + k, self.block, rows, r, 0, self.pitch, self.heads)
+        mpitch = (self.capacity + 1) * 8
+        dmask = self.memory.empty((rows * n, self.capacity + 1), np.int64)
+        for r in range(rows):
+            for k in range(n):
+                self.memory.copy(dmask.ptr + (r * n + k) * mpitch, self.dmask.ptr + r * mpitch, mpitch)
         self.memory.sync()
         self.memory.release(self.block)
         self.memory.release(self.scratch)
-        self.block, self.scratch = new, None
+        self.memory.release(self.dmask)
+        self.memory.release(self.dmask_scratch)
+        self.block, self.scratch, self.dmask, self.dmask_scratch = new, None, dmask, None
         self.mask = np.repeat(self.mask, n, axis=0)
+        self.memory.release(self.ones)
+        self.ones = self.memory.empty((self.rows,), np.int64)
+        for r in range(self.rows):  # device to device: the 1s are already there
+            self.memory.copy(self.ones.ptr + r * 8, self.dmask.ptr + self.capacity * 8, 8)
 
     def reorder(self, src: np.ndarray) -> None:
         """Beam reorder: rows take the text slots of rows `src` (on the device); prefixes are shared."""
@@ -137,11 +176,19 @@ class DeviceKVCache:
             self._copy_rows(self.scratch, rows, r, self.block, rows, int(s), offset, width, self.heads)
         self.block, self.scratch = self.scratch, self.block
         self.mask[:, q:self.length] = self.mask[src, q:self.length]
+        mpitch = (self.capacity + 1) * 8
+        if self.dmask_scratch is None:  # as for K/V: a full copy once, so prefix and tail are valid
+            self.dmask_scratch = self.memory.empty(self.dmask.shape, np.int64)
+            self.memory.copy(self.dmask_scratch.ptr, self.dmask.ptr, self.dmask.nbytes)
+        for r, s in enumerate(src):
+            self.memory.copy(self.dmask_scratch.ptr + r * mpitch + q * 8, self.dmask.ptr + int(s) * mpitch + q * 8,
+                             (self.length - q) * 8)
+        self.dmask, self.dmask_scratch = self.dmask_scratch, self.dmask
 
     def close(self) -> None:
         """Free the device memory (idempotent)."""
-        self.memory.release(getattr(self, "block", None))
-        self.memory.release(getattr(self, "scratch", None))
+        for name in ("block", "scratch", "dmask", "dmask_scratch", "ones"):
+            self.memory.release(getattr(self, name, None))
 
     def __enter__(self):
         return self

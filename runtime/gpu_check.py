@@ -44,7 +44,9 @@ def check_cache(memory, layers: int, heads: int, head_dim: int, beams: int, quer
         nonlocal worst, compared
         for h, d in zip(host.buffers, dev.buffers):
             worst = max(worst, float(np.max(np.abs(memory.download(d).astype(np.float32) - h))))
-        if not np.array_equal(dev.mask, host.mask) or dev.length != host.length:
+        feed = host.attention_feed(np.ones((host.rows, 1), np.int64))  # what a decode step would be fed
+        if not np.array_equal(dev.mask, host.mask) or dev.length != host.length \
+                or not np.array_equal(memory.download(dev.dmask), feed):
             worst = float("inf")
         compared += 1
 
@@ -63,7 +65,13 @@ def check_cache(memory, layers: int, heads: int, head_dim: int, beams: int, quer
         mask = np.ones((host.rows, T), np.int64)
         host.write(new, mask)
         bufs = [memory.upload(a) for a in new]  # stands in for the decoder's outputs on the device
-        timed(dev.write, bufs, mask)
+        if T == 1:
+            timed(dev.write, bufs, mask)
+        else:  # the prompt: its mask goes up, once per request (counted with the prefix)
+            snap = memory.traffic.snapshot()
+            dev.write(bufs, mask)
+            nonlocal prefix_up
+            prefix_up += (memory.traffic - snap).up
         for b in bufs:
             memory.release(b)
 

@@ -49,6 +49,10 @@ class KVCache:
         self.mask[:, s] = step_mask
         self.length += T
 
+    def attention_feed(self, step_mask: np.ndarray) -> np.ndarray:
+        """The decoder's attention_mask for a step: the slots' mask, then the step's."""
+        return np.concatenate([self.mask, step_mask], axis=1)
+
     def repeat(self, n: int) -> None:
         """Repeat each row n times (the beams of one image share one prefix copy per beam, made once)."""
         self.buffers = [np.repeat(b, n, axis=0) for b in self.buffers]
@@ -78,8 +82,7 @@ class CachedDecoder:
 
     def _run(self, ids: np.ndarray, pos: np.ndarray, step_mask: np.ndarray) -> np.ndarray:
         c = self.cache
-        feeds = {"input_ids": ids, "position_ids": pos,
-                 "attention_mask": np.concatenate([c.mask, step_mask], axis=1)}
+        feeds = {"input_ids": ids, "position_ids": pos, "attention_mask": c.attention_feed(step_mask)}
         for (pk, pv, _, _), k, v in zip(self.names, c.buffers[0::2], c.buffers[1::2]):
             feeds[pk], feeds[pv] = k, v
         if c.device_resident:  # new K/V stay on the device for the cache; only the logits come down

@@ -17,6 +17,8 @@ def _assert_same(mem, host, dev):
     for h, d in zip(host.buffers, dev.buffers):
         np.testing.assert_array_equal(mem.download(d), h)
     np.testing.assert_array_equal(dev.mask, host.mask)
+    # the device mask is a decode step's attention_mask feed: the slots, then the new token's 1
+    np.testing.assert_array_equal(mem.download(dev.dmask), host.attention_feed(np.ones((host.rows, 1), np.int64)))
     assert dev.length == host.length
 
 
@@ -39,7 +41,8 @@ def test_device_cache_matches_host_cache(prefix_on_device):
         bufs = [mem.upload(a) for a in new]
         before = mem.traffic.snapshot()
         dev.write(bufs, mask)
-        assert mem.traffic - before == type(before)(0, 0)  # device to device only
+        # a decode step's (one slot of 1s) is device to device only; a prompt's mask (or a padded one) goes up
+        assert mem.traffic - before == type(before)(0 if T == 1 and mask_value else mask.nbytes, 0)
         for b in bufs:
             mem.release(b)
 
@@ -125,7 +128,7 @@ def _step_traffic(pipe, mem, prompt_len, max_new, beams, device_cache=True):
 
 
 def test_host_device_bytes_per_step_do_not_depend_on_past_length(tiny_bundle):
-    """Per step only ids, positions and the mask go up and the logits come down, at any past length."""
+    """Per step only ids and positions go up and the logits come down, at any past length."""
     import runtime
 
     mem = HostMemory()
@@ -138,7 +141,7 @@ def test_host_device_bytes_per_step_do_not_depend_on_past_length(tiny_bundle):
         dec, q = pipe.sessions["text_decoder"], pipe.num_query
         kv = sum(int(np.prod([beams] + dec.inputs[n].shape[1:2] + [cap] + dec.inputs[n].shape[3:])) * 4
                  for names in pipe.kv_names for n in names[:2])
-    want_up = beams * 8 + beams * 8 + beams * (cap + 1) * 8  # input_ids, position_ids, attention_mask
+    want_up = beams * 8 + beams * 8  # input_ids, position_ids (the attention mask is kept on the device)
     print(f"\nper decode step, {beams} beams, cache capacity {cap} slots ({kv} bytes of K/V):")
     print("  past  bytes up  bytes down   (device cache)")
     for past, up, down, logits in short + long_:
@@ -149,7 +152,7 @@ def test_host_device_bytes_per_step_do_not_depend_on_past_length(tiny_bundle):
     assert (min(pasts), max(pasts)) == (q + 2, q + 15)  # past lengths from prompt 2 to prompt 12 + 3 tokens
     for past, up, down, _ in host_cache:  # the counter sees the cache when it does cross the bus
         print(f"  {past:4d}  {up:8d}  {down:10d}   (host cache, same session)")
-        assert up == want_up + kv and down > 0
+        assert up == want_up + kv + beams * (cap + 1) * 8 and down > 0  # K/V and the mask go up each step
 
 
 def test_cuda_missing_is_one_clear_line(tiny_bundle):

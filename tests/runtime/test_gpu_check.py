@@ -22,7 +22,9 @@ def test_cache_check_logic_on_host_memory(dtype):
     r = check_cache(mem, layers=2, heads=3, head_dim=4, beams=3, queries=5, prompt=3, steps=7, dtype=dtype)
     assert r["max_abs_diff"] == 0.0 and r["comparisons"] == 4
     assert r["cache_call_bytes"] == (0, 0)
-    assert r["prefix_bytes_up"] == 4 * 3 * 5 * 4 * np.dtype(dtype).itemsize  # 2 layers x K, V, once
+    cap = 5 + 3 + 7  # queries + prompt + steps
+    # once per request: 2 layers x K, V of the prefix, the mask (1 row, cap + 1), the row of 1s, the prompt's mask
+    assert r["prefix_bytes_up"] == 4 * 3 * 5 * 4 * np.dtype(dtype).itemsize + (cap + 1) * 8 + 8 + 3 * 8
     assert mem.live_bytes == 0
 
 
