@@ -184,7 +184,7 @@ class GraphBuilder:
         """x @ W.T (+ bias) for the checkpoint's nn.Linear weight `key` ([out, in])."""
         if self.precision == "int8-cpu" and quantize:
             out = self._dynamic_int8_matmul(x, key)
-        elif self.precision == "int4-cpu" and quantize:
+        elif self.precision == "int4-cpu" and quantize and not self._kept_by_int4():
             out = self._nbits_matmul(x, key)
         else:
             out = self.op("MatMul", [x, self.weight(key, transpose=True)])
@@ -206,6 +206,11 @@ class GraphBuilder:
         scale = self.op("Mul", [xs, ws])
         acc = self.op("MatMulInteger", [xq, wq, xz, wz])
         return self.op("Mul", [self.cast(acc, TensorProto.FLOAT), scale])
+
+    def _kept_by_int4(self) -> bool:
+        """Int4Options.keep names a part of this MatMul's node name (as the quantizer matches node names)."""
+        name = "/" + "/".join(self._scope + ["MatMul"])
+        return any(k in name for k in self.int4.keep)
 
     def _int4_storage(self, kind: str) -> str:
         return f"int4-{kind}:{self.int4.block_size}:{'sym' if self.int4.symmetric else 'asym'}"

@@ -42,8 +42,9 @@ class Int4Options:
     keep: tuple[str, ...] = ("clip_projector",)  # node-name parts left in fp32 (the pooling heads)
 
     def __post_init__(self):
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"int4 block size must be a power of two >= 16, got {self.block_size}")
+        if self.block_size < 16 or self.block_size > 256 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"int4 block size must be a power of two from 16 to 256 (onnxruntime's MatMulNBits), "
+                             f"got {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level must be 0-4 (see MatMulNBits), got {self.accuracy_level}")
 

@@ -59,12 +59,14 @@ def _pooling_head(b: GraphBuilder, x: str, p: str, dim: int, num_heads: int, out
         xq = b.op("ReduceMean", [x, b.ints([1])], keepdims=1)  # (B, 1, D)
         qn, kn, vn = (b.layer_norm(t, f"{p}.norm1_{s}", 1e-5) for t, s in ((xq, "q"), (x, "k"), (x, "v")))
         a = f"{p}.cross_attn"
-        lin = lambda t, n: b.linear(t, f"{a}.{n}.weight", f"{a}.{n}_bias", quantize=False)  # noqa: E731
+        # fp32 in int8-cpu; in int4-cpu Int4Options.keep decides (by default it keeps "clip_projector")
+        quantize = b.int4 is not None
+        lin = lambda t, n: b.linear(t, f"{a}.{n}.weight", f"{a}.{n}_bias", quantize=quantize)  # noqa: E731
         q = b.op("Mul", [b.heads(lin(qn, "q"), num_heads, dh, [0, 2, 1, 3]), b.act_const(dh ** -0.5)])
         k = b.heads(lin(kn, "k"), num_heads, dh, [0, 2, 3, 1])  # (B, H, Dh, N)
         v = b.heads(lin(vn, "v"), num_heads, dh, [0, 2, 1, 3])
         o = b.op("MatMul", [b.softmax(b.op("MatMul", [q, k])), v])  # (B, H, 1, Dh)
-        out = b.linear(b.merge_heads(o, dim), f"{a}.proj.weight", f"{a}.proj.bias", quantize=False)
+        out = b.linear(b.merge_heads(o, dim), f"{a}.proj.weight", f"{a}.proj.bias", quantize=quantize)
         return b.op("Reshape", [out, b.ints([0, out_dim])])  # (B, out_dim)
 
 

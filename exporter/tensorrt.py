@@ -67,6 +67,15 @@ def refuse_onnxruntime_only(precision: str) -> None:
         raise ValueError(f"TensorRT cannot build a {precision!r} bundle: build from the fp32, fp16 or int8 bundle")
 
 
+def check_graphs(man, opts: EngineOptions) -> None:
+    """ValueError unless `opts.graphs` names at least one graph, each one of the bundle's."""
+    if not opts.graphs:
+        raise ValueError(f"no graphs to build: give --graphs with one or more of {', '.join(man.graphs)}")
+    unknown = [g for g in opts.graphs if g not in man.graphs]
+    if unknown:
+        raise ValueError(f"the bundle has no graph {unknown[0]!r}: choose from {', '.join(man.graphs)}")
+
+
 def precision_plan(trt_major: int, precision: str) -> dict:
     """How to build a graph of `precision` on TensorRT `trt_major`: network typing and builder flags."""
     refuse_onnxruntime_only(precision)
@@ -105,12 +114,15 @@ def write_trtexec_script(bundle, out_dir, opts: EngineOptions, trt_major: int = 
     (`python3 -m runtime.trt_compat stamp`: TensorRT version and GPU filled in on the device)."""
     man = read_manifest(bundle, verify_checksums=False)
     refuse_onnxruntime_only(man.precision.mode)
+    check_graphs(man, opts)
+    plan = precision_plan(trt_major, man.precision.mode)
+    profiles_of = {g: engine_profiles(man, g, opts) for g in opts.graphs}  # what can fail, before any write
     out_dir = owned_folder(out_dir, "engines", legacy=_legacy_engine_dir)
     lines = ["#!/usr/bin/env bash", "# Build the bundle's TensorRT engines on the target device (e.g. a Jetson).",
              f"# precision: {man.precision.mode}; flags for TensorRT {trt_major}.x", "set -euo pipefail",
              'cd "$(dirname "$0")"']
     for g in opts.graphs:
-        profiles, plan = engine_profiles(man, g, opts), precision_plan(trt_major, man.precision.mode)
+        profiles = profiles_of[g]
         cmd = trtexec_command(Path("..") / man.graph(g).file if out_dir == man.root / "engines"
                               else man.graph_path(g).absolute(), Path(f"{g}.engine"), profiles, plan, opts)
         # the sidecar minus what only the device knows; stamped after the build so runtime.load accepts the engine
@@ -159,6 +171,7 @@ def build_engines(bundle, out_dir, opts: EngineOptions, progress=None) -> list[P
     from runtime.cuda import device_info
 
     man = read_manifest(bundle)
+    check_graphs(man, opts)
     out_dir = owned_folder(out_dir, "engines", legacy=_legacy_engine_dir)
     major = int(trt.__version__.split(".")[0])
     gpu_name, cc = device_info()

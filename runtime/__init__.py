@@ -17,14 +17,26 @@ def _per_graph(session_config) -> dict[str, dict[str, str]]:
     """{graph: config entries} from load()'s `session_config` (one dict for all graphs, or per graph)."""
     if not session_config:
         return {}
-    per_graph = {k: v for k, v in session_config.items() if isinstance(v, dict)}
+    if not isinstance(session_config, dict):
+        raise ValueError(f"session_config must be a dict, got {type(session_config).__name__}")
+
+    def entries(d: dict, where: str) -> dict[str, str]:
+        bad = [k for k, v in d.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"session_config{where} entries must map strings to strings (e.g. "
+                             f"{{'session.disable_prepacking': '1'}}), got {bad[0]!r}: {d[bad[0]]!r}")
+        return dict(d)
+
+    if any(k in GRAPHS and not isinstance(v, dict) for k, v in session_config.items()):
+        raise ValueError("session_config names a graph without a dict of entries: give {graph: {key: value}}")
+    per_graph = {k: entries(v, f"[{k!r}]") for k, v in session_config.items() if isinstance(v, dict)}
     if per_graph and len(per_graph) != len(session_config):
         raise ValueError("session_config mixes graph names and config entries: give either "
                          "{key: value} for every graph or {graph: {key: value}}")
     unknown = sorted(set(per_graph) - set(GRAPHS))
     if unknown:
         raise ValueError(f"session_config names unknown graphs {unknown}: the graphs are {list(GRAPHS)}")
-    return per_graph or {name: dict(session_config) for name in GRAPHS}
+    return per_graph or {name: entries(session_config, "") for name in GRAPHS}
 
 
 def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | None = None,

@@ -7,8 +7,8 @@ by pointer. The visual prefix is written once per request; each step's new K/V a
 to device into their slots (one strided copy per tensor); beam reorder and repeat move whole rows
 of every tensor at once (one 3-D copy per row). The key mask has a device copy too, laid out as a
 decode step's attention_mask feed (rows, capacity + 1: the slots, then the new token's 1), kept in
-step on the device (a step's slot is set from a buffer of ones); it is uploaded once per request
-and again only for a prompt with padding. So after the prefix no byte of K/V or mask crosses
+step on the device (a decode step's slot is set from a row of ones); it goes up once per request,
+and the prompt's part with the prompt. So after the prompt no byte of K/V or mask crosses
 between host and device in a decode step: only the token ids and positions go up.
 """
 from __future__ import annotations
@@ -119,9 +119,11 @@ class DeviceKVCache:
             self.memory.copy_2d(self.dmask.ptr + self.length * 8, mpitch, self.ones.ptr, 8, 8, self.rows)
         else:  # a prompt (once per request): its mask goes up
             staged = self.memory.upload(np.ascontiguousarray(step_mask, np.int64))
-            self.memory.copy_2d(self.dmask.ptr + self.length * 8, mpitch, staged.ptr, T * 8, T * 8, self.rows)
-            self.memory.sync()
-            self.memory.release(staged)
+            try:
+                self.memory.copy_2d(self.dmask.ptr + self.length * 8, mpitch, staged.ptr, T * 8, T * 8, self.rows)
+                self.memory.sync()
+            finally:
+                self.memory.release(staged)
         self.length += T
 
     def attention_feed(self, step_mask: np.ndarray):
@@ -140,27 +142,27 @@ class DeviceKVCache:
 
     def repeat(self, n: int) -> None:
         """Repeat every row n times (beam search), on the device."""
-        rows = self.rows
-        new = self._alloc(rows * n)
+        rows, mpitch = self.rows, (self.capacity + 1) * 8
+        new = dmask = ones = None
+        try:  # every new buffer first: out of memory here leaves the cache as it was, nothing leaked
+            new = self._alloc(rows * n)
+            dmask = self.memory.empty((rows * n, self.capacity + 1), np.int64)
+            ones = self.memory.empty((rows * n,), np.int64)
+        except BaseException:
+            for buf in (new, dmask, ones):
+                self.memory.release(buf)
+            raise
         for r in range(rows):
-            for k in range(n):  # whole rows (heads x capacity) of every tensor
+            for k in range(n):  # whole rows (heads x capacity) of every tensor, and of the mask
                 self._copy_rows(new, rows * n, r * n + k, self.block, rows, r, 0, self.pitch, self.heads)
-        mpitch = (self.capacity + 1) * 8
-        dmask = self.memory.empty((rows * n, self.capacity + 1), np.int64)
-        for r in range(rows):
-            for k in range(n):
                 self.memory.copy(dmask.ptr + (r * n + k) * mpitch, self.dmask.ptr + r * mpitch, mpitch)
+        for r in range(rows * n):  # the 1s, device to device from the mask's last column
+            self.memory.copy(ones.ptr + r * 8, self.dmask.ptr + self.capacity * 8, 8)
         self.memory.sync()
-        self.memory.release(self.block)
-        self.memory.release(self.scratch)
-        self.memory.release(self.dmask)
-        self.memory.release(self.dmask_scratch)
-        self.block, self.scratch, self.dmask, self.dmask_scratch = new, None, dmask, None
+        for buf in (self.block, self.scratch, self.dmask, self.dmask_scratch, self.ones):
+            self.memory.release(buf)
+        self.block, self.scratch, self.dmask, self.dmask_scratch, self.ones = new, None, dmask, None, ones
         self.mask = np.repeat(self.mask, n, axis=0)
-        self.memory.release(self.ones)
-        self.ones = self.memory.empty((self.rows,), np.int64)
-        for r in range(self.rows):  # device to device: the 1s are already there
-            self.memory.copy(self.ones.ptr + r * 8, self.dmask.ptr + self.capacity * 8, 8)
 
     def reorder(self, src: np.ndarray) -> None:
         """Beam reorder: rows take the text slots of rows `src` (on the device); prefixes are shared."""

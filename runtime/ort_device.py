@@ -22,10 +22,10 @@ class OrtDeviceSession(OrtSession):
     """An OrtSession whose I/O lives in `memory` (onnxruntime device `memory.ort_device`)."""
 
     def __init__(self, path: Path, memory: DeviceMemory, providers=None, threads: int | None = None,
-                 check: bool = True):
+                 check: bool = True, session_config: dict[str, str] | None = None):
         import onnxruntime as ort
 
-        super().__init__(path, providers=providers, threads=threads, check=check)
+        super().__init__(path, providers=providers, threads=threads, check=check, session_config=session_config)
         self.memory = memory
         self.run_options = ort.RunOptions()  # the default, stated: Run returns with its streams synchronized
         self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "0")

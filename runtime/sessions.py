@@ -196,7 +196,7 @@ def open_session(path: Path, backend: str = "onnxruntime", providers=None, threa
         if memory is not None:
             from .ort_device import OrtDeviceSession
 
-            return OrtDeviceSession(path, memory, providers=providers, threads=threads)
+            return OrtDeviceSession(path, memory, providers=providers, threads=threads, session_config=session_config)
         return OrtSession(path, providers=providers, threads=threads, session_config=session_config)
     if backend == "tensorrt":
         if not tensorrt_available():

@@ -48,12 +48,19 @@ def stamp_sidecar(template, trt_version: str, gpu_name: str, compute_capability:
     if not template.name.endswith(TEMPLATE_SUFFIX) or not template.is_file():
         raise EngineMismatch(f"{template} is not a sidecar template ({TEMPLATE_SUFFIX}): run the stamp step from "
                              "build_engines.sh, in the folder it was written to")
-    side = json.loads(template.read_text())
+    try:
+        side = json.loads(template.read_text())
+        if not isinstance(side, dict):
+            raise ValueError("not a JSON object")
+        major = side.pop("tensorrt_major", None)
+        major = None if major is None else int(major)
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise EngineMismatch(f"{template} is not a valid sidecar template ({e}): write the script again with "
+                             "`bridge-export engine BUNDLE --emit-trtexec`") from e
     engine = template.with_name(template.name[: -len(TEMPLATE_SUFFIX)] + ".engine")
     if not engine.is_file() or engine.stat().st_size == 0:
         raise EngineMismatch(f"{engine} is missing or empty: trtexec did not build it (see its output above)")
-    major = side.pop("tensorrt_major", None)
-    if major is not None and int(trt_version.split(".")[0]) != int(major):
+    if major is not None and int(trt_version.split(".")[0]) != major:
         raise EngineMismatch(f"the script was written for TensorRT {major}.x but this is TensorRT {trt_version}: "
                              f"write it again with `bridge-export engine --emit-trtexec --trt-major "
                              f"{trt_version.split('.')[0]}`")

@@ -1,0 +1,40 @@
+"""runtime.load(session_config=...): reaches device sessions too; bad entries are one-line ValueErrors, never a crash."""
+import subprocess
+import sys
+
+import pytest
+
+import runtime
+from runtime.device_memory import HostMemory
+
+KEY = "session.disable_prepacking"
+
+
+def _entry(sess):
+    try:
+        return sess.sess.get_session_options().get_session_config_entry(KEY)
+    except RuntimeError:
+        return None
+
+
+def test_session_config_reaches_device_sessions(tiny_bundle):
+    """With a DeviceMemory (onnxruntime with device I/O) the caller's entries reach every session too."""
+    with runtime.load(tiny_bundle, device=HostMemory(), session_config={KEY: "1"}) as p:
+        assert {n: _entry(s) for n, s in p.sessions.items()} == {n: "1" for n in p.sessions}
+
+
+def test_non_string_config_value_is_a_clear_error(tiny_bundle):
+    """A value of 1 instead of "1" is a one-line ValueError (not pybind11's multi-line TypeError)."""
+    with pytest.raises(ValueError, match="session_config"):
+        runtime.load(tiny_bundle, session_config={KEY: 1})
+
+
+def test_graph_name_with_none_does_not_abort_the_interpreter(tiny_bundle):
+    """{graph: None} is refused with a ValueError; passed on, onnxruntime's C++ would abort the process."""
+    code = ("import runtime\n"
+            "try:\n"
+            f"    runtime.load({str(tiny_bundle)!r}, session_config={{'query_bridge': None}})\n"
+            "except ValueError as e:\n"
+            "    print('refused:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "refused:" in r.stdout, (r.returncode, r.stderr[-300:])
