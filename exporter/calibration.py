@@ -106,14 +106,12 @@ def text_batches(pipe, texts: list[str] | None, seed: int = 0, batch: int = 8) -
     Tokenized texts when the bundle has a tokenizer that knows most of their words; otherwise
     token ids of varied lengths (2 to 40, BOS first, EOS last) drawn from the vocabulary.
     """
-    unk = pipe.special.unk
     if texts and pipe.codec.tok:
-        ids = [pipe.codec.embedding_ids(texts[i:i + batch]) for i in range(0, len(texts), batch)]
-        body = np.concatenate([b[:, 1:].ravel() for b in ids])
-        body = body[body != pipe.special.pad]
-        known = float((body != unk).mean()) if body.size else 0.0
-        if known >= 0.5:
-            return ids, f"{len(texts)} texts"
+        known = pipe.codec.known_fraction(texts)
+        if known >= 0.5:  # texts with no known word would embed as nothing (and are refused): left out
+            usable = [t for t in texts if pipe.codec.known_fraction([t]) > 0]
+            ids = [pipe.codec.embedding_ids(usable[i:i + batch]) for i in range(0, len(usable), batch)]
+            return ids, f"{len(usable)} texts"
         source = f"token ids (the tokenizer knows only {known:.0%} of the texts' tokens)"
     else:
         source = "token ids (no tokenizer in the bundle)" if texts else "token ids"

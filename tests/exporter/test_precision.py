@@ -131,3 +131,18 @@ def test_other_calibration_methods(tiny_bundle, calib_dir, tmp_path, method):
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32), dtype=np.float32)
     ref = runtime.load(tiny_bundle).encode_image(x)
     assert _cos(ref, runtime.load(out).encode_image(x)) >= 0.99
+
+
+def test_calibration_texts_a_tokenizer_cannot_read_fall_back_to_token_ids(tiny_text_bundle):
+    """The built-in English texts on a model with a 16-word vocabulary: token ids instead (no text is
+    refused mid-calibration); texts it mostly knows are used, minus any with no known word."""
+    import runtime
+    from exporter.calibration import builtin_texts, text_batches
+
+    pipe = runtime.load(tiny_text_bundle)
+    ids, source = text_batches(pipe, builtin_texts())
+    assert source.startswith(f"{len(builtin_texts())} token ids (the tokenizer knows only") and ids
+    assert all(b[:, 0].tolist() == [pipe.special.bos] * len(b) for b in ids)
+    ids, source = text_batches(pipe, ["a photo of the digit seven", "a cat on the mat", "zebra quagga okapi"])
+    assert source == "2 texts" and [len(b) for b in ids] == [2]
+    assert pipe.codec.known_fraction(["zebra"]) == 0.0 and pipe.codec.known_fraction(["a cat"]) == 1.0
