@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import string
 from dataclasses import dataclass
 from typing import Iterator
@@ -10,13 +9,13 @@ from typing import Iterator
 import numpy as np
 
 from .device_cache import DeviceKVCache
-from .errors import UserError
+from .errors import SessionClosed
 from .kv_cache import CachedDecoder, KVCache
 from .manifest import Manifest
 from .numeric import normalize
 from .preprocess import preprocess
 from .search import MAX_BEAMS, SearchConfig, iter_tokens, search
-from .sessions import Session
+from .sessions import Session, memory_bytes
 from .text import TextCodec
 
 MODES = {"C": "InternVL-C", "G": "InternVL-G", "InternVL-C": "InternVL-C", "InternVL-G": "InternVL-G"}
@@ -27,14 +26,10 @@ log = logging.getLogger(__name__)
 
 def _memory_budget() -> int:
     """Half the machine's physical memory, in bytes (the most one generate call's KV cache may take)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):  # not a POSIX system
-        return 8 << 30
+    return memory_bytes() // 2
 
 
-class PipelineClosed(UserError, RuntimeError):
-    """The pipeline was closed; load the bundle again."""
+PipelineClosed = SessionClosed  # a pipeline used after close(): the same error as its sessions raise
 
 
 def _check_int(value, name: str, lo: int, hi: int | None = None) -> int:
@@ -138,10 +133,14 @@ class Pipeline:
     def __exit__(self, *exc):
         self.close()
 
-    def _run(self, graph: str, feeds: dict, keep: tuple[str, ...] = ()) -> dict:
-        """Run one graph; on a device session the outputs named by `keep` prefixes stay on the device."""
+    def _check_open(self) -> None:
+        """PipelineClosed after close()."""
         if self.closed:
             raise PipelineClosed("this pipeline was closed: call runtime.load(bundle) again")
+
+    def _run(self, graph: str, feeds: dict, keep: tuple[str, ...] = ()) -> dict:
+        """Run one graph; on a device session the outputs named by `keep` prefixes stay on the device."""
+        self._check_open()
         sess = self.sessions[graph]
         return sess.run(feeds, on_device=keep) if keep and getattr(sess, "memory", None) else sess.run(feeds)
 
@@ -217,8 +216,7 @@ class Pipeline:
         return hidden[np.arange(B), last] @ self.text_projection
 
     def _decoder(self, pixel_values, input_ids, attention_mask, max_new_tokens, num_beams: int = 1) -> CachedDecoder:
-        if self.closed:
-            raise PipelineClosed("this pipeline was closed: call runtime.load(bundle) again")
+        self._check_open()
         ids = self._ids(input_ids)
         mask = np.ones_like(ids) if attention_mask is None else self._mask(attention_mask, ids.shape)
         need = self.num_query + ids.shape[1] + max_new_tokens

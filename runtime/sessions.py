@@ -75,8 +75,11 @@ NO_PREPACK = {"session.disable_prepacking": "1"}
 
 
 def memory_bytes() -> int:
-    """Physical memory of this machine in bytes."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """Physical memory of this machine in bytes (16 GiB assumed where the OS cannot say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        return 16 << 30
 
 
 def prepacking_plan(manifest, memory: int | None = None, share: float = PREPACK_SHARE) -> tuple[str, ...]:

@@ -227,21 +227,18 @@ class TextCodec:
             self._check_known(prompt, None, "prompt")
         return np.asarray([self._ids(prompt)], np.int64)
 
-    def _unk_id(self) -> int | None:
-        return self.special.unk
-
     def known_fraction(self, texts: list[str]) -> float:
         """Share of the texts' tokens (BOS aside) the vocabulary knows: 1.0 for a tokenizer without an
         unknown-token id, 0.0 for no tokens."""
         toks = [i for t in texts for i in self._ids(t)[1:]]
-        unk = self._unk_id()
+        unk = self.special.unk
         if not toks:
             return 0.0
         return 1.0 if unk is None else sum(i != unk for i in toks) / len(toks)
 
     def _check_known(self, text: str, limit: int | None, what: str = "text") -> None:
         """ValueError if no word of `text` is in the vocabulary (it would embed as nothing); warn if some aren't."""
-        unk = self._unk_id()
+        unk = self.special.unk
         if unk is None:
             return
         own = self._ids(text, limit)[1:]
