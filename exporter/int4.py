@@ -95,11 +95,6 @@ class NBitsWeight:
                                 name=node_name + f"_Q{BITS}" if node_name else "", domain="com.microsoft",
                                 **self.attrs)
 
-    @property
-    def nbytes(self) -> int:
-        """Stored bytes of this weight (packed values, scales, zero points)."""
-        return self.packed.nbytes + self.scales.nbytes + (0 if self.zero_points is None else self.zero_points.nbytes)
-
 
 def quantize_matmul_weight(w: np.ndarray, opts: Int4Options = Int4Options()) -> NBitsWeight:
     """Block-quantize one fp32 MatMul weight [K, N] (y = x @ w) to 4 bits along K.

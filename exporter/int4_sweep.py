@@ -55,13 +55,14 @@ def demo_measure(out: Path):
     images, labels = load_test_split(DEMO_CHECKPOINT)
     fp32 = export_bundle(load_pretrained(DEMO_CHECKPOINT), out / "bundle-fp32", checkpoint=DEMO_CHECKPOINT,
                          overwrite=True, progress=lambda s: None)
-    codec = runtime.load(fp32).codec
+    ref = runtime.load(fp32)
+    codec = ref.codec
 
-    def measure(path):
-        r = evaluate(BundleRunner(runtime.load(path)), codec, images, labels)
+    def measure(path, pipe=None):
+        r = evaluate(BundleRunner(pipe or runtime.load(path)), codec, images, labels)
         return {"zero_shot_C": r["zero_shot_C"], "zero_shot_G": r["zero_shot_G"], "caption": r["caption"]}
 
-    return fp32, measure, measure(fp32)
+    return fp32, measure, measure(fp32, ref)
 
 
 def cosine_measure(fp32: Path):

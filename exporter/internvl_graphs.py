@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 import torch
 from onnx import TensorProto
 
@@ -275,8 +274,3 @@ def check_against_spec(b: GraphBuilder, spec: GraphSpec) -> None:
     want_out = [(t.name, _ELEM[t.dtype], list(t.shape)) for t in spec.outputs]
     if sig(b.inputs) != want_in or sig(b.outputs) != want_out:
         raise RuntimeError(f"{spec.name}: built graph's inputs/outputs differ from its spec")
-
-
-def node_count(model: onnx.ModelProto) -> int:
-    """Nodes in the graph (for the lean-graph measurement)."""
-    return len(model.graph.node)

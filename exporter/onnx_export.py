@@ -12,13 +12,14 @@ import onnx
 import torch
 from onnx import external_data_helper as edh
 
+from .graph_builder import INLINE_BYTES
 from .specs import GraphSpec
 
 DEFAULT_OPSET = 18  # TensorRT 10 (JetPack 6) parses opsets 9-20; 23 would emit Attention/RMSNormalization
 SUPPORTED_OPSETS = range(13, 21)  # exported and checked here; TensorRT 10 parses up to 20
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 4096  # onnxruntime can mmap aligned external tensors
-MIN_EXTERNAL_BYTES = 1024
+MIN_EXTERNAL_BYTES = INLINE_BYTES  # smaller constants stay inside the graph file
 
 
 def _dynamic_shapes(spec: GraphSpec, args: tuple, limits: dict[str, int]):

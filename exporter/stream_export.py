@@ -30,7 +30,9 @@ from .internvl_graphs import build_graphs, check_against_spec
 from .onnx_export import DEFAULT_OPSET, WEIGHTS_FILE
 from .specs import Limits, all_specs
 from .tokenizer import write_tokenizer
-from .weight_stream import CheckpointSource, StateDictSource, WeightWriter, materialize, read_config, resolve_keys
+from reference_model.checkpoint_reader import read_config
+
+from .weight_stream import CheckpointSource, StateDictSource, WeightWriter, materialize, resolve_keys
 
 log = get_logger(__name__)
 

@@ -15,20 +15,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reference_model.config import InternVLConfig
-from reference_model.checkpoint_reader import (IGNORED_PREFIXES, CheckpointError, plan_checkpoint,
+from reference_model.checkpoint_reader import (IGNORED_PREFIXES, CheckpointError, model_shapes, plan_checkpoint,
                                                raise_mismatch)
+from reference_model.checkpoint_reader import materialize as materialize_entry
+from reference_model.checkpoint_writer import SAFETENSORS_DTYPES
+from reference_model.config import InternVLConfig
 
 from .graph_builder import WeightRef
-
-ALIGN = 4096  # onnxruntime can map aligned external tensors
+from .onnx_export import ALIGN
 
 
 class StateDictSource:
     """Tensors from an in-memory state dict (a preset's seeded weights)."""
 
-    def __init__(self, state: dict[str, torch.Tensor], description: str = "state dict"):
-        self.state, self.description = state, description
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state = state
 
     def keys(self) -> list[str]:
         """Every key the source holds."""
@@ -42,13 +43,8 @@ class StateDictSource:
         """The tensor `key` (detached, on CPU)."""
         return self.state[key].detach()
 
-    def close(self) -> None:
-        """Nothing to release."""
 
-
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+_ST_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()} | {"F64": torch.float64, "I16": torch.int16}
 
 
 class _SafetensorsFile:
@@ -66,14 +62,6 @@ class _SafetensorsFile:
         header.pop("__metadata__", None)
         self.start = 8 + n
         self.header = header
-
-    def keys(self):
-        """Tensor names in the file."""
-        return self.header.keys()
-
-    def shape(self, key: str) -> tuple:
-        """Shape of `key` from the header."""
-        return tuple(self.header[key]["shape"])
 
     def get_tensor(self, key: str) -> torch.Tensor:
         """Read `key` into a fresh tensor (and tell the kernel its pages are not needed again)."""
@@ -121,7 +109,6 @@ class CheckpointSource:
 
     def __init__(self, directory, config: InternVLConfig | None = None, lora_alpha: float | None = None):
         self.directory = Path(directory)
-        self.description = str(self.directory)
         self._entries = {e.name: e for e in plan_checkpoint(self.directory, config, lora_alpha)}
         self._open: dict[Path, object] = {}
 
@@ -165,12 +152,7 @@ class CheckpointSource:
 
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor (a private copy; LoRA adapters merged in float32)."""
-        e = self._entries[key]
-        w = self._read(e.base)
-        if e.lora_a is not None:
-            a, b = self._read(e.lora_a).float(), self._read(e.lora_b).float()
-            w = torch.addmm(w.float(), b, a, alpha=e.scale)  # as reference_model.checkpoint_reader
-        return w
+        return materialize_entry(self._entries[key], self._read, None)
 
     def close(self) -> None:
         """Drop the shard handles (and their mappings)."""
@@ -179,11 +161,7 @@ class CheckpointSource:
 
 def expected_shapes(config: InternVLConfig) -> dict[str, tuple]:
     """Every state-dict key the model needs and its shape (from a meta-device model: no memory)."""
-    from reference_model.model import InternVLModel
-
-    with torch.device("meta"):
-        model = InternVLModel(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(IGNORED_PREFIXES)}
+    return {k: s for k, s in model_shapes(config).items() if not k.startswith(IGNORED_PREFIXES)}
 
 
 def resolve_keys(source, config: InternVLConfig) -> tuple[dict[str, str], dict[str, tuple]]:
@@ -313,21 +291,3 @@ class WeightWriter:
         os.fsync(self.f.fileno())
         self.f.close()
         return self.sha.hexdigest()
-
-
-def read_config(directory) -> InternVLConfig:
-    """config.json of a checkpoint directory as an InternVLConfig (CheckpointError if unusable)."""
-    from reference_model.config import ConfigError
-
-    path = Path(directory)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a directory: give a checkpoint directory holding config.json")
-    try:
-        return InternVLConfig.from_file(path)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from e
-
-
-def describe(source) -> str:
-    """A one-line JSON-able description of a source for the manifest."""
-    return json.dumps(getattr(source, "description", type(source).__name__))

@@ -235,17 +235,38 @@ class _Files:
         return h[t.key] if isinstance(h, dict) else h.get_tensor(t.key)
 
 
-def materialize(entry: Entry, files: _Files, dtype: torch.dtype | None) -> torch.Tensor:
-    """One tensor of the original state dict: read, LoRA merged in float32, converted to `dtype`."""
-    w = files.get(entry.base)
+def materialize(entry: Entry, read: Callable[[SourceTensor], torch.Tensor], dtype: torch.dtype | None) -> torch.Tensor:
+    """One tensor of the original state dict: `read`, LoRA merged in float32, converted to `dtype`."""
+    w = read(entry.base)
     if entry.lora_a is not None:
-        a, b = files.get(entry.lora_a).float(), files.get(entry.lora_b).float()
+        a, b = read(entry.lora_a).float(), read(entry.lora_b).float()
         w = torch.addmm(w.float(), b, a, alpha=entry.scale)  # W + scale * B @ A, as peft's merge
         if dtype is None:
             return w  # merged weights stay float32: rounding them to bf16 would add error
     if dtype is not None and w.is_floating_point() and w.dtype != dtype:
         w = w.to(dtype)
     return w
+
+
+def model_shapes(config: InternVLConfig) -> dict[str, tuple]:
+    """Every state-dict key of the model of `config` and its shape (a meta-device model: no memory)."""
+    from .model import InternVLModel
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in InternVLModel(config).state_dict().items()}
+
+
+def read_config(directory) -> InternVLConfig:
+    """config.json of a checkpoint directory as an InternVLConfig (CheckpointError if unusable)."""
+    from .config import ConfigError
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory: give a checkpoint directory holding config.json")
+    try:
+        return InternVLConfig.from_file(path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def iter_checkpoint_tensors(path, dtype: torch.dtype | None = None, *, config: InternVLConfig | None = None,
@@ -271,11 +292,7 @@ def iter_checkpoint_tensors(path, dtype: torch.dtype | None = None, *, config: I
     path = Path(path)
     config = config or InternVLConfig.from_file(path)
     entries = plan_checkpoint(path, config, lora_alpha)
-    from .model import InternVLModel
-
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in InternVLModel(config).state_dict().items()}
-    check_against(entries, expected, config.tie_word_embeddings)
+    check_against(entries, model_shapes(config), config.tie_word_embeddings)
     plan = [(e.name, e) for e in entries]
     if config.tie_word_embeddings:
         src = next((e for e in entries if e.name == "qllama.lm_head.weight"), None)
@@ -286,4 +303,4 @@ def iter_checkpoint_tensors(path, dtype: torch.dtype | None = None, *, config: I
     for name, e in plan:
         if name.startswith(IGNORED_PREFIXES) and not include_ignored or select is not None and not select(name):
             continue
-        yield name, materialize(e, files, dtype)
+        yield name, materialize(e, files.get, dtype)

@@ -54,12 +54,17 @@ class TensorSpec:
     dtype: torch.dtype
 
     @property
-    def nbytes(self) -> int:
-        """Bytes the tensor occupies in the file."""
+    def numel(self) -> int:
+        """Elements of the tensor."""
         n = 1
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tensor occupies in the file."""
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
 def parse_size(text: str | int) -> int:
@@ -96,9 +101,9 @@ def shard_names(n: int) -> list[str]:
     return [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
 
 
-def safetensors_header(specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
+def safetensors_header(specs: list[TensorSpec]) -> bytes:
     """The length prefix plus padded JSON header for tensors stored back to back in `specs` order."""
-    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for s in specs:
         if s.dtype not in SAFETENSORS_DTYPES:
@@ -146,7 +151,7 @@ def random_chunk(spec: TensorSpec, seed: int, chunk: int) -> torch.Tensor:
     whatever order, subset or parallelism writes it. Scales follow `loading.init_rule`.
     """
     kind, value = init_rule(spec.name)
-    n = spec.nbytes // torch.empty((), dtype=spec.dtype).element_size()
+    n = spec.numel
     size = min(CHUNK, n - chunk * CHUNK)
     if kind == "fill":
         return torch.full((size,), value, dtype=spec.dtype)
@@ -156,7 +161,7 @@ def random_chunk(spec: TensorSpec, seed: int, chunk: int) -> torch.Tensor:
 
 def num_chunks(spec: TensorSpec) -> int:
     """How many CHUNK-sized pieces the tensor is drawn in."""
-    n = spec.nbytes // torch.empty((), dtype=spec.dtype).element_size()
+    n = spec.numel
     return -(-n // CHUNK)
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint_reader import (IGNORED_PREFIXES, CheckpointError, Entry, SourceTensor, check_against,
-                                iter_checkpoint_tensors)
-from .config import ConfigError, InternVLConfig, preset_config
+from .checkpoint_reader import CheckpointError  # noqa: F401 (re-exported)
+from .checkpoint_reader import IGNORED_PREFIXES, iter_checkpoint_tensors, read_config
+from .config import InternVLConfig, preset_config
 from .model import InternVLModel
 
 log = logging.getLogger("reference_model")
@@ -28,16 +28,11 @@ def _dtype(dtype) -> torch.dtype:
 
 
 def load_state(model: InternVLModel, state: dict[str, torch.Tensor], dtype: torch.dtype) -> InternVLModel:
-    """Fill a (meta) model from an original-format state dict; any key or shape mismatch raises."""
-    state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
+    """Fill a (meta) model from `iter_checkpoint_tensors`' output (keys and shapes already checked,
+    floats already `dtype`, itm_head left out, a tied embedding yielded once as embed_tokens)."""
     tie = model.config.tie_word_embeddings
-    entries = [Entry(k, SourceTensor(k, Path(), tuple(v.shape), str(v.dtype))) for k, v in state.items()]
-    check_against(entries, {k: tuple(v.shape) for k, v in model.state_dict().items()}, tie)
-    if tie:
-        # The original ties lm_head and embed_tokens on load; lm_head, loaded last, wins.
-        src = state.get("qllama.lm_head.weight", state.get("qllama.model.embed_tokens.weight"))
-        state["qllama.model.embed_tokens.weight"] = state["qllama.lm_head.weight"] = src
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if tie:  # the original ties lm_head and embed_tokens on load (the reader took lm_head's when stored)
+        state["qllama.lm_head.weight"] = state["qllama.model.embed_tokens.weight"]
     for k, v in model.state_dict().items():
         if k.startswith(IGNORED_PREFIXES):
             state[k] = torch.zeros(v.shape, dtype=dtype)
@@ -57,12 +52,7 @@ def load_pretrained(path, dtype=torch.float32, lora_alpha: float | None = None) 
     use_backbone_lora / use_qllama_lora set to 0: the adapters are part of its weights now.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a directory: give a checkpoint directory holding config.json")
-    try:
-        config = InternVLConfig.from_file(path)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from e
+    config = read_config(path)
     dtype = _dtype(dtype)
     state = dict(iter_checkpoint_tensors(path, dtype, config=config, lora_alpha=lora_alpha))
     config.use_backbone_lora = config.use_qllama_lora = 0
