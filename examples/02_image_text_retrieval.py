@@ -48,10 +48,14 @@ def build_index(pipe, folder: Path, index_dir: Path) -> None:
     (index_dir / "files.json").write_text(json.dumps(files))
 
 
-def search(index_dir: Path, query: np.ndarray, k: int = TOP_K) -> list[tuple[str, float]]:
+def load_index(index_dir: Path) -> tuple[np.ndarray, list[str]]:
+    """The saved index: normalised embeddings and the file of each row (load once, query many times)."""
+    return np.load(index_dir / "embeddings.npy"), json.loads((index_dir / "files.json").read_text())
+
+
+def search(index: tuple[np.ndarray, list[str]], query: np.ndarray, k: int = TOP_K) -> list[tuple[str, float]]:
     """The k files whose embeddings have the highest cosine similarity with the query embedding."""
-    emb = np.load(index_dir / "embeddings.npy")
-    files = json.loads((index_dir / "files.json").read_text())
+    emb, files = index
     scores = emb @ (query / np.linalg.norm(query))
     top = np.argsort(-scores)[:k]
     return [(files[i], float(scores[i])) for i in top]
@@ -66,10 +70,11 @@ def main() -> None:
         build_index(pipe, tmp / "photos", tmp / "index")
         print(f"\nindexed {len(truth)} images: {tmp / 'index'}")
 
+        index = load_index(tmp / "index")
         text_emb = pipe.embed_texts([f"the digit {w}" for w in WORDS])
         hits = []
         for d, word in enumerate(WORDS):
-            found = search(tmp / "index", text_emb[d])
+            found = search(index, text_emb[d])
             hits.append(sum(truth[f] == d for f, _ in found))
             if d in (3, 7):
                 print(f"\ntext query 'the digit {word}': top {TOP_K}")
@@ -80,7 +85,7 @@ def main() -> None:
         query_file = sorted(truth)[0]
         q = pipe.embed_images([tmp / "photos" / query_file], mode="C")[0]
         print(f"\nimage query {query_file} (a {WORDS[truth[query_file]]}): top {TOP_K}")
-        for f, s in search(tmp / "index", q):
+        for f, s in search(index, q):
             print(f"  {f}  cosine {s:.3f}  (is a {WORDS[truth[f]]})")
         pipe.close()
 

@@ -21,9 +21,9 @@ log = get_logger(__name__)
 Task = Callable[[], object]
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    """Peak resident memory so far of this process (or, with RUSAGE_CHILDREN, its largest child), in MB."""
+    return resource.getrusage(who).ru_maxrss / 1024
 
 
 def interleaved_best(tasks: list[Task], repeats: int = 5) -> list[float]:

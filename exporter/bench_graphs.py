@@ -34,7 +34,7 @@ def optimized_node_count(graph: Path, work: Path, threads: int) -> int:
     return len(onnx.load(str(out), load_external_data=False).graph.node)
 
 
-def decode_feeds(pipe_sessions, config, past: int) -> dict:
+def decode_feeds(config, past: int) -> dict:
     """A batch-1 decode step with `past` cached positions."""
     q = config.qllama
     H, Dh = q.num_attention_heads, q.head_dim
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
             (raw, opt), (raw2, opt2) = counts
             rows[name] = (raw, (raw2 - raw) / L, opt, (opt2 - opt) / L)
             sessions[name] = OrtSession(tmp / name / "text_decoder.onnx", threads=args.threads)
-        feeds = decode_feeds(sessions, model.config, args.past)
+        feeds = decode_feeds(model.config, args.past)
         times = {n: [] for n in sessions}
         for _ in range(10):
             for s in sessions.values():

@@ -34,7 +34,6 @@ def _timed(cmd: list[str], log: Path, lock: bool = False) -> dict:
     full = ["/usr/bin/time", "-v"] + cmd
     if lock and LOCK.exists():
         full = ["flock", str(LOCK)] + full
-    t0 = time.time()
     p = subprocess.run(full, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     log.write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
     if p.returncode != 0:
@@ -42,8 +41,7 @@ def _timed(cmd: list[str], log: Path, lock: bool = False) -> dict:
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", p.stderr).group(1)
     secs = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall.split(":"))))
-    return {"wall_s": round(secs, 1), "peak_rss_gb": round(rss / 1e6, 2), "stdout": p.stdout,
-            "outer_wall_s": round(time.time() - t0, 1)}
+    return {"wall_s": round(secs, 1), "peak_rss_gb": round(rss / 1e6, 2), "stdout": p.stdout}
 
 
 def _size_gb(path: Path) -> float:
@@ -167,14 +165,7 @@ def measure(bundle: Path, threads: int, new_tokens: int = 20, no_prepack: tuple[
     res["pss_after_caption_gb"] = _pss_gb()
     # decode speed alone: steps timed through the decoder session with a growing cache
     dec = pipe.sessions["text_decoder"]
-    kv = man.kv_layout
-    H, Dh, L = kv.num_heads, kv.head_dim, kv.num_layers
-    P = kv.prefix_length + 4
-    feeds = {"input_ids": np.array([[5]]), "position_ids": np.array([[P]]),
-             "attention_mask": np.ones((1, P + 1), np.int64)}
-    for i in range(L):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, H, P, Dh), np.float32)
+    feeds = decode_step_feeds(man.kv_layout)
     dec.run(feeds)
     steps = []
     for _ in range(new_tokens):
@@ -195,26 +186,31 @@ def measure(bundle: Path, threads: int, new_tokens: int = 20, no_prepack: tuple[
     return res
 
 
+def decode_step_feeds(kv) -> dict:
+    """A batch-1 decode step's feeds at past = visual prefix + 4 (zero K/V: the timing is the same)."""
+    import numpy as np
+
+    P = kv.prefix_length + 4
+    feeds = {"input_ids": np.array([[5]]), "position_ids": np.array([[P]]),
+             "attention_mask": np.ones((1, P + 1), np.int64)}
+    for i in range(kv.num_layers):
+        for name in kv.past(i):  # key, value
+            feeds[name] = np.zeros((1, kv.num_heads, P, kv.head_dim), np.float32)
+    return feeds
+
+
 def decode_compare(bundles: list[Path], threads: int, steps: int = 8, rounds: int = 5) -> dict:
     """Decode tokens/s of each bundle's text_decoder alone (the other graphs are not loaded, so two
     14B bundles fit in memory; onnxruntime's prepacking on, as runtime.load does), timed in turns:
     each round runs `steps` steps of every bundle in turn at past = visual prefix + 4; a bundle's
     figure is its best round. Returns {bundle name: tokens/s} plus each one's ratio to the first."""
-    import numpy as np
-
     from runtime.manifest import read_manifest
     from runtime.sessions import OrtSession
 
     runs = []
     for b in bundles:
         man = read_manifest(b)
-        kv = man.kv_layout
-        P = kv.prefix_length + 4
-        feeds = {"input_ids": np.array([[5]]), "position_ids": np.array([[P]]),
-                 "attention_mask": np.ones((1, P + 1), np.int64)}
-        for i in range(kv.num_layers):
-            for name in kv.past(i):  # key, value
-                feeds[name] = np.zeros((1, kv.num_heads, P, kv.head_dim), np.float32)
+        feeds = decode_step_feeds(man.kv_layout)
         t0 = time.perf_counter()
         sess = OrtSession(man.graph_path("text_decoder"), threads=threads)
         print(f"[decode] {Path(b).name}: text_decoder opened in {time.perf_counter() - t0:.1f}s", file=sys.stderr)

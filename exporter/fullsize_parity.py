@@ -22,9 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _peak_rss_gb(who: int) -> float:
-    return resource.getrusage(who).ru_maxrss / 1e6  # KiB on Linux
+from exporter.bench import peak_rss_mb
 
 
 def _phase(name: str, t0: float) -> float:
@@ -62,7 +60,7 @@ def run(workdir: Path, preset: str, seed: int, max_new_tokens: int, keep: bool, 
             written.append(bundle)
             subprocess.run(cmd, check=True)
             times["export (fp32 bundle)"] = _phase("bundle exported", t0)
-        export_rss = _peak_rss_gb(resource.RUSAGE_CHILDREN)
+        export_rss = peak_rss_mb(resource.RUSAGE_CHILDREN) * 1024 / 1e6
         t0 = time.perf_counter()
         report = VerifyReport()
         verify_end_to_end(bundle, ReferenceSource.from_checkpoint(checkpoint), report, cosine_min=0.99999,
@@ -78,7 +76,7 @@ def run(workdir: Path, preset: str, seed: int, max_new_tokens: int, keep: bool, 
     print(f"[parity] preset {preset}, seed {seed}: " + ", ".join(f"{k} {v:.1f} GB" for k, v in sizes.items()))
     for k, v in times.items():
         print(f"[parity] time   {k:<28} {v:8.1f} s")
-    print(f"[parity] peak RSS: this process {_peak_rss_gb(resource.RUSAGE_SELF):.2f} GB, "
+    print(f"[parity] peak RSS: this process {peak_rss_mb(resource.RUSAGE_SELF) * 1024 / 1e6:.2f} GB, "
           f"export child {export_rss:.2f} GB")
     print("PASS" if report.passed else "FAIL")
     return report.passed

@@ -162,7 +162,8 @@ def sidecar(man, graph: str, trt_version: str, gpu_name: str, compute_capability
 def build_engines(bundle, out_dir, opts: EngineOptions, progress=None) -> list[Path]:
     """Build one engine per graph with the TensorRT Python API (the only code here that needs TensorRT)."""
     progress = reporter(progress, log)
-    refuse_onnxruntime_only(read_manifest(bundle).precision.mode)
+    man = read_manifest(bundle)
+    refuse_onnxruntime_only(man.precision.mode)
     try:
         import tensorrt as trt
     except ImportError as e:
@@ -170,7 +171,6 @@ def build_engines(bundle, out_dir, opts: EngineOptions, progress=None) -> list[P
                                   "GPU, or use --emit-trtexec and build on the device") from e
     from runtime.cuda import device_info
 
-    man = read_manifest(bundle)
     check_graphs(man, opts)
     out_dir = owned_folder(out_dir, "engines", legacy=_legacy_engine_dir)
     major = int(trt.__version__.split(".")[0])
@@ -179,8 +179,8 @@ def build_engines(bundle, out_dir, opts: EngineOptions, progress=None) -> list[P
     builder = trt.Builder(logger)
     cache_bytes = opts.timing_cache.read_bytes() if opts.timing_cache and opts.timing_cache.is_file() else b""
     built = []
+    plan = precision_plan(major, man.precision.mode)
     for g in opts.graphs:
-        plan = precision_plan(major, man.precision.mode)
         profiles = engine_profiles(man, g, opts)
         progress(f"[engine] {g}: TensorRT {trt.__version__}, {man.precision.mode}, {len(profiles)} profile(s) ...")
         flags = 0

@@ -19,6 +19,7 @@ from reference_model.checkpoint_reader import iter_checkpoint_tensors
 from reference_model.config import InternVLConfig, preset_config
 from reference_model.loading import init_rule
 from reference_model.model import InternVLModel
+from runtime.manifest import GRAPHS
 
 Select = Callable[[str], bool]
 
@@ -80,9 +81,7 @@ class ReferenceSource:
                         out[n] = t
                 elif select(n):
                     out[n] = torch.full(shape, value)
-            if config.tie_word_embeddings and "qllama.model.embed_tokens.weight" in out:
-                out.pop("qllama.lm_head.weight", None)  # from_preset ties after init: embed_tokens wins
-            return out
+            return out  # with tied embeddings part() makes lm_head embed_tokens, as from_preset does
 
         return cls(config, load)
 
@@ -98,8 +97,6 @@ class ReferenceSource:
         state = self._load(select)
         with torch.device("meta"):
             model = InternVLModel(self.config)
-        if self.config.tie_word_embeddings and "qllama.model.embed_tokens.weight" in state:
-            state["qllama.lm_head.weight"] = state["qllama.model.embed_tokens.weight"]
         model.load_state_dict(state, strict=False, assign=True)
         if self.config.tie_word_embeddings:
             model.qllama.lm_head.weight = model.qllama.model.embed_tokens.weight
@@ -159,13 +156,10 @@ class OneSessionAtATime(Mapping):
     memory is its largest graph rather than all three. Slower (graphs are re-opened), for verify.
     """
 
-    GRAPHS = ("vision_encoder", "query_bridge", "text_decoder")
-
-    def __init__(self, manifest, threads: int | None = None, on_open: Callable[[str], None] = lambda n: None):
-        self.manifest, self.threads, self.on_open = manifest, threads, on_open
-        self.proxies = {n: _LazySession(self, n) for n in self.GRAPHS}
+    def __init__(self, manifest, on_open: Callable[[str], None] = lambda n: None):
+        self.manifest, self.on_open = manifest, on_open
+        self.proxies = {n: _LazySession(self, n) for n in GRAPHS}
         self.open_name, self.session = None, None
-        self.opens = 0
 
     def activate(self, name: str):
         """The real session of `name`, opened now if needed (closing the open one first)."""
@@ -174,9 +168,8 @@ class OneSessionAtATime(Mapping):
         if self.open_name != name:
             self.release(self.open_name)
             self.on_open(name)
-            self.session = open_session(self.manifest.graph_path(name), "onnxruntime", threads=self.threads)
+            self.session = open_session(self.manifest.graph_path(name), "onnxruntime")
             self.open_name = name
-            self.opens += 1
         return self.session
 
     def release(self, name: str | None) -> None:
@@ -190,10 +183,10 @@ class OneSessionAtATime(Mapping):
         return self.proxies[name]
 
     def __iter__(self):
-        return iter(self.GRAPHS)
+        return iter(GRAPHS)
 
     def __len__(self) -> int:
-        return len(self.GRAPHS)
+        return len(GRAPHS)
 
     def values(self):  # the Pipeline closes "every session": only the open one is real
         return [self.proxies[self.open_name]] if self.open_name else []
