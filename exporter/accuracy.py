@@ -42,14 +42,17 @@ def end_to_end_outputs(pipe, pix: np.ndarray, text_ids: list[np.ndarray]) -> dic
             "text_embeds": np.concatenate([pipe.encode_text(ids) for ids in text_ids])}
 
 
-def accuracy_report(ref_pipe, new_pipe, images, texts=None, caption_tokens: int = 8, seed: int = 1) -> dict:
+def accuracy_report(ref_pipe, new_pipe, images, texts=None, caption_tokens: int = 8, seed: int = 1,
+                    feeds: dict | None = None) -> dict:
     """Per graph (cosine of each output, max abs error) and end to end (embeddings, logits, zero-shot top-1,
-    captions), on held-out `images` and `texts` (texts as in calibration.text_batches)."""
+    captions), on held-out `images` and `texts` (texts as in calibration.text_batches).
+
+    `feeds`: those inputs' graph feeds if already recorded (`record_feeds(ref_pipe, images, texts, seed=seed)`)."""
     from runtime.preprocess import preprocess
 
     from .calibration import text_batches
 
-    feeds = record_feeds(ref_pipe, images, texts, seed=seed)
+    feeds = record_feeds(ref_pipe, images, texts, seed=seed) if feeds is None else feeds
     graphs = {}
     for name, runs in feeds.items():
         cos, err = output_cosines(ref_pipe.sessions[name], new_pipe.sessions[name], runs[:8])

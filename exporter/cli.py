@@ -14,6 +14,9 @@ from runtime.errors import UserError
 from runtime.manifest import GRAPHS
 from runtime.pipeline import MAX_BATCH, MAX_CAPTION_BATCH
 from runtime.search import MAX_BEAMS
+from runtime.sessions import max_threads
+
+from .calibration import IMAGE_SUFFIXES as CALIBRATION_SUFFIXES
 
 # Errors a user can cause and fix: shown as one line, no traceback (--debug shows it). Anything else is a
 # bug and keeps its traceback. ValueError is how every argument check reports; OSError covers a full
@@ -169,20 +172,15 @@ def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise click.ClickException(f"--tokenizer {tokenizer} is not a directory")
     if exporter == "stream":
-        from .bundle import ExportError
         from .stream_export import export_checkpoint, export_model
 
-        if (checkpoint is None) == (preset is None):
-            raise ExportError("give exactly one of --checkpoint DIR or --preset NAME")
         common = dict(precision=precision if direct else "fp32", tokenizer=tokenizer, opset=opset, limits=limits,
                       overwrite=overwrite, int4=int4 if precision == "int4-cpu" else None)
-        if checkpoint is not None:
+        if checkpoint is not None and preset is None:  # streamed from the files, never loaded whole
             path = export_checkpoint(checkpoint, out, **common)
         else:
-            import reference_model
-
-            model = reference_model.from_preset(preset, seed=seed)
-            path = export_model(model, out, source_desc=f"preset:{preset}:seed={seed}", **common)
+            model, source = load_source(checkpoint, preset, seed)  # a preset (or the refusal of both/neither)
+            path = export_model(model, out, source_desc=source, **common)
     else:
         model, source = load_source(checkpoint, preset, seed)
         path = export_bundle(model, out, checkpoint=checkpoint, tokenizer=tokenizer, opset=opset, limits=limits,
@@ -254,7 +252,7 @@ def inspect(bundle, as_json):
     click.echo(json.dumps(man.to_dict(), indent=2) if as_json else format_manifest(man))
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+IMAGE_SUFFIXES = CALIBRATION_SUFFIXES | {".gif"}
 
 
 def _expand_images(images) -> list[Path]:
@@ -453,7 +451,7 @@ def classify(bundle, images, labels, template, mode, backend, device):
               help="checkpoint directory to run the PyTorch reference side by side")
 @click.option("--reference-preset", help="or a preset (with --seed) as the reference")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--threads", default=None, type=click.IntRange(1, 4 * (os.cpu_count() or 1)),
+@click.option("--threads", default=None, type=click.IntRange(1, max_threads()),
               help="threads for both sides (default: all cores)")
 @click.option("--pasts", default="16,256,1024", show_default=True, help="past lengths for decode speed")
 @click.option("--tokens", default=16, show_default=True, type=click.IntRange(1, 4096),

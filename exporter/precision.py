@@ -25,11 +25,12 @@ from runtime.progress import get_logger, quiet_third_party, reporter
 
 from .bundle import write_manifest
 from .checks import check_graph
+from .graph_builder import QUANTIZED
 from .onnx_export import relink_weights
 from .output import OutputError, check_output_dir, commit_output, discard, prepare_output
 
 MODES = ("fp16", "int8", "int8-cpu", "int4-cpu")
-ONNXRUNTIME_ONLY = ("int8-cpu", "int4-cpu")  # contrib / integer ops TensorRT does not parse
+ONNXRUNTIME_ONLY = QUANTIZED  # contrib / integer ops TensorRT does not parse
 # Sensitive ops kept out of INT8 by default: names matched against node names / op types.
 DEFAULT_INT8_EXCLUDE = ["norm", "Softmax", "lm_head", "clip_projector"]
 
@@ -291,7 +292,7 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
     """
     import runtime
 
-    from .accuracy import accuracy_report, format_report, worst_cosine
+    from .accuracy import accuracy_report, format_report
     from .calibration import record_feeds
 
     progress = reporter(progress, log)
@@ -335,7 +336,7 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
             if not (report or target_cosine):
                 break
             progress("[precision] measuring accuracy against fp32 on held-out inputs ...")
-            rep = accuracy_report(pipe, runtime.load(tmp), held_images, held_texts)
+            rep = accuracy_report(pipe, runtime.load(tmp), held_images, held_texts, feeds=held)  # int8: recorded once
             missed = _missed(rep, target_cosine) if target_cosine else []
             if not missed:
                 break
@@ -351,7 +352,7 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
                      + ", ".join(f"{n} {t:.6g}" for n, t in targets.items()))
         if rep is not None:
             progress(format_report(rep, mode))
-            met = (not _missed(rep, target_cosine) and all((g.how or {}).get("met", True)
+            met = (not missed and all((g.how or {}).get("met", True)
                                                             for g in manifest.graphs.values())) if target_cosine else None
             rep["target_cosine"], rep["met_target"] = target_cosine, met
             manifest.precision.accuracy = rep
@@ -362,8 +363,8 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
                              f"{n} {len(k)}" for n, k in summary["kept_fp32_for_target"].items()) or "none"))
             for name, g in manifest.graphs.items():
                 g.report = rep["graphs"].get(name)
-            write_manifest(tmp, manifest)
-            where, worst = worst_cosine(rep)
+            write_manifest(tmp, manifest, known={n: e.sha256 for n, e in manifest.files.items()})  # files unchanged
+            where, worst = summary["lowest_cosine"]["output"], summary["lowest_cosine"]["cosine"]
             if target_cosine and not met:
                 progress(f"[precision] warning: the target {target_cosine} was not met ({where} {worst:.6f}) "
                          "even after keeping nodes in fp32; see the manifest's precision section")
