@@ -23,7 +23,7 @@ from reference_model.config import InternVLConfig
 
 from runtime.progress import get_logger, reporter
 
-from .bundle import build_manifest, commit_output, prepare_output, write_manifest
+from .bundle import build_manifest, caption_defaults, check_export_args, commit_output, prepare_output, write_manifest
 from .checks import check_graph
 from .graph_builder import INLINE_BYTES, QUANTIZED, WeightRef
 from .internvl_graphs import build_graphs, check_against_spec
@@ -122,6 +122,8 @@ def export_streamed(source, config: InternVLConfig, out, *, precision: str = "fp
     show_bar = progress is None
     progress = reporter(progress, log)
     limits = limits or Limits()
+    check_export_args(opset, limits)
+    caption = caption_defaults(checkpoint)  # the checkpoint's generation_config.json, else the original's
     out = Path(out).absolute()
     mapping, shapes = resolve_keys(source, config)
     tmp = prepare_output(out, overwrite)
@@ -156,7 +158,7 @@ def export_streamed(source, config: InternVLConfig, out, *, precision: str = "fp
         for host in ("text_projection", "logit_scale"):
             np.save(tmp / f"{host}.npy", source.get(mapping[host]).to(torch.float32).numpy())
         manifest = build_manifest(config, limits=limits, tokenizer=tok, source=source_desc, opset=opset,
-                                  exporter="stream", precision=precision, checks=checks)
+                                  exporter="stream", precision=precision, checks=checks, caption=caption)
         for name, g in manifest.graphs.items():
             g.how = hows[name]
         write_manifest(tmp, manifest, known={WEIGHTS_FILE: digest})
