@@ -13,7 +13,6 @@ from typing import Callable
 import numpy as np
 
 from runtime.kv_cache import CachedDecoder, KVCache
-from runtime.numeric import min_row_cosine
 from runtime.progress import get_logger
 
 log = get_logger(__name__)
@@ -131,15 +130,9 @@ def logits_cosine(ref_pipe, new_pipe, steps: int = 8, seed: int = 0) -> float:
     s = ref_pipe.preprocessing.image_size
     pix = np.random.default_rng(seed).standard_normal((2, 3, s, s), dtype=np.float32)
     prompt = np.array([[1, 5, 6, 7]] * 2, np.int64)
-    a, b = ref_pipe._decoder(pix, prompt, None, steps), new_pipe._decoder(pix, prompt, None, steps)
-    la, lb = a.prefill(), b.prefill()
-    worst = 1.0
-    for i in range(steps):
-        worst = min(worst, min_row_cosine(la, lb))
-        if i + 1 < steps:
-            tok = la.argmax(-1)  # both follow the first bundle's tokens
-            la, lb = a.step(tok, None), b.step(tok, None)
-    return worst
+    from .accuracy import logits_cosine as teacher_forced
+
+    return min(1.0, teacher_forced(ref_pipe, new_pipe, pix, prompt, steps))
 
 
 def compare_bundles(pipe, others: list, pasts: list[int], steps: int, repeats: int = 3) -> str:

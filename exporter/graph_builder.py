@@ -151,11 +151,15 @@ class GraphBuilder:
 
     def weight(self, key: str, transpose: bool = False, storage: str | None = None) -> str:
         """An initializer read from the checkpoint key (transposed if asked); returns its name."""
+        return self._ref(key, transpose, storage).names[0]
+
+    def _ref(self, key: str, transpose: bool = False, storage: str | None = None) -> WeightRef:
+        """Register the initializer(s) made from checkpoint `key`; returns their reference."""
         storage = storage or ("float16" if self.act == TensorProto.FLOAT16 else "float32")
         ref = WeightRef(key, transpose, storage)
         for n in ref.names:
             self.weights[n] = ref
-        return ref.names[0]
+        return ref
 
     # -- nodes ---------------------------------------------------------------------------------------
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, outputs: list[str] | None = None,
@@ -198,8 +202,7 @@ class GraphBuilder:
         Written by hand because onnxruntime's quantizer loads the whole model into memory; the
         weights are quantized tensor by tensor while streaming (weight_stream.quantize_columns).
         """
-        wq, ws, wz = WeightRef(key, True, "uint8-cols").names
-        self.weight(key, transpose=True, storage="uint8-cols")
+        wq, ws, wz = self._ref(key, True, "uint8-cols").names
         if x not in self._quantized_inputs:  # one DynamicQuantizeLinear per activation, shared
             self._quantized_inputs[x] = tuple(self.op("DynamicQuantizeLinear", [x], n_out=3))
         xq, xs, xz = self._quantized_inputs[x]
@@ -217,12 +220,8 @@ class GraphBuilder:
 
     def _nbits_matmul(self, x: str, key: str) -> str:
         """MatMulNBits as MatMulNBitsQuantizer writes it (K and N are filled in from the shapes in model())."""
-        ref = WeightRef(key, True, self._int4_storage("matmul"))
-        self.weight(key, transpose=True, storage=ref.storage)
-        attrs = {"bits": 4, "block_size": self.int4.block_size}
-        if self.int4.accuracy_level:
-            attrs["accuracy_level"] = self.int4.accuracy_level
-        out = self.op("MatMulNBits", [x] + ref.names, domain="com.microsoft", K=0, N=0, **attrs)
+        ref = self._ref(key, True, self._int4_storage("matmul"))
+        out = self.op("MatMulNBits", [x] + ref.names, domain="com.microsoft", **self.int4.matmul_attrs(0, 0))
         self._nbits[self.nodes[-1].name] = key
         return out
 
@@ -230,11 +229,9 @@ class GraphBuilder:
         """Rows `ids` of the embedding table `key` ([V, D]): a Gather, or GatherBlockQuantized in int4-cpu."""
         if self.int4 is None or not self.int4.embeddings:
             return self.op("Gather", [self.weight(key), ids])
-        ref = WeightRef(key, False, self._int4_storage("gather"))
-        self.weight(key, storage=ref.storage)
-        q, scales, *zp = ref.names
-        return self.op("GatherBlockQuantized", [q, ids, scales] + zp, domain="com.microsoft", gather_axis=0,
-                       quantize_axis=1, block_size=self.int4.block_size)
+        q, scales, *zp = self._ref(key, False, self._int4_storage("gather")).names
+        return self.op("GatherBlockQuantized", [q, ids, scales] + zp, domain="com.microsoft",
+                       **self.int4.gather_attrs())
 
     def rms_norm(self, x: str, key: str, eps: float) -> str:
         """RMSNorm in fp32 (the pattern onnxruntime fuses into SimplifiedLayerNormalization)."""

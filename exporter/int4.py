@@ -48,6 +48,17 @@ class Int4Options:
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level must be 0-4 (see MatMulNBits), got {self.accuracy_level}")
 
+    def matmul_attrs(self, k: int, n: int) -> dict:
+        """MatMulNBits' attributes for a [K, N] weight, as the maintained quantizer sets them."""
+        attrs = {"K": k, "N": n, "bits": BITS, "block_size": self.block_size}
+        if self.accuracy_level:
+            attrs["accuracy_level"] = self.accuracy_level
+        return attrs
+
+    def gather_attrs(self) -> dict:
+        """GatherBlockQuantized's attributes for a token embedding table (rows gathered, blocks along D)."""
+        return {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block_size}
+
     def as_dict(self) -> dict:
         """Plain fields, for the manifest."""
         return {"bits": BITS, "block_size": self.block_size, "symmetric": self.symmetric,
@@ -112,10 +123,7 @@ def quantize_matmul_weight(w: np.ndarray, opts: Int4Options = Int4Options()) -> 
     mnq = _quantizer_module()
     packed, scales, zp = mnq.DefaultWeightOnlyQuantizer(_config(opts)).qbits_block_quant(np.ascontiguousarray(w))
     k, n = w.shape
-    attrs = {"K": k, "N": n, "bits": BITS, "block_size": opts.block_size}
-    if opts.accuracy_level:
-        attrs["accuracy_level"] = opts.accuracy_level
-    return NBitsWeight(packed, scales, None if opts.symmetric else zp, attrs)
+    return NBitsWeight(packed, scales, None if opts.symmetric else zp, opts.matmul_attrs(k, n))
 
 
 @dataclass
@@ -150,7 +158,7 @@ def quantize_embedding(table: np.ndarray, name: str, opts: Int4Options = Int4Opt
     data = helper.make_tensor(name + f"_Q{BITS}", qtype, table.shape, q.tobytes(), True)
     zpt = None if opts.symmetric else helper.make_tensor(name + "_zero_points", qtype, scales.shape, zp.tobytes(), True)
     return BlockQuantizedTable(data, numpy_helper.from_array(scales, name + "_scales"), zpt,
-                               {"gather_axis": 0, "quantize_axis": 1, "block_size": opts.block_size})
+                               opts.gather_attrs())
 
 
 def quantize_embedding_rows(table, opts: Int4Options = Int4Options(), rows: int = 4096, to_numpy=np.asarray):
