@@ -18,7 +18,7 @@ from runtime.progress import get_logger, reporter
 from .checks import check_graph
 from .errors import ExportError
 from .onnx_export import DEFAULT_OPSET, SUPPORTED_OPSETS, WEIGHTS_FILE, export_graph, relink_weights
-from .output import commit_output, discard, prepare_output  # noqa: F401 (re-exported)
+from .output import output_dir
 from .profiles import to_json as profiles_json
 from .specs import all_specs, kv_layout, model_dims
 from .tokenizer import write_tokenizer
@@ -166,8 +166,7 @@ def export_bundle(model: torch.nn.Module, out, *, checkpoint: Path | None = None
     check_export_args(opset, limits)
     caption = caption_defaults(checkpoint)
     out = Path(out).absolute()
-    tmp = prepare_output(out, overwrite)
-    try:
+    with output_dir(out, overwrite) as tmp:  # renamed into place when complete, removed on failure
         # the tokenizer first: a missing or corrupt one is refused before minutes of graph export
         tok = write_tokenizer(checkpoint, tokenizer, tmp, vocab_size=config.qllama.vocab_size)
         paths = []
@@ -191,12 +190,8 @@ def export_bundle(model: torch.nn.Module, out, *, checkpoint: Path | None = None
         manifest = build_manifest(config, limits=limits, tokenizer=tok, source=source, opset=opset,
                                   exporter="dynamo" if dynamo else "torchscript", checks=checks, caption=caption)
         write_manifest(tmp, manifest)
-        commit_output(tmp, out)
-        say(f"[export] bundle written to {out}")
-        return out
-    except BaseException:
-        discard(tmp)
-        raise
+    say(f"[export] bundle written to {out}")
+    return out
 
 
 def _version(package: str = "bridge-export") -> str:

@@ -27,7 +27,7 @@ from .bundle import write_manifest
 from .checks import check_graph
 from .graph_builder import QUANTIZED
 from .onnx_export import relink_weights
-from .output import OutputError, check_output_dir, commit_output, discard, prepare_output
+from .output import OutputError, check_output_dir, output_dir
 
 MODES = ("fp16", "int8", "int8-cpu", "int4-cpu")
 ONNXRUNTIME_ONLY = QUANTIZED  # contrib / integer ops TensorRT does not parse
@@ -312,8 +312,7 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
     if target_cosine is not None and not 0 < target_cosine < 1:
         raise ValueError(f"--target-cosine must be between 0 and 1 (e.g. 0.999), got {target_cosine}")
     calib_images, held_images, calib_texts_, held_texts = _inputs(src, calib, calib_texts)
-    tmp = prepare_output(Path(out), overwrite)
-    try:
+    with output_dir(Path(out), overwrite) as tmp:  # renamed into place when complete, removed on failure
         pipe = runtime.load(bundle)
         feeds = held = None
         if mode == "int8":
@@ -372,12 +371,8 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
                 progress(f"[precision] warning: {where} cosine {worst:.6f} is below {WARN_BELOW}"
                          + ("; rerun with --target-cosine 0.99 (or higher) to keep sensitive nodes in fp32"
                             if mode == "int8" else ""))
-        commit_output(tmp, Path(out))
-        progress(f"[precision] {mode} bundle written to {Path(out).absolute()}")
-        return Path(out)
-    except BaseException:
-        discard(tmp)
-        raise
+    progress(f"[precision] {mode} bundle written to {Path(out).absolute()}")
+    return Path(out)
 
 
 def precision_summary(manifest, rep: dict) -> dict:

@@ -8,7 +8,6 @@ that precision (graph_builder), so no fp32 bundle is made first.
 """
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ from reference_model.config import InternVLConfig
 
 from runtime.progress import get_logger, reporter
 
-from .bundle import build_manifest, caption_defaults, check_export_args, commit_output, prepare_output, write_manifest
+from .bundle import build_manifest, caption_defaults, check_export_args, write_manifest
+from .output import output_dir
 from .checks import check_graph
 from .graph_builder import INLINE_BYTES, QUANTIZED, WeightRef
 from .internvl_graphs import build_graphs, check_against_spec
@@ -126,8 +126,7 @@ def export_streamed(source, config: InternVLConfig, out, *, precision: str = "fp
     caption = caption_defaults(checkpoint)  # the checkpoint's generation_config.json, else the original's
     out = Path(out).absolute()
     mapping, shapes = resolve_keys(source, config)
-    tmp = prepare_output(out, overwrite)
-    try:
+    with output_dir(out, overwrite) as tmp:  # renamed into place when complete, removed on failure
         t0 = time.perf_counter()
         if precision == "int4-cpu":
             from .int4 import Int4Options
@@ -162,12 +161,8 @@ def export_streamed(source, config: InternVLConfig, out, *, precision: str = "fp
         for name, g in manifest.graphs.items():
             g.how = hows[name]
         write_manifest(tmp, manifest, known={WEIGHTS_FILE: digest})
-        commit_output(tmp, out)
-        progress(f"[export] bundle written to {out}")
-        return out
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    progress(f"[export] bundle written to {out}")
+    return out
 
 
 def export_checkpoint(checkpoint, out, lora_alpha: float | None = None, **kwargs) -> Path:
