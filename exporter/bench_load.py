@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from runtime.manifest import GRAPHS, read_manifest
+from runtime.sessions import ort_session_options
 from runtime.progress import get_logger
 
 log = get_logger(__name__)
@@ -25,11 +26,7 @@ def open_graphs(bundle, threads: int | None = None) -> list:
     paths = [man.graph_path(g) for g in GRAPHS]
 
     def run():
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts = ort_session_options(threads)  # the runtime's own options
         return [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in paths]
 
     return run

@@ -116,6 +116,22 @@ def check_threads(threads) -> None:
                          f"got {threads!r}")
 
 
+def ort_session_options(threads: int | None = None, session_config: dict[str, str] | None = None):
+    """The onnxruntime SessionOptions every runtime session uses: quiet, all graph optimisations,
+    `threads` intra-op threads (checked), and the given config entries."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads is not None:
+        check_threads(threads)
+        opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for key, value in (session_config or {}).items():
+        opts.add_session_config_entry(key, value)
+    return opts
+
+
 class OrtSession(Session):
     """An onnxruntime InferenceSession over one graph, run through I/O binding."""
 
@@ -124,14 +140,7 @@ class OrtSession(Session):
         import onnxruntime as ort
 
         self.name = Path(path).stem
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads is not None:
-            check_threads(threads)
-            opts.intra_op_num_threads = threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        for key, value in (session_config or {}).items():
-            opts.add_session_config_entry(key, value)
+        opts = ort_session_options(threads, session_config)
         check_providers(providers)
         try:
             self.sess = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
