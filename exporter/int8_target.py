@@ -126,19 +126,35 @@ def meets(cosines: dict[str, float], target: float) -> bool:
     return all(v >= target for v in cosines.values())
 
 
+class _Recorded:
+    """A session stand-in that answers each of `feeds` with the outputs `session` gave it once."""
+
+    def __init__(self, session, feeds: list[dict]):
+        self.outputs = {id(f): session.run(f) for f in feeds}
+
+    def run(self, feeds: dict) -> dict:
+        """The recorded outputs for this feed."""
+        return self.outputs[id(feeds)]
+
+
 def targeted_int8(src: Path, dst: Path, calib_feeds: list[dict], held_feeds: list[dict], target: float | None,
-                  build, progress, start_kept: list[str] | None = None) -> dict:
+                  build, progress, start_kept: list[str] | None = None, cache: dict | None = None) -> dict:
     """Quantize graph `src` to `dst` with `build(kept_fp32) -> how`, keeping the fewest most-sensitive
     nodes in fp32 for every output on `held_feeds` to reach `target` (just measure when None).
 
-    `start_kept` (from an earlier round) is the smallest set to keep. Returns the record for the
-    manifest: kept nodes, the sensitivity order used, and each output's cosine.
+    `start_kept` (from an earlier round) is the smallest set to keep. `cache`: a dict kept across the
+    rounds of one graph (same feeds, same calibration ranges): the fp32 outputs and the node
+    sensitivities already measured are reused, not run again. Returns the record for the manifest:
+    kept nodes, the sensitivity order used, and each output's cosine.
     """
     from onnxruntime.quantization.calibrate import load_tensors_data
 
     from runtime.sessions import OrtSession
 
-    ref = OrtSession(src)
+    cache = {} if cache is None else cache
+    if "ref" not in cache:  # the fp32 graph's outputs on the held-out feeds, run once
+        cache["ref"] = _Recorded(OrtSession(src), held_feeds)
+    ref = cache["ref"]
     kept = list(start_kept or [])
 
     def attempt(keep: list[str]) -> tuple[dict, dict[str, float]]:
@@ -155,8 +171,14 @@ def targeted_int8(src: Path, dst: Path, calib_feeds: list[dict], held_feeds: lis
     model = onnx.load(str(src), load_external_data=False)
     ranges = {k: v.range_value for k, v in load_tensors_data(dst.with_suffix(".calibration.json")).items()}
     probe = [g[0] for g in shape_groups(calib_feeds + held_feeds)]  # one feed per path: prefill, decode, text
-    sens = node_sensitivity(model, [q for q in how["nodes"] if q not in kept], capture_inputs(src, probe),
-                            ranges, src.parent, how.get("weight_qmax", INT8_MAX))
+    candidates = [q for q in how["nodes"] if q not in kept]
+    measured, known = cache.setdefault("measured", set()), cache.setdefault("sens", {})
+    todo = [q for q in candidates if q not in measured]
+    if todo:  # each node is measured alone, so earlier rounds' figures stand
+        known.update(node_sensitivity(model, todo, capture_inputs(src, probe), ranges, src.parent,
+                                      how.get("weight_qmax", INT8_MAX)))
+        measured.update(todo)
+    sens = {q: known[q] for q in candidates if q in known}
     order = sorted(sens, key=sens.get)
     order += [q for q in how["nodes"] if q not in kept and q not in sens]  # unmeasured ones last
     steps = sorted({min(2 ** i, len(order)) for i in range(len(order).bit_length() + 1)})

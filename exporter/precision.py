@@ -230,7 +230,7 @@ def _inputs(src, calib, calib_texts):
 
 
 def _convert_graphs(src, tmp: Path, manifest, mode: str, progress, *, feeds=None, held=None, method="max",
-                    exclude=None, int4=None, targets=None, kept=None) -> None:
+                    exclude=None, int4=None, targets=None, kept=None, caches=None) -> None:
     """Write every graph of `mode` into `tmp`, recording `how` in `manifest`, then share weights.bin."""
     from .int8_target import targeted_int8
 
@@ -246,7 +246,8 @@ def _convert_graphs(src, tmp: Path, manifest, mode: str, progress, *, feeds=None
                 return to_int8_qdq(srcp, dst, feeds[name], method, exclude, progress, kept=keep)
 
             how = targeted_int8(srcp, dst, feeds[name], held[name], (targets or {}).get(name), build, progress,
-                                start_kept=(kept or {}).get(name))
+                                start_kept=(kept or {}).get(name),
+                                cache=None if caches is None else caches.setdefault(name, {}))
             how.pop("nodes", None)
         elif mode == "int4-cpu":
             from .int4 import Int4Options
@@ -321,12 +322,12 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
             held = record_feeds(pipe, held_images, held_texts, seed=1)
         manifest = copy.deepcopy(src)
         targets = {name: target_cosine for name in manifest.graphs} if target_cosine else None
-        rep, misses = None, {}
+        rep, misses, caches = None, {}, {}  # caches: per graph, what a later round need not measure again
         for _ in range(max_rounds if target_cosine else 1):
             kept = {n: (g.how or {}).get("kept_fp32_for_target", []) for n, g in manifest.graphs.items()
                     if g.precision == mode}
             _convert_graphs(src, tmp, manifest, mode, progress, feeds=feeds, held=held, method=method,
-                            exclude=exclude, int4=int4, targets=targets, kept=kept)
+                            exclude=exclude, int4=int4, targets=targets, kept=kept, caches=caches)
             _copy_assets(src, tmp, manifest)
             manifest.precision = PrecisionInfo(mode=mode, derived_from={
                 "bundle": str(Path(bundle).absolute()), "precision": "fp32",
