@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import runtime
-from exporter.bundle import export_bundle
-from reference_model import DEMO_CHECKPOINT, load_pretrained
-from reference_model.digits import WORDS, load_heldout_style, load_test_split
+from bridge_export import runtime
+from bridge_export.exporter.export.bundle import export_bundle
+from bridge_export.reference_model import DEMO_CHECKPOINT, load_pretrained
+from bridge_export.reference_model.digits import WORDS, load_heldout_style, load_test_split
 
 TOP_K = 5
 

@@ -13,10 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import runtime
-from exporter.bundle import export_bundle
-from reference_model import DEMO_CHECKPOINT, load_pretrained
-from reference_model.digits import CAPTION_TOKENS, WORDS, load_heldout_style, load_test_split
+from bridge_export import runtime
+from bridge_export.exporter.export.bundle import export_bundle
+from bridge_export.reference_model import DEMO_CHECKPOINT, load_pretrained
+from bridge_export.reference_model.digits import CAPTION_TOKENS, WORDS, load_heldout_style, load_test_split
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Precisions side by side: accuracy, size on disk and speed of fp32, fp16, int8 and int8-cpu bundles.
 
 Exports the shipped digits model into a temporary directory, makes one bundle per precision with
-`exporter.precision.make_precision_bundle` (int8 is static Q/DQ calibrated on shipped training
+`bridge_export.exporter.quantize.precision.make_precision_bundle` (int8 is static Q/DQ calibrated on shipped training
 digits, for TensorRT and onnxruntime; int8-cpu is dynamic INT8 for onnxruntime on CPUs; any
 further precision the exporter offers is included), then measures every bundle in the same run:
 zero-shot and caption accuracy on the shipped test digits, bytes on disk, and speed, timed in
@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import runtime
-from exporter.bundle import export_bundle
-from exporter.precision import MODES, make_precision_bundle
-from reference_model import DEMO_CHECKPOINT, load_pretrained
-from reference_model.digits import (CAPTION_TOKENS, WORDS, load_calibration_images, load_test_split,
+from bridge_export import runtime
+from bridge_export.exporter.export.bundle import export_bundle
+from bridge_export.exporter.quantize.precision import MODES, make_precision_bundle
+from bridge_export.reference_model import DEMO_CHECKPOINT, load_pretrained
+from bridge_export.reference_model.digits import (CAPTION_TOKENS, WORDS, load_calibration_images, load_test_split,
                                     names_digit)
 
 ROUNDS = 3

@@ -8,7 +8,7 @@ bundle to the device and run that script there (trtexec ships with JetPack).
 The runtime then opens engines with `runtime.load(bundle, backend="tensorrt")`. It checks each
 engine's sidecar (TensorRT version, GPU, profiles) before loading it: `bridge-export engine BUNDLE`
 (TensorRT's Python builder) writes it, and so does the script, which stamps a sidecar template
-after each trtexec build (`python3 -m runtime.trt_compat stamp`, needing TensorRT's Python package,
+after each trtexec build (`python3 -m bridge_export.runtime.gpu.trt_compat stamp`, needing TensorRT's Python package,
 which JetPack ships). For JetPack 7 (TensorRT 11) add `--trt-major 11`.
 Where TensorRT or a GPU is missing (as on a plain CPU machine) this part says so and stops cleanly.
 
@@ -20,16 +20,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-import runtime
-from exporter.bundle import export_bundle
-from reference_model import DEMO_CHECKPOINT, load_pretrained
-from reference_model.digits import WORDS, load_test_split
+from bridge_export import runtime
+from bridge_export.exporter.export.bundle import export_bundle
+from bridge_export.reference_model import DEMO_CHECKPOINT, load_pretrained
+from bridge_export.reference_model.digits import WORDS, load_test_split
 
 
 def bridge_export(*args: str) -> str:
     """Run the bridge-export CLI (the installed command, or the module where it is not on PATH)."""
     exe = shutil.which("bridge-export")
-    cmd = [exe] if exe else [sys.executable, "-m", "exporter.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "bridge_export.exporter.cli"]
     done = subprocess.run(cmd + list(args), capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"bridge-export {' '.join(args)} failed:\n{done.stderr}")

@@ -1,8 +1,8 @@
 """Training the demo model: a short run of the shipped model's training, then the trained model exported and used.
 
-Runs `reference_model.train_demo.train` for a few steps into a temporary directory (the shipped
+Runs `bridge_export.reference_model.train_demo.train` for a few steps into a temporary directory (the shipped
 checkpoint was made the same way, with many more steps:
-`python -m reference_model.train_demo --threads 1`), prints its accuracy
+`python -m bridge_export.reference_model.train_demo --threads 1`), prints its accuracy
 figures, then exports the fresh checkpoint to a bundle and classifies a few digits with it.
 Needs scikit-learn for the handwritten digits (`pip install -e ".[train]"`). A few steps do not
 make a good model: this shows the loop, not the final accuracy.
@@ -14,17 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-import runtime
-from exporter.bundle import export_bundle
-from reference_model import DEMO_CHECKPOINT, load_pretrained
-from reference_model.digits import WORDS, load_test_split
+from bridge_export import runtime
+from bridge_export.exporter.export.bundle import export_bundle
+from bridge_export.reference_model import DEMO_CHECKPOINT, load_pretrained
+from bridge_export.reference_model.digits import WORDS, load_test_split
 
 STEPS = 40
 
 
 def main() -> None:
     try:
-        from reference_model.train_demo import train
+        from bridge_export.reference_model.train_demo import train
     except ImportError as e:
         raise SystemExit(f"training needs torch and scikit-learn: pip install -e '.[train]' ({e})")
     with tempfile.TemporaryDirectory() as tmp:

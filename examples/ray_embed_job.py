@@ -15,7 +15,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from exporter.ray_embed import RayOptions, embed_with_ray
+from bridge_export.runtime.serve.ray_embed import RayOptions, embed_with_ray
 
 EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -47,7 +47,7 @@ def main() -> None:
     if args.baseline:  # same images, one process, all cores, bundle load included as in the Ray rows
         import time
 
-        import runtime
+        from bridge_export import runtime
 
         t0 = time.perf_counter()
         with runtime.load(args.bundle) as pipe:

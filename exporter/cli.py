@@ -10,13 +10,13 @@ from pathlib import Path
 
 import click
 
-from runtime.errors import UserError
-from runtime.manifest import GRAPHS
-from runtime.pipeline import MAX_BATCH, MAX_CAPTION_BATCH
-from runtime.search import MAX_BEAMS
-from runtime.sessions import max_threads
+from bridge_export.runtime.errors import UserError
+from bridge_export.runtime.manifest import GRAPHS
+from bridge_export.runtime.pipeline import MAX_BATCH, MAX_CAPTION_BATCH
+from bridge_export.runtime.search import MAX_BEAMS
+from bridge_export.runtime.sessions import max_threads
 
-from .calibration import IMAGE_SUFFIXES as CALIBRATION_SUFFIXES
+from bridge_export.exporter.quantize.calibration import IMAGE_SUFFIXES as CALIBRATION_SUFFIXES
 
 # Errors a user can cause and fix: shown as one line, no traceback (--debug shows it). Anything else is a
 # bug and keeps its traceback. ValueError is how every argument check reports; OSError covers a full
@@ -92,7 +92,7 @@ def run_options(fn):
 
 def load_pipeline(bundle, backend: str, device):
     """runtime.load, closed when the command ends (frees device memory on a GPU)."""
-    import runtime
+    from bridge_export import runtime
 
     pipe = runtime.load(bundle, backend=backend, device=device)
     click.get_current_context().call_on_close(pipe.close)
@@ -107,7 +107,7 @@ def main(debug, quiet):
     """Export InternVL-14B (InternVL-C / InternVL-G) to ONNX and TensorRT, and run the result."""
     import logging
 
-    from runtime.progress import log_to_stderr, quiet_third_party
+    from bridge_export.runtime.progress import log_to_stderr, quiet_third_party
 
     log_to_stderr(logging.WARNING if quiet else logging.INFO)
     quiet_third_party()
@@ -123,7 +123,7 @@ def int4_options(f):
 
 
 def _int4(block_size: int, symmetric: bool, accuracy_level: int):
-    from .int4 import Int4Options
+    from bridge_export.exporter.quantize.int4 import Int4Options
 
     return Int4Options(block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level)
 
@@ -151,9 +151,9 @@ def _int4(block_size: int, symmetric: bool, accuracy_level: int):
 def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer, precision, block_size, symmetric,
              accuracy_level, calib, exporter, dynamo, overwrite):
     """Export a checkpoint or preset into a bundle of ONNX graphs plus manifest."""
-    from .bundle import check_export_args, export_bundle, load_source
-    from .output import check_output_dir
-    from .specs import Limits
+    from bridge_export.exporter.export.bundle import check_export_args, export_bundle, load_source
+    from bridge_export.exporter.output import check_output_dir
+    from bridge_export.exporter.export.specs import Limits
 
     if max_seq is not None and max_seq <= 0:
         raise click.ClickException(f"--max-seq must be a positive number of positions, got {max_seq}")
@@ -172,7 +172,7 @@ def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise click.ClickException(f"--tokenizer {tokenizer} is not a directory")
     if exporter == "stream":
-        from .stream_export import export_checkpoint, export_model
+        from bridge_export.exporter.export.stream_export import export_checkpoint, export_model
 
         common = dict(precision=precision if direct else "fp32", tokenizer=tokenizer, opset=opset, limits=limits,
                       overwrite=overwrite, int4=int4 if precision == "int4-cpu" else None)
@@ -186,7 +186,7 @@ def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer
         path = export_bundle(model, out, checkpoint=checkpoint, tokenizer=tokenizer, opset=opset, limits=limits,
                              overwrite=overwrite, exporter=exporter, source=source)
     if precision != "fp32" and not direct:
-        from .precision import make_precision_bundle
+        from bridge_export.exporter.quantize.precision import make_precision_bundle
 
         make_precision_bundle(path, Path(f"{path}-{precision}"), precision, calib=calib, overwrite=overwrite, int4=int4)
 
@@ -202,7 +202,7 @@ def onnx_cmd(checkpoint, preset, seed, out, opset, max_batch, max_seq, tokenizer
 @friendly
 def random_checkpoint(preset, dtype, out, seed, shard_size, overwrite, workers):
     """Write a seeded random checkpoint in the published layout, in bounded memory (dry runs, scale tests)."""
-    from reference_model.checkpoint_writer import write_random_checkpoint
+    from bridge_export.reference_model.checkpoint_writer import write_random_checkpoint
 
     path = write_random_checkpoint(out, preset, dtype=dtype, seed=seed, shard_size=shard_size, overwrite=overwrite,
                                   workers=workers or None)
@@ -218,7 +218,7 @@ def random_checkpoint(preset, dtype, out, seed, shard_size, overwrite, workers):
 @friendly
 def verify(bundle, checkpoint, preset, seed, checksums):
     """Check every graph and the end-to-end outputs against the PyTorch reference (and/or every file's sha256)."""
-    from runtime.manifest import read_manifest
+    from bridge_export.runtime.manifest import read_manifest
 
     man = read_manifest(bundle, verify_checksums=checksums)
     if checksums:
@@ -229,8 +229,8 @@ def verify(bundle, checkpoint, preset, seed, checksums):
     if man.precision.mode != "fp32":
         raise click.ClickException(f"{bundle} is a {man.precision.mode} bundle: verify checks fp32 parity with the "
                                    "reference; its accuracy against fp32 is in its manifest (bridge-export inspect)")
-    from .verify import verify_bundle
-    from .verify_parts import reference_source
+    from bridge_export.exporter.verify.parity import verify_bundle
+    from bridge_export.exporter.verify.parts import reference_source
 
     report = verify_bundle(bundle, reference_source(checkpoint, preset, seed))
     click.echo(report.format())
@@ -244,9 +244,9 @@ def verify(bundle, checkpoint, preset, seed, checksums):
 @friendly
 def inspect(bundle, as_json):
     """Print a bundle's manifest as a readable table."""
-    from runtime.manifest import read_manifest
+    from bridge_export.runtime.manifest import read_manifest
 
-    from .inspect_bundle import format_manifest
+    from bridge_export.exporter.inspect_bundle import format_manifest
 
     man = read_manifest(bundle, verify_checksums=False)
     click.echo(json.dumps(man.to_dict(), indent=2) if as_json else format_manifest(man))
@@ -279,7 +279,7 @@ class _ImageReader:
     def __iter__(self):
         from tqdm import tqdm
 
-        from runtime.preprocess import ImageError, to_pil
+        from bridge_export.runtime.preprocess import ImageError, to_pil
 
         with tqdm(total=len(self.files), desc="images", unit="img", disable=len(self.files) <= self.chunk,
                   file=sys.stderr) as bar:
@@ -327,7 +327,7 @@ def embed(bundle, images, texts, mode, out, overwrite, batch_size, use_ray, addr
     """Embed images (files or folders) and texts."""
     import numpy as np
 
-    from .output import atomic_file, check_output_file
+    from bridge_export.exporter.output import atomic_file, check_output_file
 
     if not images and not texts:
         raise click.ClickException("nothing to embed: give image files or folders, and/or --texts")
@@ -342,7 +342,7 @@ def embed(bundle, images, texts, mode, out, overwrite, batch_size, use_ray, addr
             except ImportError as e:
                 raise click.ClickException("writing .parquet needs pyarrow: pip install pyarrow, or use .npy") from e
     if use_ray:
-        from .ray_embed import run_cli
+        from bridge_export.runtime.serve.ray_embed import run_cli
 
         return run_cli(bundle, _expand_images(images), texts, mode, out, batch_size, address, workers,
                        gpus_per_worker)
@@ -430,7 +430,7 @@ def caption(bundle, images, beams, max_new_tokens, min_new_tokens, prompt, batch
 @friendly
 def classify(bundle, images, labels, template, mode, backend, device):
     """Zero-shot classification of images over --labels."""
-    from runtime.pipeline import check_labels, check_template
+    from bridge_export.runtime.pipeline import check_labels, check_template
 
     names = check_labels([s.strip() for s in labels.split(",") if s.strip()])
     check_template(template)
@@ -463,9 +463,9 @@ def classify(bundle, images, labels, template, mode, backend, device):
 @friendly
 def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, compare, repeats):
     """Throughput and memory of a bundle (and the reference, side by side, in this one process)."""
-    from .bench import run_bench
+    from bridge_export.exporter.bench.throughput import run_bench
 
-    from .bundle import load_source
+    from bridge_export.exporter.export.bundle import load_source
 
     def load_reference():  # called after the runtime's memory is measured
         return load_source(reference, reference_preset, seed)[0]
@@ -489,7 +489,7 @@ def bench(bundle, reference, reference_preset, seed, threads, pasts, tokens, com
 @friendly
 def bench_load(bundle, repeats, threads, no_checksums):
     """Time runtime.load() against onnxruntime opening the graphs, side by side."""
-    from .bench_load import format_load, measure_load
+    from bridge_export.exporter.bench.load import format_load, measure_load
 
     click.echo(format_load(bundle, measure_load(bundle, repeats, threads, checksums=not no_checksums)))
 
@@ -501,7 +501,7 @@ def bench_load(bundle, repeats, threads, no_checksums):
 @friendly
 def demo(out, limit, precisions):
     """The main job: shipped digits model -> bundle(s) -> onnxruntime, with an accuracy/speed report."""
-    from .demo import run_demo
+    from bridge_export.exporter.demo import run_demo
 
     run_demo(out, limit=limit, precisions=[p for p in precisions.split(",") if p])
 
@@ -527,7 +527,7 @@ def demo(out, limit, precisions):
 def precision(bundle, mode, block_size, symmetric, accuracy_level, calib, calib_texts, method, target_cosine, exclude,
               out, overwrite):
     """Make an FP16, INT8 or INT4 bundle from an fp32 one, and print its accuracy report."""
-    from .precision import make_precision_bundle
+    from bridge_export.exporter.quantize.precision import make_precision_bundle
 
     if mode is None:
         raise click.ClickException("choose one of --fp16, --int8, --int8-cpu or --int4-cpu")
@@ -554,7 +554,7 @@ def precision(bundle, mode, block_size, symmetric, accuracy_level, calib, calib_
 def engine(bundle, graphs, max_batch, max_seq, workspace, timing_cache, version_compatible, hardware_compatible,
            out, emit_trtexec, trt_major):
     """Build TensorRT engines (one per graph) or write the equivalent trtexec script."""
-    from .tensorrt import EngineOptions, build_engines, write_trtexec_script
+    from bridge_export.exporter.tensorrt.engines import EngineOptions, build_engines, write_trtexec_script
 
     opts = EngineOptions(graphs=[g for g in graphs.split(",") if g], max_batch=max_batch, max_seq=max_seq,
                          workspace_gib=workspace, timing_cache=timing_cache, version_compatible=version_compatible,
@@ -578,7 +578,7 @@ def engine(bundle, graphs, max_batch, max_seq, workspace, timing_cache, version_
 @friendly
 def serve(bundle, http_port, grpc_port, metrics_port, max_batch, instances, threads):
     """Serve a bundle on Triton Inference Server through PyTriton (HTTP, gRPC, metrics)."""
-    from .serve.pytriton_server import ServeOptions, serve as run
+    from bridge_export.runtime.serve.pytriton_server import ServeOptions, serve as run
 
     run(bundle, ServeOptions(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                              max_batch=max_batch, instances=instances, threads=threads))
@@ -598,7 +598,7 @@ def serve(bundle, http_port, grpc_port, metrics_port, max_batch, instances, thre
 @friendly
 def triton_repo(bundle, out, backend, max_batch, instances, entry_instances, ort_tensorrt, cpu, overwrite):
     """Write a Triton model repository (for the NGC tritonserver image) from a bundle."""
-    from .serve.triton_repo import RepoOptions, write_repo
+    from bridge_export.runtime.serve.triton_repo import RepoOptions, write_repo
 
     opts = RepoOptions(backend=backend, max_batch=max_batch, instances=instances, entry_instances=entry_instances,
                        ort_tensorrt=ort_tensorrt, gpu=not cpu)

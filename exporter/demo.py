@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from reference_model.digits import (CAPTION_PROMPT, TEMPLATE, WORDS, ReferenceRunner, caption_text, evaluate,
+from bridge_export.reference_model.digits import (CAPTION_PROMPT, TEMPLATE, WORDS, ReferenceRunner, caption_text, evaluate,
                                    load_calibration_images, load_heldout_style, load_test_split, names_digit)
-from runtime.progress import get_logger, reporter
+from bridge_export.runtime.progress import get_logger, reporter
 
 log = get_logger(__name__)
 
@@ -25,7 +25,7 @@ class BundleRunner:
 
     def caption_tokens(self, images, max_new_tokens):
         """Greedy caption tokens [N, n] for the images."""
-        from runtime.preprocess import preprocess
+        from bridge_export.runtime.preprocess import preprocess
 
         pix = preprocess(images, self.p.preprocessing)
         prompt = np.repeat(self.p.codec.prompt_ids(CAPTION_PROMPT), len(images), 0)
@@ -66,7 +66,7 @@ def demo_sets(checkpoint: Path, limit: int = 0) -> dict:
 def run_demo(out: Path = Path("demo-out"), limit: int = 0, precisions=("fp32", "fp16", "int8", "int8-cpu", "int4-cpu"),
              progress=None) -> dict:
     """Export the shipped checkpoint, run every variant over the test digits, print and return the report."""
-    from .output import owned_folder
+    from bridge_export.exporter.output import owned_folder
 
     unknown = sorted(set(precisions) - {"fp32", "fp16", "int8", "int8-cpu", "int4-cpu"})
     if unknown:
@@ -91,12 +91,12 @@ def _legacy_demo_dir(path: Path) -> bool:
 
 
 def _run(work: Path, limit: int, precisions, progress) -> dict:
-    import runtime
-    from reference_model import DEMO_CHECKPOINT, load_pretrained
-    from runtime.text import TextCodec
+    from bridge_export import runtime
+    from bridge_export.reference_model import DEMO_CHECKPOINT, load_pretrained
+    from bridge_export.runtime.text import TextCodec
 
-    from .bundle import export_bundle
-    from .precision import make_precision_bundle
+    from bridge_export.exporter.export.bundle import export_bundle
+    from bridge_export.exporter.quantize.precision import make_precision_bundle
 
     sets = demo_sets(DEMO_CHECKPOINT, limit)
     progress(f"[demo] shipped model {DEMO_CHECKPOINT.name}; " + "; ".join(t.split(" (")[0] for t in sets))
@@ -124,7 +124,7 @@ def _run(work: Path, limit: int, precisions, progress) -> dict:
                                   calib_texts=texts_file, overwrite=True, progress=lambda s: None, report=False)
         progress(f"[demo] made the {prec} bundle")
         variants[f"onnx {prec}"] = BundleRunner(runtime.load(b))
-    from .output import atomic_file
+    from bridge_export.exporter.output import atomic_file
 
     results = {}
     for (title, (images, labels)), grid in zip(sets.items(), ("captions.png", "captions-heldout.png")):

@@ -1,7 +1,7 @@
 """The exporter's base error: an export (or one of its outputs) that cannot proceed; the message says what to do."""
 from __future__ import annotations
 
-from runtime.errors import UserError
+from bridge_export.runtime.errors import UserError
 
 
 class ExportError(UserError, RuntimeError):

@@ -22,9 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from runtime.manifest import FORMAT, MANIFEST
+from bridge_export.runtime.manifest import FORMAT, MANIFEST
 
-from .errors import ExportError
+from bridge_export.exporter.errors import ExportError
 
 log = logging.getLogger(__name__)
 

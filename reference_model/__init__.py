@@ -1,10 +1,10 @@
 """The PyTorch reference: a faithful InternVL-14B (InternVL-C / InternVL-G), plus small presets."""
 from pathlib import Path
 
-from .config import PRESETS, ConfigError, InternVLConfig, QLlamaConfig, VisionConfig, preset_config
-from .checkpoint_reader import iter_checkpoint_tensors
-from .loading import CheckpointError, from_preset, load_pretrained, save_pretrained
-from .model import InternVLModel
+from bridge_export.reference_model.config import PRESETS, ConfigError, InternVLConfig, QLlamaConfig, VisionConfig, preset_config
+from bridge_export.reference_model.checkpoint_reader import iter_checkpoint_tensors
+from bridge_export.reference_model.loading import CheckpointError, from_preset, load_pretrained, save_pretrained
+from bridge_export.reference_model.model import InternVLModel
 
 DEMO_CHECKPOINT = Path(__file__).parent / "demo_checkpoint"
 

@@ -26,9 +26,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from runtime.errors import UserError
+from bridge_export.runtime.errors import UserError
 
-from .config import InternVLConfig
+from bridge_export.reference_model.config import InternVLConfig
 
 log = logging.getLogger("reference_model")
 
@@ -250,7 +250,7 @@ def materialize(entry: Entry, read: Callable[[SourceTensor], torch.Tensor], dtyp
 
 def model_shapes(config: InternVLConfig) -> dict[str, tuple]:
     """Every state-dict key of the model of `config` and its shape (a meta-device model: no memory)."""
-    from .model import InternVLModel
+    from bridge_export.reference_model.model import InternVLModel
 
     with torch.device("meta"):
         return {k: tuple(v.shape) for k, v in InternVLModel(config).state_dict().items()}
@@ -258,7 +258,7 @@ def model_shapes(config: InternVLConfig) -> dict[str, tuple]:
 
 def read_config(directory) -> InternVLConfig:
     """config.json of a checkpoint directory as an InternVLConfig (CheckpointError if unusable)."""
-    from .config import ConfigError
+    from bridge_export.reference_model.config import ConfigError
 
     path = Path(directory)
     if not path.is_dir():

@@ -25,11 +25,11 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from runtime.errors import UserError
+from bridge_export.runtime.errors import UserError
 
-from .config import InternVLConfig, preset_config
-from .loading import DTYPES, init_rule
-from .model import InternVLModel
+from bridge_export.reference_model.config import InternVLConfig, preset_config
+from bridge_export.reference_model.loading import DTYPES, init_rule
+from bridge_export.reference_model.model import InternVLModel
 
 log = logging.getLogger("reference_model")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import UserError
+from bridge_export.runtime.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
@@ -107,7 +107,7 @@ class InternVLConfig:
     force_image_size: int | None = None
     tie_word_embeddings: bool = True
     # LoRA rank r the original wraps each tower with before loading (0 = none): such checkpoints carry
-    # peft key names; the loader merges the adapters (reference_model.checkpoint_reader).
+    # peft key names; the loader merges the adapters (bridge_export.reference_model.checkpoint_reader).
     use_backbone_lora: int = 0
     use_qllama_lora: int = 0
 

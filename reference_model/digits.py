@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.numeric import normalize
+from bridge_export.runtime.numeric import normalize
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATE = "the digit {}"
@@ -81,7 +81,7 @@ class ReferenceRunner:
         """Similarities or probabilities [N, len(labels)] (argmax = predicted label)."""
         import torch
 
-        from runtime.preprocess import preprocess
+        from bridge_export.runtime.preprocess import preprocess
 
         pix = torch.from_numpy(preprocess(images, self.pre, crop=True))
         img = self.m.encode_image(pix, f"InternVL-{mode}").numpy()
@@ -92,7 +92,7 @@ class ReferenceRunner:
         """Greedy caption tokens [N, n] for the images."""
         import torch
 
-        from runtime.preprocess import preprocess
+        from bridge_export.runtime.preprocess import preprocess
 
         pix = torch.from_numpy(preprocess(images, self.pre))
         prompt = torch.from_numpy(self.codec.prompt_ids(CAPTION_PROMPT)).repeat(len(images), 1)

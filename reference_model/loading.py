@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint_reader import CheckpointError  # noqa: F401 (re-exported)
-from .checkpoint_reader import IGNORED_PREFIXES, iter_checkpoint_tensors, read_config
-from .config import InternVLConfig, preset_config
-from .model import InternVLModel
+from bridge_export.reference_model.checkpoint_reader import CheckpointError  # noqa: F401 (re-exported)
+from bridge_export.reference_model.checkpoint_reader import IGNORED_PREFIXES, iter_checkpoint_tensors, read_config
+from bridge_export.reference_model.config import InternVLConfig, preset_config
+from bridge_export.reference_model.model import InternVLModel
 
 log = logging.getLogger("reference_model")
 

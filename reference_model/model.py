@@ -5,12 +5,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtime.search import SearchConfig, SearchResult, search
+from bridge_export.runtime.search import SearchConfig, SearchResult, search
 
-from .config import InternVLConfig
-from .heads import AttentionPoolingBlock, additive_mask
-from .qllama import QLlamaForCausalLM
-from .vision import InternViT
+from bridge_export.reference_model.config import InternVLConfig
+from bridge_export.reference_model.heads import AttentionPoolingBlock, additive_mask
+from bridge_export.reference_model.qllama import QLlamaForCausalLM
+from bridge_export.reference_model.vision import InternViT
 
 MODES = ("InternVL-C", "InternVL-G")
 
@@ -119,13 +119,13 @@ class InternVLModel(nn.Module):
 
     def save_pretrained(self, directory) -> None:
         """Write config.json + model.safetensors in the original layout."""
-        from .loading import save_pretrained
+        from bridge_export.reference_model.loading import save_pretrained
 
         save_pretrained(self, directory)
 
 
 class _TorchDecoder:
-    """The reference's generation state for `runtime.search`: a concatenating KV cache."""
+    """The reference's generation state for `bridge_export.runtime.search`: a concatenating KV cache."""
 
     @torch.no_grad()
     def __init__(self, model: InternVLModel, pixel_values, input_ids, attention_mask, use_cache: bool):

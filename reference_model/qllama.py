@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import QLlamaConfig
-from .layers import RMSNorm, apply_rope
+from bridge_export.reference_model.config import QLlamaConfig
+from bridge_export.reference_model.layers import RMSNorm, apply_rope
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -142,7 +142,7 @@ class QLlamaModel(nn.Module):
 
         `mask` is additive (B, 1, T, P + T) in fp32; `past` is a list of (K, V) of length P or None.
         """
-        from .layers import rope_cos_sin
+        from bridge_export.reference_model.layers import rope_cos_sin
 
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, inputs_embeds.dtype)
         x, new_kv = inputs_embeds, []

@@ -1,10 +1,10 @@
 """Train the shipped demo model on scikit-learn's handwritten digits, made varied by augmentation.
 
-    python -m reference_model.train_demo [--steps N] [--out DIR] [--threads 1]
+    python -m bridge_export.reference_model.train_demo [--steps N] [--out DIR] [--threads 1]
 
 (the shipped checkpoint: the defaults, with --threads 1; about an hour on a busy 2-core machine)
 
-Every batch is a fresh random variant of the training handwriting (reference_model.digit_styles:
+Every batch is a fresh random variant of the training handwriting (bridge_export.reference_model.digit_styles:
 position, size, slight rotation, stroke width by dilation/erosion, blur, noise and
 contrast), plus, with --fonts pillow, digits typeset in the one font Pillow ships (Aileron).
 Augmentation starts weak and reaches full strength over the first --warm-aug of the steps.
@@ -26,17 +26,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runtime.preprocess import preprocess
-from runtime.manifest import Preprocessing, SpecialTokens, TextConventions
-from runtime.text import TextCodec
+from bridge_export.runtime.preprocess import preprocess
+from bridge_export.runtime.manifest import Preprocessing, SpecialTokens, TextConventions
+from bridge_export.runtime.text import TextCodec
 
-from . import DEMO_CHECKPOINT
-from . import digit_styles as styles
-from . import digits
-from .digits import CAPTION_PROMPT, TEMPLATE, WORDS, build_tokenizer, caption_text, to_uint8
-from .heads import additive_mask
-from .loading import from_preset
-from .model import InternVLModel
+from bridge_export.reference_model import DEMO_CHECKPOINT
+from bridge_export.reference_model import digit_styles as styles
+from bridge_export.reference_model import digits
+from bridge_export.reference_model.digits import CAPTION_PROMPT, TEMPLATE, WORDS, build_tokenizer, caption_text, to_uint8
+from bridge_export.reference_model.heads import additive_mask
+from bridge_export.reference_model.loading import from_preset
+from bridge_export.reference_model.model import InternVLModel
 
 PREPROCESS = Preprocessing(image_size=16)
 
@@ -199,7 +199,7 @@ SET_TITLES = {"test": "test split (handwriting, as drawn)",
 
 
 def main(argv=None) -> None:
-    """Command-line entry: python -m reference_model.train_demo."""
+    """Command-line entry: python -m bridge_export.reference_model.train_demo."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=64)

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VisionConfig
-from .layers import RMSNorm
+from bridge_export.reference_model.config import VisionConfig
+from bridge_export.reference_model.layers import RMSNorm
 
 
 def _norm(cfg: VisionConfig, dim: int) -> nn.Module:

@@ -1,16 +1,16 @@
 """bridge-export runtime: runs a bundle on onnxruntime (or TensorRT) with numpy, tokenizers and Pillow.
 
-No torch here: `import runtime` must work where torch is not installed.
+No torch here: `import bridge_export.runtime` must work where torch is not installed.
 """
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .manifest import GRAPHS, BundleError, Manifest, read_manifest
-from .pipeline import Caption, Pipeline
-from .progress import get_logger
-from .text import TextCodec, TokenizerMissing
+from bridge_export.runtime.manifest import GRAPHS, BundleError, Manifest, read_manifest
+from bridge_export.runtime.pipeline import Caption, Pipeline
+from bridge_export.runtime.progress import get_logger
+from bridge_export.runtime.text import TextCodec, TokenizerMissing
 
 
 def _per_graph(session_config) -> dict[str, dict[str, str]]:
@@ -47,17 +47,17 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
     also hashes every byte of the bundle (slow on a bundle of many GB).
     `device`: "cpu" (onnxruntime's default; numpy in and out), "cuda" / "cuda:N" (onnxruntime's CUDA
     provider or TensorRT, with the KV cache in device memory and I/O bound there), or a
-    runtime.device_memory.DeviceMemory to bind onnxruntime's I/O in (the tests' host stand-in).
+    bridge_export.runtime.gpu.memory.DeviceMemory to bind onnxruntime's I/O in (the tests' host stand-in).
     TensorRT defaults to "cuda:0". Close the pipeline (or use `with`) to free the device memory.
     `session_config`: onnxruntime session config entries for every graph, or per graph as
     {graph name: {key: value}}, e.g. {"query_bridge": {"session.disable_prepacking": "1"}}, which
     keeps the bridge's weights in the bundle's memory-mapped file instead of a packed copy on the
-    heap. When it is not given, onnxruntime on the CPU follows `runtime.sessions.prepacking_plan`:
+    heap. When it is not given, onnxruntime on the CPU follows `bridge_export.runtime.sessions.prepacking_plan`:
     everything packed unless the packed copies would not fit in 60% of RAM, then the bridge
     unpacked (logged). Prepacking is what makes onnxruntime's integer kernels fast (unpacked, a
     decode step was 3.5x slower in int8-cpu and 100x in int4-cpu), so the decoder always keeps it.
     """
-    from .sessions import (NO_PREPACK, BackendUnavailable, check_threads, open_session, prepacking_plan,
+    from bridge_export.runtime.sessions import (NO_PREPACK, BackendUnavailable, check_threads, open_session, prepacking_plan,
                            tensorrt_available)
 
     if backend not in ("onnxruntime", "tensorrt"):
@@ -100,7 +100,7 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
 
 def _device(device, backend: str, providers):
     """(DeviceMemory or None, onnxruntime providers) for `load`'s device argument."""
-    from .device_memory import DeviceMemory
+    from bridge_export.runtime.gpu.memory import DeviceMemory
 
     if isinstance(device, DeviceMemory):
         return device, providers
@@ -110,8 +110,8 @@ def _device(device, backend: str, providers):
         if backend == "tensorrt":
             raise ValueError("TensorRT runs on a GPU: use device='cuda:0' (or backend='onnxruntime' on the CPU)")
         return None, providers
-    from .cuda import CudaMemory, parse_device
-    from .sessions import BackendUnavailable
+    from bridge_export.runtime.gpu.cuda import CudaMemory, parse_device
+    from bridge_export.runtime.sessions import BackendUnavailable
 
     ordinal = parse_device(device)
     if backend == "onnxruntime" and providers is None:

@@ -4,13 +4,13 @@ Buffers (rows, heads, capacity, head_dim) per layer are allocated once per reque
 maximum length. The query bridge's visual prefix fills slots 0..Q-1 once; every decoder step
 reads the whole buffer in place (masked slots are ignored) and its new K/V are written at the
 current slot: only the step's own positions are copied. Beam search reorders the text slots only.
-runtime.device_cache.DeviceKVCache is the same cache in device memory; CachedDecoder drives either.
+bridge_export.runtime.gpu.kv_cache.DeviceKVCache is the same cache in device memory; CachedDecoder drives either.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .sessions import Session
+from bridge_export.runtime.sessions import Session
 
 
 class KVCache:
@@ -72,7 +72,7 @@ class KVCache:
 
 
 class CachedDecoder:
-    """`runtime.search.Decoder` over the text_decoder session and a KVCache."""
+    """`bridge_export.runtime.search.Decoder` over the text_decoder session and a KVCache."""
 
     def __init__(self, session: Session, names: list[tuple[str, str, str, str]], cache: KVCache,
                  prompt_ids: np.ndarray, prompt_mask: np.ndarray):

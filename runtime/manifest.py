@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from bridge_export.runtime.errors import UserError
 
 FORMAT = "bridge-export-bundle"
 FORMAT_VERSION = 2
@@ -175,7 +175,7 @@ class GraphInfo(Record):
     tolerance: dict[str, float] = field(default_factory=dict)
     # [{input: [min, opt, max]}]: the shapes TensorRT engines are built for (`bridge-export engine`)
     tensorrt_profiles: list[dict[str, list[list[int]]]] = field(default_factory=list)
-    checks: dict[str, Any] = field(default_factory=dict)  # what exporter.checks found (ops, opset)
+    checks: dict[str, Any] = field(default_factory=dict)  # what bridge_export.exporter.export.checks found (ops, opset)
     how: dict[str, Any] | None = None  # how a reduced-precision graph was made (free-form)
     report: dict[str, Any] | None = None  # its accuracy against fp32 (free-form)
     # bytes of external weights (weights.bin) the graph references; 0 = not recorded (older bundles).
@@ -320,7 +320,7 @@ class Preprocessing(Record):
 
 @dataclass
 class ExactBPEInfo(Record):
-    """SentencePiece merge scores for tokenizers whose pieces tie on score (runtime.text.ExactBPE)."""
+    """SentencePiece merge scores for tokenizers whose pieces tie on score (bridge_export.runtime.text.ExactBPE)."""
 
     scores: str
     whitespace_only_pieces: bool = True

@@ -8,15 +8,15 @@ from typing import Iterator
 
 import numpy as np
 
-from .device_cache import DeviceKVCache
-from .errors import SessionClosed
-from .kv_cache import CachedDecoder, KVCache
-from .manifest import Manifest
-from .numeric import normalize
-from .preprocess import preprocess
-from .search import MAX_BEAMS, SearchConfig, iter_tokens, search
-from .sessions import Session, memory_bytes
-from .text import TextCodec
+from bridge_export.runtime.gpu.kv_cache import DeviceKVCache
+from bridge_export.runtime.errors import SessionClosed
+from bridge_export.runtime.kv_cache import CachedDecoder, KVCache
+from bridge_export.runtime.manifest import Manifest
+from bridge_export.runtime.numeric import normalize
+from bridge_export.runtime.preprocess import preprocess
+from bridge_export.runtime.search import MAX_BEAMS, SearchConfig, iter_tokens, search
+from bridge_export.runtime.sessions import Session, memory_bytes
+from bridge_export.runtime.text import TextCodec
 
 MODES = {"C": "InternVL-C", "G": "InternVL-G", "InternVL-C": "InternVL-C", "InternVL-G": "InternVL-G"}
 MAX_BATCH = 1024  # images or texts per graph call; larger lists are processed in batches anyway

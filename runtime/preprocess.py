@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import UserError
+from bridge_export.runtime.errors import UserError
 
 
 class ImageError(UserError, ValueError):

@@ -2,8 +2,8 @@
 
 The generation loop takes a Session and never knows which backend it has. The onnxruntime
 session feeds numpy buffers through I/O binding (the buffer's own memory, no copy), so a
-preallocated KV cache is read in place every step. Sessions on a device (runtime.ort_device,
-runtime.trt_session) also take DeviceBuffers and return the outputs named in `on_device` as
+preallocated KV cache is read in place every step. Sessions on a device (bridge_export.runtime.gpu.ort_session,
+bridge_export.runtime.gpu.trt_session) also take DeviceBuffers and return the outputs named in `on_device` as
 DeviceBuffers. Use a session as a context manager, or call `close()`.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SessionClosed, UserError
-from .manifest import BundleError
+from bridge_export.runtime.errors import SessionClosed, UserError
+from bridge_export.runtime.manifest import BundleError
 
 
 class BackendUnavailable(UserError, RuntimeError):
@@ -203,10 +203,10 @@ def tensorrt_available() -> bool:
 def open_session(path: Path, backend: str = "onnxruntime", providers=None, threads=None, memory=None,
                  session_config: dict[str, str] | None = None) -> Session:
     """Open one graph on the named backend ("onnxruntime" or "tensorrt"); with a DeviceMemory
-    (`memory`), onnxruntime binds its inputs and outputs in that memory (runtime.ort_device)."""
+    (`memory`), onnxruntime binds its inputs and outputs in that memory (bridge_export.runtime.gpu.ort_session)."""
     if backend == "onnxruntime":
         if memory is not None:
-            from .ort_device import OrtDeviceSession
+            from bridge_export.runtime.gpu.ort_session import OrtDeviceSession
 
             return OrtDeviceSession(path, memory, providers=providers, threads=threads, session_config=session_config)
         return OrtSession(path, providers=providers, threads=threads, session_config=session_config)
@@ -216,7 +216,7 @@ def open_session(path: Path, backend: str = "onnxruntime", providers=None, threa
                                      "tensorrt on a machine with an NVIDIA GPU, or use backend='onnxruntime'")
         if not Path(path).is_file():
             raise BundleError(f"no TensorRT engine at {path}: build it with `bridge-export engine BUNDLE`")
-        from .trt_session import TrtSession
+        from bridge_export.runtime.gpu.trt_session import TrtSession
 
         return TrtSession(path, memory=memory)
     raise ValueError(f"unknown backend {backend!r}: use 'onnxruntime' or 'tensorrt'")

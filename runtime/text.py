@@ -8,8 +8,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import UserError
-from .manifest import ExactBPEInfo
+from bridge_export.runtime.errors import UserError
+from bridge_export.runtime.manifest import ExactBPEInfo
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class TextCodec:
         # a model with fewer positions than the embedding max_length truncates at its positions instead
         self.max_positions = getattr(getattr(manifest, "dims", None), "max_positions", None)
         self.tok, self.exact = None, None
-        if isinstance(exact_bpe, dict):  # as exporter.tokenizer.write_tokenizer returns it
+        if isinstance(exact_bpe, dict):  # as bridge_export.exporter.export.tokenizer.write_tokenizer returns it
             exact_bpe = ExactBPEInfo.from_dict(exact_bpe, "exact_bpe")
         if path is not None:
             from tokenizers import Tokenizer

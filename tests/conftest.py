@@ -26,7 +26,7 @@ def tokenizer_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    import reference_model
+    from bridge_export import reference_model
 
     return reference_model.from_preset("tiny", seed=0)
 
@@ -41,7 +41,7 @@ def tiny_checkpoint(tmp_path_factory, tiny_model):
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_model):
     """An fp32 bundle of the tiny preset (seed 0), with the golden-free synthetic path."""
-    from exporter.bundle import export_bundle
+    from bridge_export.exporter.export.bundle import export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     return export_bundle(tiny_model, out, progress=lambda s: None)
@@ -50,8 +50,8 @@ def tiny_bundle(tmp_path_factory, tiny_model):
 @pytest.fixture(scope="session")
 def golden_bundle(tmp_path_factory, golden_dir):
     """The golden checkpoint exported, plus the model (for parity against the original's arrays)."""
-    import reference_model
-    from exporter.bundle import export_bundle
+    from bridge_export import reference_model
+    from bridge_export.exporter.export.bundle import export_bundle
 
     model = reference_model.load_pretrained(golden_dir)
     out = tmp_path_factory.mktemp("bundles") / "golden"
@@ -63,7 +63,7 @@ def tiny_text_bundle(tmp_path_factory, tiny_model, tiny_checkpoint):
     """The tiny preset exported with a word-level tokenizer (so the user-level text API works)."""
     import sys
 
-    from exporter.bundle import export_bundle
+    from bridge_export.exporter.export.bundle import export_bundle
 
     sys.path.insert(0, str(Path(__file__).parent))
     from helpers import word_tokenizer
@@ -72,3 +72,13 @@ def tiny_text_bundle(tmp_path_factory, tiny_model, tiny_checkpoint):
     word_tokenizer(tiny_model.config.qllama.vocab_size, tok_dir / "tokenizer.json")
     out = tmp_path_factory.mktemp("bundles") / "tiny_text"
     return export_bundle(tiny_model, out, tokenizer=tok_dir, progress=lambda s: None)
+
+
+@pytest.fixture(autouse=True)
+def _logs_reach_caplog():
+    """Commands run in-process (click's runner) send bridge-export's log to stderr and stop propagation,
+    as the CLI does; restore propagation so a later test's caplog sees the messages again."""
+    import logging
+
+    yield
+    logging.getLogger("bridge_export").propagate = True

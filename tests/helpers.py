@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reference_model.digits import build_tokenizer
+from bridge_export.reference_model.digits import build_tokenizer
 
 
 def word_tokenizer(vocab_size: int, path: Path) -> Path:

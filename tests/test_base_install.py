@@ -82,7 +82,7 @@ def test_base_install_has_no_torch_and_runs_bundle_commands(base_venv, tiny_text
     assert r.returncode != 0 and "No module named 'torch'" in r.stderr
     r = _run([py, "-c", "import onnx"], tmp_path)
     assert r.returncode != 0 and "No module named 'onnx'" in r.stderr
-    r = _run([py, "-c", "import runtime, exporter; print(runtime.__file__)"], tmp_path)
+    r = _run([py, "-c", "from bridge_export import runtime, exporter; print(runtime.__file__)"], tmp_path)
     assert r.returncode == 0 and "site-packages" in r.stdout, r.stderr  # the installed copy, not the tree
 
     images = tmp_path / "imgs"

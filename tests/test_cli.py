@@ -3,7 +3,7 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
-from exporter.cli import main
+from bridge_export.exporter.cli import main
 
 
 def _run(*args):
@@ -26,8 +26,8 @@ def test_onnx_inspect_verify(tmp_path):
 
 
 def test_user_commands_on_demo_bundle(tmp_path):
-    import reference_model
-    from reference_model.digits import load_test_split
+    from bridge_export import reference_model
+    from bridge_export.reference_model.digits import load_test_split
 
     ckpt = reference_model.DEMO_CHECKPOINT
     out = tmp_path / "demo"
@@ -48,7 +48,7 @@ def test_user_commands_on_demo_bundle(tmp_path):
     # The retrained demo model (augmented, generalises to unseen styles) does not reliably end with EOS
     # under 5 beams, so a caption may run on up to the bundle's max_new_tokens (8); it must still
     # start with "the digit <name>" (a known regression, said in the README's known limits).
-    from reference_model.digits import WORDS
+    from bridge_export.reference_model.digits import WORDS
 
     assert all(c.split()[:2] == ["the", "digit"] and c.split()[2] in WORDS for c in captions), captions
     r = _run("caption", out, d / "0.png", "--stream", "--min-new-tokens", "0", "--max-new-tokens", "6")
@@ -75,7 +75,7 @@ def test_precision_at_export_time(tmp_path, tiny_bundle):
     out = tmp_path / "b"
     r = _run("onnx", "--preset", "tiny", "--out", out, "--precision", "fp16")
     assert r.exit_code == 0, r.output
-    from runtime.manifest import read_manifest
+    from bridge_export.runtime.manifest import read_manifest
 
     assert read_manifest(out).precision.mode == "fp16"  # written directly, no fp32 bundle first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
@@ -96,7 +96,7 @@ def test_missing_extra_is_one_line(tmp_path):
                 if name.split(".")[0] == "torch":
                     raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         sys.meta_path.insert(0, Block())
-        from exporter.cli import main
+        from bridge_export.exporter.cli import main
         main(sys.argv[1:])
     """)
     r = subprocess.run([sys.executable, "-c", code, "onnx", "--preset", "tiny", "--out", str(tmp_path / "x")],

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from exporter.cli import main
+from bridge_export.exporter.cli import main
 
 # (id, argv, exit code, message regex, paths under {t} that must NOT exist afterwards)
 CASES = [
@@ -167,7 +167,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_a_real_bug_keeps_its_traceback(env, monkeypatch):
-    import runtime
+    from bridge_export import runtime
 
     def bug(*a, **k):
         raise RuntimeError("internal invariant broken")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import reference_model
-from reference_model.digits import WORDS, load_heldout_style, load_test_split, names_digit
+from bridge_export import reference_model
+from bridge_export.reference_model.digits import WORDS, load_heldout_style, load_test_split, names_digit
 
 # Digits typeset in fonts the model never saw (the shipped held-out style): the demo checkpoint's
 # measured accuracy is in its metrics.json; the bar sits a few points below it.
@@ -14,10 +14,10 @@ HELDOUT_MIN = 0.70
 
 
 def test_shipped_checkpoint_meets_targets_through_reference_and_runtime(tmp_path):
-    from exporter.bundle import export_bundle
-    from exporter.demo import BundleRunner
-    from reference_model.digits import ReferenceRunner, evaluate
-    import runtime
+    from bridge_export.exporter.export.bundle import export_bundle
+    from bridge_export.exporter.demo import BundleRunner
+    from bridge_export.reference_model.digits import ReferenceRunner, evaluate
+    from bridge_export import runtime
 
     ckpt = reference_model.DEMO_CHECKPOINT
     images, labels = load_test_split(ckpt)
@@ -45,8 +45,8 @@ def test_user_digit_image_classified_like_training(tmp_path):
     """Any 8x8 digit image a user hands over (a PNG here) goes through the same preprocessing."""
     from PIL import Image
 
-    from exporter.bundle import export_bundle
-    import runtime
+    from bridge_export.exporter.export.bundle import export_bundle
+    from bridge_export import runtime
 
     ckpt = reference_model.DEMO_CHECKPOINT
     images, labels = load_test_split(ckpt)
@@ -66,7 +66,7 @@ def test_user_digit_image_classified_like_training(tmp_path):
 def test_demo_command_end_to_end(tmp_path):
     from click.testing import CliRunner
 
-    from exporter.cli import main
+    from bridge_export.exporter.cli import main
 
     res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--limit", "40",
                                     "--precisions", "fp32,fp16,int8-cpu"])
@@ -79,7 +79,7 @@ def test_demo_command_end_to_end(tmp_path):
 
 def test_training_smoke(tmp_path):
     pytest.importorskip("sklearn")
-    from reference_model.train_demo import train
+    from bridge_export.reference_model.train_demo import train
 
     logs = []
     metrics = train(steps=3, batch=16, out=tmp_path / "ckpt", log=logs.append, eval_limit=20)

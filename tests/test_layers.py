@@ -21,13 +21,17 @@ FORBIDDEN = {
 # Modules the base install's commands (inspect, caption, classify, embed, verify --checksums,
 # engine --emit-trtexec) run: torch-free too, although they live in exporter/. The CLI itself only
 # at module level: its export commands import what they need inside, and say which extra is missing.
-BASE_COMMAND_MODULES = ["exporter/tensorrt.py", "exporter/profiles.py", "exporter/inspect_bundle.py",
-                        "exporter/bench_load.py"]
+BASE_COMMAND_MODULES = ["exporter/tensorrt/engines.py", "exporter/tensorrt/profiles.py",
+                        "exporter/inspect_bundle.py", "exporter/bench/load.py"]
 
 
 def imported_modules(source: str, module: str, is_package: bool = False,
                      top_level_only: bool = False) -> list[tuple[int, str]]:
-    """(line, absolute dotted name) of every import in `source`, which is the module `module`."""
+    """(line, absolute dotted name) of every import in `source`, which is the module `module`.
+
+    Names under the `bridge_export.` namespace are reported without that prefix (`runtime.text`), so a
+    layer is the first part of the name either way.
+    """
     tree = ast.parse(source)
     package = module if is_package else module.rpartition(".")[0]
     found = []
@@ -43,20 +47,24 @@ def imported_modules(source: str, module: str, is_package: bool = False,
                 name = ".".join(base + ([node.module] if node.module else []))
             else:
                 name = node.module
-            found.append((node.lineno, name))
+            found.append((node.lineno, _strip(name)))
         elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
                 and isinstance(node.args[0].value, str):
             f = node.func
             fname = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
             if fname in ("import_module", "__import__"):
-                found.append((node.lineno, node.args[0].value))
-    return found
+                found.append((node.lineno, _strip(node.args[0].value)))
+    return [(line, _strip(name)) for line, name in found]
+
+
+def _strip(name: str) -> str:
+    return name[len("bridge_export."):] if name.startswith("bridge_export.") else name
 
 
 def violations(path: Path, forbidden: set[str], top_level_only: bool = False) -> list[str]:
     """`path:line imports name` for each import of a forbidden top-level module."""
     rel = path.relative_to(REPO)
-    module = ".".join(rel.with_suffix("").parts)
+    module = "bridge_export." + ".".join(rel.with_suffix("").parts)
     is_package = path.name == "__init__.py"
     if is_package:
         module = module.rpartition(".")[0]
@@ -89,7 +97,7 @@ def test_the_checker_sees_lazy_relative_and_dynamic_imports():
            "    import torch.nn\n"
            "    from ..exporter import bench\n"
            "    from . import pipeline\n"
-           "    importlib.import_module('reference_model.model')\n")
+           "    importlib.import_module('bridge_export.reference_model.model')\n")
     names = [n for _, n in imported_modules(src, "runtime.thing")]
     assert sorted(names) == sorted(["numpy", "torch.nn", "exporter", "runtime", "reference_model.model"])
     assert [n for _, n in imported_modules(src, "runtime.thing", top_level_only=True)] == ["numpy"]

@@ -12,8 +12,8 @@ pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed: pi
 def test_ray_job_matches_runtime_and_keeps_bad_images_as_rows(tiny_bundle, tmp_path):
     from click.testing import CliRunner
 
-    import runtime
-    from exporter.cli import main
+    from bridge_export import runtime
+    from bridge_export.exporter.cli import main
 
     images = tmp_path / "images"
     images.mkdir()
@@ -43,7 +43,7 @@ def test_ray_job_matches_runtime_and_keeps_bad_images_as_rows(tiny_bundle, tmp_p
 def test_ray_option_errors(tiny_bundle, tmp_path):
     from click.testing import CliRunner
 
-    from exporter.cli import main
+    from bridge_export.exporter.cli import main
 
     img = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(img)

@@ -19,9 +19,9 @@ import peft
 import torch
 from peft import LoraConfig, get_peft_model
 
-import reference_model
-from reference_model.config import InternVLConfig, QLlamaConfig, VisionConfig
-from reference_model.loading import init_weights
+from bridge_export import reference_model
+from bridge_export.reference_model.config import InternVLConfig, QLlamaConfig, VisionConfig
+from bridge_export.reference_model.loading import init_weights
 
 R = 4
 VISION_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]

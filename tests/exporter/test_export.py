@@ -5,12 +5,12 @@ import numpy as np
 import onnx
 import pytest
 
-import reference_model
-from exporter.bundle import ExportError, export_bundle
-from exporter.checks import FORBIDDEN, GraphCheckError, check_graph
-from exporter.specs import Limits, all_specs, kv_layout
-from exporter.verify import verify_bundle
-from runtime.manifest import FORMAT_VERSION, GRAPHS, read_manifest
+from bridge_export import reference_model
+from bridge_export.exporter.export.bundle import ExportError, export_bundle
+from bridge_export.exporter.export.checks import FORBIDDEN, GraphCheckError, check_graph
+from bridge_export.exporter.export.specs import Limits, all_specs, kv_layout
+from bridge_export.exporter.verify.parity import verify_bundle
+from bridge_export.runtime.manifest import FORMAT_VERSION, GRAPHS, read_manifest
 
 
 def test_verify_passes_on_tiny(tiny_bundle, tiny_model):
@@ -29,7 +29,7 @@ def test_verify_fails_on_a_different_model(tiny_bundle):
 
 
 def test_golden_bundle_reproduces_original_arrays(golden_bundle, golden_dir):
-    import runtime
+    from bridge_export import runtime
 
     bundle, _ = golden_bundle
     g = np.load(golden_dir / "golden.npz")
@@ -140,8 +140,8 @@ def test_dynamo_exporter_also_matches(tmp_path, tiny_model):
     """The torch.export path (slower) gives the same graphs' numbers for the vision encoder."""
     import torch
 
-    from exporter.onnx_export import export_graph
-    from runtime.sessions import OrtSession
+    from bridge_export.exporter.export.onnx_export import export_graph
+    from bridge_export.runtime.sessions import OrtSession
 
     spec = all_specs(tiny_model.config)[0]
     p = export_graph(tiny_model, spec, tiny_model.config, tmp_path / "v.onnx", dynamo=True)
@@ -156,13 +156,13 @@ class TestBadInput:
         d = tmp_path / "ckpt"
         d.mkdir()
         (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
-        from exporter.bundle import load_source
+        from bridge_export.exporter.export.bundle import load_source
 
         with pytest.raises(ValueError, match="not an InternVL-14B checkpoint"):
             load_source(d, None)
 
     def test_missing_files(self, tmp_path):
-        from exporter.bundle import load_source
+        from bridge_export.exporter.export.bundle import load_source
 
         with pytest.raises(ValueError, match="config.json"):
             load_source(tmp_path, None)
@@ -185,8 +185,8 @@ class TestBadInput:
         finally:
             ro.chmod(0o700)
 
-    @pytest.mark.parametrize("exporter,module,step", [("stream", "exporter.stream_export", "materialize"),
-                                                      ("torchscript", "exporter.bundle", "export_graph")])
+    @pytest.mark.parametrize("exporter,module,step", [("stream", "bridge_export.exporter.export.stream_export", "materialize"),
+                                                      ("torchscript", "bridge_export.exporter.export.bundle", "export_graph")])
     def test_interrupted_export_leaves_nothing(self, tmp_path, tiny_model, monkeypatch, exporter, module, step):
         import importlib
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from exporter import fullsize
+from bridge_export.exporter.bench import fullsize
 
 
 @pytest.mark.skipif(shutil.which("time") is None and not __import__("os").path.exists("/usr/bin/time"),
@@ -36,9 +36,9 @@ def test_prepacking_plan_leaves_the_bridge_unpacked_only_when_packed_copies_do_n
                                                                                         caplog):
     import logging
 
-    import runtime
-    from runtime import sessions
-    from runtime.manifest import read_manifest
+    from bridge_export import runtime
+    from bridge_export.runtime import sessions
+    from bridge_export.runtime.manifest import read_manifest
 
     man = read_manifest(tiny_bundle)
     w = {n: g.weight_bytes for n, g in man.graphs.items()}

@@ -1,6 +1,6 @@
 """The full-size parity script, run at tiny size: PASS on a matching bundle, FAIL on another model's."""
-from exporter.fullsize_parity import main
-from reference_model.checkpoint_writer import write_random_checkpoint
+from bridge_export.exporter.bench.fullsize_parity import main
+from bridge_export.reference_model.checkpoint_writer import write_random_checkpoint
 
 
 def test_parity_script_end_to_end_on_tiny(tmp_path, capsys):

@@ -4,15 +4,15 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-import runtime
-from exporter.int4 import Int4Options, int4_plan, quantize_embedding, quantize_graph, quantize_matmul_weight
-from runtime.manifest import read_manifest
+from bridge_export import runtime
+from bridge_export.exporter.quantize.int4 import Int4Options, int4_plan, quantize_embedding, quantize_graph, quantize_matmul_weight
+from bridge_export.runtime.manifest import read_manifest
 
 
 def _cli(*args):
     from click.testing import CliRunner
 
-    from exporter.cli import main
+    from bridge_export.exporter.cli import main
 
     return CliRunner().invoke(main, [str(a) for a in args])
 
@@ -91,11 +91,11 @@ def test_engine_refuses_onnxruntime_only_bundles(int4_bundle, tmp_path):
 
 def test_demo_model_int4_keeps_zero_shot_accuracy(tmp_path):
     """The issue's bar: int4-cpu zero-shot >= 95% on the shipped digits model, and within a point of fp32."""
-    import reference_model
-    from exporter.bundle import export_bundle
-    from exporter.demo import BundleRunner
-    from exporter.precision import make_precision_bundle
-    from reference_model.digits import evaluate, load_test_split
+    from bridge_export import reference_model
+    from bridge_export.exporter.export.bundle import export_bundle
+    from bridge_export.exporter.demo import BundleRunner
+    from bridge_export.exporter.quantize.precision import make_precision_bundle
+    from bridge_export.reference_model.digits import evaluate, load_test_split
 
     ckpt = reference_model.DEMO_CHECKPOINT
     fp32 = export_bundle(reference_model.load_pretrained(ckpt), tmp_path / "fp32", checkpoint=ckpt,
@@ -114,7 +114,7 @@ def test_demo_model_int4_keeps_zero_shot_accuracy(tmp_path):
 
 def test_embedding_rows_equal_the_one_shot_quantizer():
     """Quantizing a table a few rows at a time (the streamed exporter) gives the quantizer's bytes."""
-    from exporter.int4 import quantize_embedding_rows
+    from bridge_export.exporter.quantize.int4 import quantize_embedding_rows
 
     table = np.random.default_rng(2).standard_normal((13, 96)).astype(np.float32)
     for symmetric in (False, True):
@@ -192,7 +192,7 @@ def test_int4_runs_on_onnxruntime_cuda(int4_bundle):
     gpu = runtime.load(int4_bundle, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     s = cpu.preprocessing.image_size
     x = np.random.default_rng(9).standard_normal((2, 3, s, s), dtype=np.float32)
-    from exporter.accuracy import min_row_cosine
+    from bridge_export.exporter.quantize.accuracy import min_row_cosine
 
     for mode in ("InternVL-C", "InternVL-G"):
         assert min_row_cosine(cpu.encode_image(x, mode), gpu.encode_image(x, mode)) > 0.999
@@ -205,7 +205,7 @@ def test_int4_runs_on_onnxruntime_cuda(int4_bundle):
 def test_streamed_int4_refuses_non_finite_weights_in_one_line(tmp_path):
     import torch
 
-    import reference_model
+    from bridge_export import reference_model
 
     model = reference_model.from_preset("tiny", seed=0)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import pytest
 def _cli(*args):
     from click.testing import CliRunner
 
-    from exporter.cli import main
+    from bridge_export.exporter.cli import main
 
     return CliRunner().invoke(main, [str(a) for a in args])
 
@@ -23,9 +23,9 @@ def test_block_size_above_256_is_refused_in_one_line(tmp_path):
 def test_streamed_export_honours_int4_keep(tmp_path):
     """Int4Options.keep (node-name parts left fp32) means the same streamed as in quantize_graph: with
     keep=() the pooling heads (clip_projector) are quantized too."""
-    import reference_model
-    from exporter.int4 import Int4Options
-    from exporter.stream_export import export_model
+    from bridge_export import reference_model
+    from bridge_export.exporter.quantize.int4 import Int4Options
+    from bridge_export.exporter.export.stream_export import export_model
 
     out = export_model(reference_model.from_preset("tiny", seed=0), tmp_path / "s", precision="int4-cpu",
                        int4=Int4Options(keep=()), progress=lambda s: None)

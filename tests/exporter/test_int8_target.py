@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 
-import runtime
-from exporter.accuracy import min_row_cosine
-from exporter.checks import check_graph
-from runtime.manifest import read_manifest
+from bridge_export import runtime
+from bridge_export.exporter.quantize.accuracy import min_row_cosine
+from bridge_export.exporter.export.checks import check_graph
+from bridge_export.runtime.manifest import read_manifest
 
 GRAPHS = ("vision_encoder", "query_bridge", "text_decoder")
 
@@ -17,7 +17,7 @@ GRAPHS = ("vision_encoder", "query_bridge", "text_decoder")
 def _calib_dir(root, size, n=8, seed=11):
     from PIL import Image
 
-    from exporter.calibration import synthetic_images
+    from bridge_export.exporter.quantize.calibration import synthetic_images
 
     root.mkdir()
     for i, im in enumerate(synthetic_images(n, size, seed=seed)):
@@ -26,8 +26,8 @@ def _calib_dir(root, size, n=8, seed=11):
 
 
 def _targeted(tmp_path, model, target):
-    from exporter.bundle import export_bundle
-    from exporter.precision import make_precision_bundle
+    from bridge_export.exporter.export.bundle import export_bundle
+    from bridge_export.exporter.quantize.precision import make_precision_bundle
 
     fp32 = export_bundle(model, tmp_path / "fp32", progress=lambda s: None)
     calib = _calib_dir(tmp_path / "calib", model.config.image_size)
@@ -67,14 +67,14 @@ def _check_targeted(fp32, out, target, min_quantized=0.5):
 
 
 def test_target_met_on_another_seed_with_random_images(tmp_path):
-    import reference_model
+    from bridge_export import reference_model
 
     fp32, out = _targeted(tmp_path, reference_model.from_preset("tiny", seed=7), 0.999)
     _check_targeted(fp32, out, 0.999)
 
 
 def test_without_target_reports_each_output_and_warns(tiny_bundle, tmp_path):
-    from exporter.precision import make_precision_bundle
+    from bridge_export.exporter.quantize.precision import make_precision_bundle
 
     said = []
     out = make_precision_bundle(tiny_bundle, tmp_path / "q", "int8", calib=_calib_dir(tmp_path / "c", 32),
@@ -91,7 +91,7 @@ def test_without_target_reports_each_output_and_warns(tiny_bundle, tmp_path):
 
 
 def test_target_cosine_rejected_where_it_does_not_apply(tiny_bundle, tmp_path):
-    from exporter.precision import make_precision_bundle
+    from bridge_export.exporter.quantize.precision import make_precision_bundle
 
     with pytest.raises(ValueError, match="applies to --int8"):
         make_precision_bundle(tiny_bundle, tmp_path / "a", "int8-cpu", target_cosine=0.99)
@@ -109,9 +109,9 @@ def test_target_cosine_rejected_where_it_does_not_apply(tiny_bundle, tmp_path):
 def test_target_met_on_other_sizes(tmp_path, preset, seed, widths, target):
     import dataclasses
 
-    import reference_model
-    from reference_model.config import preset_config
-    from reference_model.loading import init_weights
+    from bridge_export import reference_model
+    from bridge_export.reference_model.config import preset_config
+    from bridge_export.reference_model.loading import init_weights
 
     cfg = preset_config(preset)
     if widths:  # custom widths: a checkpoint size no preset has

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from exporter import output
-from exporter.output import OWNER_FILE, OutputError, output_dir
+from bridge_export.exporter import output
+from bridge_export.exporter.output import OWNER_FILE, OutputError, output_dir
 
 
 def _foreign_dir(p):
@@ -127,8 +127,8 @@ def _failing_rename(real):
 @pytest.mark.parametrize("exporter_kind", ["stream", "torchscript"])
 def test_export_on_full_disk_leaves_nothing(tmp_path, monkeypatch, tiny_model, exporter_kind):
     """A real export whose write fails: the earlier bundle is intact and no .partial/.old remains."""
-    import exporter.bundle as bundle
-    import exporter.stream_export as stream_export
+    import bridge_export.exporter.export.bundle as bundle
+    import bridge_export.exporter.export.stream_export as stream_export
 
     out = tmp_path / "b"
     (tmp_path / "b").mkdir()
@@ -176,14 +176,14 @@ def test_leftovers_of_a_killed_run_are_cleaned_only_if_ours(tmp_path):
 
 
 def test_precision_refuses_its_own_source(tiny_bundle):
-    from exporter.precision import make_precision_bundle
+    from bridge_export.exporter.quantize.precision import make_precision_bundle
 
     with pytest.raises(OutputError, match="source bundle itself"):
         make_precision_bundle(tiny_bundle, tiny_bundle, "fp16", overwrite=True)
 
 
 def test_engine_folder_must_be_ours(tiny_bundle, tmp_path):
-    from exporter.tensorrt import EngineOptions, write_trtexec_script
+    from bridge_export.exporter.tensorrt.engines import EngineOptions, write_trtexec_script
 
     _foreign_dir(tmp_path / "e")
     with pytest.raises(OutputError, match="did not write"):
@@ -194,7 +194,7 @@ def test_engine_folder_must_be_ours(tiny_bundle, tmp_path):
 
 
 def test_demo_refuses_a_foreign_folder_before_any_work(tmp_path):
-    from exporter.demo import run_demo
+    from bridge_export.exporter.demo import run_demo
 
     _foreign_dir(tmp_path / "d")
     with pytest.raises(OutputError, match="did not write"):
@@ -204,7 +204,7 @@ def test_demo_refuses_a_foreign_folder_before_any_work(tmp_path):
 
 def test_outputs_get_the_usual_permissions(tmp_path):
     """Temporaries are created private; the finished output has the mode mkdir/open would give it."""
-    from exporter.output import atomic_file
+    from bridge_export.exporter.output import atomic_file
 
     mask = os.umask(0o022)
     try:

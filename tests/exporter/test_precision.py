@@ -4,18 +4,18 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-import runtime
-from exporter.calibration import CalibrationError, read_image_folder
-from exporter.precision import fp16_block_list, int8_nodes, make_precision_bundle
-from runtime.manifest import read_manifest
-from runtime.numeric import min_row_cosine
+from bridge_export import runtime
+from bridge_export.exporter.quantize.calibration import CalibrationError, read_image_folder
+from bridge_export.exporter.quantize.precision import fp16_block_list, int8_nodes, make_precision_bundle
+from bridge_export.runtime.manifest import read_manifest
+from bridge_export.runtime.numeric import min_row_cosine
 
 
 @pytest.fixture(scope="module")
 def calib_dir(tmp_path_factory):
     from PIL import Image
 
-    from exporter.calibration import synthetic_images
+    from bridge_export.exporter.quantize.calibration import synthetic_images
 
     d = tmp_path_factory.mktemp("calib")
     for i, im in enumerate(synthetic_images(8, 40, seed=3)):
@@ -136,8 +136,8 @@ def test_other_calibration_methods(tiny_bundle, calib_dir, tmp_path, method):
 def test_calibration_texts_a_tokenizer_cannot_read_fall_back_to_token_ids(tiny_text_bundle):
     """The built-in English texts on a model with a 16-word vocabulary: token ids instead (no text is
     refused mid-calibration); texts it mostly knows are used, minus any with no known word."""
-    import runtime
-    from exporter.calibration import builtin_texts, text_batches
+    from bridge_export import runtime
+    from bridge_export.exporter.quantize.calibration import builtin_texts, text_batches
 
     pipe = runtime.load(tiny_text_bundle)
     ids, source = text_batches(pipe, builtin_texts())

@@ -6,10 +6,10 @@ import onnx
 import pytest
 import torch
 
-import runtime
-from exporter.stream_export import export_checkpoint, export_model
-from exporter.weight_stream import CheckpointSource, quantize_columns
-from reference_model.loading import CheckpointError
+from bridge_export import runtime
+from bridge_export.exporter.export.stream_export import export_checkpoint, export_model
+from bridge_export.exporter.export.weight_stream import CheckpointSource, quantize_columns
+from bridge_export.reference_model.loading import CheckpointError
 
 QUIET = dict(progress=lambda s: None)
 BUNDLE_FILES = {"vision_encoder.onnx", "query_bridge.onnx", "text_decoder.onnx", "weights.bin",
@@ -69,7 +69,7 @@ def test_streamed_checkpoint_equals_in_memory_export(tmp_path, tiny_model, tiny_
 def test_streamed_matches_the_traced_export(tmp_path, tiny_model):
     """The hand-written graphs compute what the TorchScript-traced ones compute."""
     a = export_model(tiny_model, tmp_path / "stream", **QUIET)
-    from exporter.bundle import export_bundle
+    from bridge_export.exporter.export.bundle import export_bundle
 
     b = export_bundle(tiny_model, tmp_path / "traced", exporter="torchscript", **QUIET)
     assert {p.name for p in b.iterdir()} == BUNDLE_FILES
@@ -84,8 +84,8 @@ def test_bf16_shards_stream_like_the_rounded_model(tmp_path, tiny_model, fmt):
     _save_shards(tiny_model, tmp_path / "ckpt", torch.bfloat16, fmt)
     a = export_checkpoint(tmp_path / "ckpt", tmp_path / "a", **QUIET)
     rounded = {k: v.to(torch.bfloat16) for k, v in tiny_model.state_dict().items()}
-    from exporter.stream_export import export_streamed
-    from exporter.weight_stream import StateDictSource
+    from bridge_export.exporter.export.stream_export import export_streamed
+    from bridge_export.exporter.export.weight_stream import StateDictSource
 
     b = export_streamed(StateDictSource(rounded), tiny_model.config, tmp_path / "b", **QUIET)
     for g in ("text_decoder", "query_bridge", "vision_encoder"):
@@ -93,8 +93,8 @@ def test_bf16_shards_stream_like_the_rounded_model(tmp_path, tiny_model, fmt):
 
 
 def test_tied_embeddings_stored_once(tmp_path):
-    import reference_model
-    from reference_model.config import preset_config
+    from bridge_export import reference_model
+    from bridge_export.reference_model.config import preset_config
 
     cfg = preset_config("tiny")
     cfg.tie_word_embeddings = True

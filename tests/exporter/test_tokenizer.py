@@ -1,7 +1,7 @@
 """tokenizer.json converted from the real SentencePiece model matches the original tokenizer."""
 import pytest
 
-from exporter.tokenizer import TokenizerError, convert_sentencepiece, write_tokenizer
+from bridge_export.exporter.export.tokenizer import TokenizerError, convert_sentencepiece, write_tokenizer
 
 ENGLISH = ["summarize:a photo of a cat", "English caption:", "Hello  world!  ", " leading space",
            "the digit seven", "x\ny\tz", "a dog running on the beach at sunset, 4k", "émigré café",
@@ -40,7 +40,7 @@ def test_bad_tokenizer_file(tmp_path):
 
 
 def test_tokenizer_of_another_model_is_refused(tokenizer_dir, tmp_path, tiny_model):
-    from exporter.bundle import export_bundle
+    from bridge_export.exporter.export.bundle import export_bundle
 
     with pytest.raises(TokenizerError, match="49954 pieces but the model's vocabulary has 128"):
         export_bundle(tiny_model, tmp_path / "b", tokenizer=tokenizer_dir, progress=lambda s: None)

@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-import reference_model
-import runtime
-from exporter.verify import verify_bundle
-from exporter.verify_parts import GRAPH_PARTS, LANGUAGE_PART, OneSessionAtATime, ReferenceSource
-from runtime.manifest import read_manifest
-from runtime.pipeline import Pipeline
-from runtime.text import TextCodec
+from bridge_export import reference_model
+from bridge_export import runtime
+from bridge_export.exporter.verify.parity import verify_bundle
+from bridge_export.exporter.verify.parts import GRAPH_PARTS, LANGUAGE_PART, OneSessionAtATime, ReferenceSource
+from bridge_export.runtime.manifest import read_manifest
+from bridge_export.runtime.pipeline import Pipeline
+from bridge_export.runtime.text import TextCodec
 
 
 @pytest.mark.parametrize("make", ["preset", "checkpoint"])
@@ -68,8 +68,8 @@ def test_source_of_a_model_in_memory(tiny_model):
 
 
 def test_reference_end_to_end_leaves_a_given_model_unchanged(tiny_model):
-    from exporter.verify import _e2e_inputs, _reference_end_to_end
-    from reference_model.vision import InternViT
+    from bridge_export.exporter.verify.parity import _e2e_inputs, _reference_end_to_end
+    from bridge_export.reference_model.vision import InternViT
 
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     pix, ids, prompts = _e2e_inputs(tiny_model.config, 0)

@@ -7,8 +7,8 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import reference_model
-from reference_model.checkpoint_writer import (CheckpointWriteError, TensorSpec, parse_size, random_tensor_chunks,
+from bridge_export import reference_model
+from bridge_export.reference_model.checkpoint_writer import (CheckpointWriteError, TensorSpec, parse_size, random_tensor_chunks,
                                                write_random_checkpoint)
 
 
@@ -73,7 +73,7 @@ def test_refuses_existing_out_and_bad_sizes(tmp_path):
 
 
 def test_cli_random_checkpoint(tmp_path):
-    from exporter.cli import main
+    from bridge_export.exporter.cli import main
 
     r = CliRunner().invoke(main, ["random-checkpoint", "--preset", "tiny", "--dtype", "fp16", "--out",
                                   str(tmp_path / "ck"), "--seed", "1"])
@@ -95,7 +95,7 @@ def test_real_width_preset_on_meta():
 
 
 def test_multi_chunk_tensors_in_parallel(tmp_path, monkeypatch):
-    import reference_model.checkpoint_writer as cw
+    import bridge_export.reference_model.checkpoint_writer as cw
 
     monkeypatch.setattr(cw, "CHUNK", 1000)  # embed_tokens (128 x 48) is drawn in 7 chunks
     a = write_random_checkpoint(tmp_path / "a", "tiny", dtype="fp32", seed=2, progress=False, workers=1)

@@ -1,7 +1,7 @@
 """Augmentation and typeset digits for the demo model (numpy + Pillow only)."""
 import numpy as np
 
-from reference_model import digit_styles as styles
+from bridge_export.reference_model import digit_styles as styles
 
 
 def _digit() -> np.ndarray:

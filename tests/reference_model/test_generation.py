@@ -2,8 +2,8 @@
 import numpy as np
 import torch
 
-from reference_model.heads import additive_mask
-from reference_model.model import _TorchDecoder
+from bridge_export.reference_model.heads import additive_mask
+from bridge_export.reference_model.model import _TorchDecoder
 
 
 def _inputs(model, B=2):

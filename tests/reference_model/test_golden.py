@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-import reference_model
+from bridge_export import reference_model
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_embeddings_and_logits(golden):
 
 
 def test_prefill_logits_mask_and_positions(golden):
-    from reference_model.heads import additive_mask
+    from bridge_export.reference_model.heads import additive_mask
 
     m, g = golden
     pv = torch.from_numpy(g["pixel_values"][:1])
@@ -64,7 +64,7 @@ def test_greedy_and_beam_tokens(golden):
 
 def test_step_logits_match_original(golden):
     """Per-step greedy logits from the cached decoder equal the original's, row by row."""
-    from reference_model.model import _TorchDecoder
+    from bridge_export.reference_model.model import _TorchDecoder
 
     m, g = golden
     pv = torch.from_numpy(g["pixel_values"][:1])

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import reference_model
-from reference_model import CheckpointError
+from bridge_export import reference_model
+from bridge_export.reference_model import CheckpointError
 
 
 def _copy(src, dst):

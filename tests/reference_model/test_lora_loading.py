@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import reference_model
-from reference_model import CheckpointError
-from reference_model.checkpoint_reader import iter_checkpoint_tensors
+from bridge_export import reference_model
+from bridge_export.reference_model import CheckpointError
+from bridge_export.reference_model.checkpoint_reader import iter_checkpoint_tensors
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "lora_peft"
 
@@ -187,8 +187,8 @@ def test_force_image_size_resize_matches_the_original_code():
     """The original's InternVisionModel.resize_pos_embeddings, transcribed, against ours (bf16 weights)."""
     import torch.nn.functional as F
 
-    from reference_model.config import VisionConfig
-    from reference_model.vision import InternViT
+    from bridge_export.reference_model.config import VisionConfig
+    from bridge_export.reference_model.vision import InternViT
 
     cfg = VisionConfig(image_size=16, patch_size=4, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                        intermediate_size=16)
@@ -214,8 +214,8 @@ def test_lora_checkpoint_exports_merged_and_reproduces_peft(expected, tmp_path):
     """The bundle exported from the peft-saved, 24-px-forced checkpoint gives the peft model's outputs."""
     from click.testing import CliRunner
 
-    import runtime
-    from exporter.cli import main
+    from bridge_export import runtime
+    from bridge_export.exporter.cli import main
 
     r = CliRunner().invoke(main, ["onnx", "--checkpoint", str(FIXTURE), "--out", str(tmp_path / "b")])
     assert r.exit_code == 0, r.output

@@ -7,8 +7,8 @@ tokenizer (words: a, cat, dog, photo, of, the, digit, seven, on, mat, w16...).
 import numpy as np
 import pytest
 
-import runtime
-from runtime.pipeline import PipelineClosed
+from bridge_export import runtime
+from bridge_export.runtime.pipeline import PipelineClosed
 
 X = np.zeros((1, 3, 32, 32), np.float32)
 IDS = np.array([[1, 5, 6]], np.int64)
@@ -112,7 +112,7 @@ def text_pipe(tiny_text_bundle):
 
 def test_kv_cache_beyond_memory_refused(pipe, monkeypatch):
     """A generate call whose KV cache would not fit is refused up front (here: a machine of 1 MiB)."""
-    import runtime.pipeline as rp
+    import bridge_export.runtime.pipeline as rp
 
     monkeypatch.setattr(rp, "_memory_budget", lambda: 1 << 20)
     with pytest.raises(ValueError, match="GiB of KV cache, more than half this machine's memory"):
@@ -138,8 +138,8 @@ def test_a_long_text_truncates_at_the_models_positions(tmp_path):
     from pathlib import Path
     from types import SimpleNamespace
 
-    from runtime.manifest import SpecialTokens, TextConventions
-    from runtime.text import TextCodec
+    from bridge_export.runtime.manifest import SpecialTokens, TextConventions
+    from bridge_export.runtime.text import TextCodec
 
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from helpers import word_tokenizer
@@ -192,8 +192,8 @@ def test_bad_load_arguments(tiny_bundle, kw, exc, match):
 
 
 def test_tensorrt_backend_without_tensorrt(tiny_bundle):
-    from runtime.errors import UserError
-    from runtime.sessions import tensorrt_available
+    from bridge_export.runtime.errors import UserError
+    from bridge_export.runtime.sessions import tensorrt_available
 
     if tensorrt_available():
         pytest.skip("TensorRT is installed here: this checks the message where it is not")
@@ -241,8 +241,8 @@ def test_edited_manifest_detected(tiny_bundle, tmp_path, edit, reseal, match):
     import json
     import shutil
 
-    from runtime import BundleError
-    from runtime.manifest import manifest_digest
+    from bridge_export.runtime import BundleError
+    from bridge_export.runtime.manifest import manifest_digest
 
     b = tmp_path / "b"
     b.mkdir()

@@ -1,4 +1,4 @@
-"""runtime.cuda without a GPU: every cuda-python call CudaMemory makes accepts its arguments (the
+"""bridge_export.runtime.gpu.cuda without a GPU: every cuda-python call CudaMemory makes accepts its arguments (the
 bindings convert them before calling the driver, so a wrong type raises TypeError here, while the
 missing driver answers with an error code that becomes a one-line CudaError)."""
 import numpy as np
@@ -9,14 +9,14 @@ def _no_gpu_bindings():
     cudart = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python (cuda-bindings) is not installed")
     err, n = cudart.cudaGetDeviceCount()
     if err == cudart.cudaError_t.cudaSuccess and n:
-        pytest.skip("a CUDA device is present: bogus pointers would be dereferenced (runtime.gpu_check runs there)")
+        pytest.skip("a CUDA device is present: bogus pointers would be dereferenced (bridge_export.runtime.gpu.check runs there)")
     return cudart
 
 
 def test_every_call_accepts_its_arguments_and_fails_in_one_line():
     cudart = _no_gpu_bindings()
-    from runtime.cuda import CudaError, CudaMemory
-    from runtime.device_memory import Traffic
+    from bridge_export.runtime.gpu.cuda import CudaError, CudaMemory
+    from bridge_export.runtime.gpu.memory import Traffic
 
     m = object.__new__(CudaMemory)  # what __init__ sets, without the stream it cannot create here
     m.traffic, m.rt, m.stream, m.device_id = Traffic(), cudart, cudart.cudaStream_t(0), 0

@@ -1,4 +1,4 @@
-"""The device KV cache and the device-bound onnxruntime session, on host memory (runtime.device_memory.HostMemory).
+"""The device KV cache and the device-bound onnxruntime session, on host memory (bridge_export.runtime.gpu.memory.HostMemory).
 
 HostMemory performs every allocation and copy the device code issues on real host pointers (fresh
 blocks hold NaN bytes, as uninitialised device memory may), so offsets, pitches, beam reorders and
@@ -8,9 +8,9 @@ and the bytes crossing between host and device are counted per decode step.
 import numpy as np
 import pytest
 
-from runtime.device_cache import DeviceKVCache
-from runtime.device_memory import HostMemory
-from runtime.kv_cache import CachedDecoder, KVCache
+from bridge_export.runtime.gpu.kv_cache import DeviceKVCache
+from bridge_export.runtime.gpu.memory import HostMemory
+from bridge_export.runtime.kv_cache import CachedDecoder, KVCache
 
 
 def _assert_same(mem, host, dev):
@@ -82,7 +82,7 @@ def test_device_cache_rejects_mismatched_present():
 
 def test_generation_on_device_memory_equals_cpu(tiny_bundle):
     """runtime.load(device=DeviceMemory): onnxruntime's I/O bound in device memory (here 'cpu')."""
-    import runtime
+    from bridge_export import runtime
 
     mem = HostMemory()
     with runtime.load(tiny_bundle) as plain, runtime.load(tiny_bundle, device=mem) as dev:
@@ -129,7 +129,7 @@ def _step_traffic(pipe, mem, prompt_len, max_new, beams, device_cache=True):
 
 def test_host_device_bytes_per_step_do_not_depend_on_past_length(tiny_bundle):
     """Per step only ids and positions go up and the logits come down, at any past length."""
-    import runtime
+    from bridge_export import runtime
 
     mem = HostMemory()
     with runtime.load(tiny_bundle, device=mem) as pipe:
@@ -157,8 +157,8 @@ def test_host_device_bytes_per_step_do_not_depend_on_past_length(tiny_bundle):
 
 def test_cuda_missing_is_one_clear_line(tiny_bundle):
     """Without onnxruntime's CUDA provider, cuda-python or a driver: one line saying what to do."""
-    import runtime
-    from runtime.cuda import CudaError, CudaMemory, parse_device
+    from bridge_export import runtime
+    from bridge_export.runtime.gpu.cuda import CudaError, CudaMemory, parse_device
 
     try:
         mem = CudaMemory(0)

@@ -1,9 +1,9 @@
-"""Device KV cache on runtime.device_memory.HostMemory: out of device memory mid-request leaks nothing."""
+"""Device KV cache on bridge_export.runtime.gpu.memory.HostMemory: out of device memory mid-request leaks nothing."""
 import numpy as np
 import pytest
 
-from runtime.device_cache import DeviceKVCache
-from runtime.device_memory import HostMemory
+from bridge_export.runtime.gpu.kv_cache import DeviceKVCache
+from bridge_export.runtime.gpu.memory import HostMemory
 
 
 class FailingMemory(HostMemory):

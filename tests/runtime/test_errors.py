@@ -8,8 +8,8 @@ import textwrap
 import numpy as np
 import pytest
 
-import runtime
-from runtime import BundleError, TokenizerMissing
+from bridge_export import runtime
+from bridge_export.runtime import BundleError, TokenizerMissing
 
 
 @pytest.fixture(scope="module")

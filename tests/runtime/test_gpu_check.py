@@ -1,13 +1,13 @@
-"""runtime.gpu_check: its comparison logic on host memory here, the real run on a GPU (skipped without one)."""
+"""bridge_export.runtime.gpu.check: its comparison logic on host memory here, the real run on a GPU (skipped without one)."""
 import numpy as np
 import pytest
 
-from runtime.device_memory import HostMemory
-from runtime.gpu_check import check_bundle, check_cache, main
+from bridge_export.runtime.gpu.memory import HostMemory
+from bridge_export.runtime.gpu.check import check_bundle, check_cache, main
 
 
 def _cuda_or_reason():
-    from runtime.cuda import CudaError, CudaMemory
+    from bridge_export.runtime.gpu.cuda import CudaError, CudaMemory
 
     try:
         CudaMemory(0).close()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.preprocess import BACKGROUND, ImageError, to_pil
+from bridge_export.runtime.preprocess import BACKGROUND, ImageError, to_pil
 
 GRAY = 0.25  # every image below shows this gray level (or pure white where transparent)
 

@@ -5,8 +5,8 @@ import shutil
 import numpy as np
 import pytest
 
-import runtime
-from runtime.manifest import (GRAPHS, BundleError, KVLayout, Manifest, manifest_digest, parse_manifest,
+from bridge_export import runtime
+from bridge_export.runtime.manifest import (GRAPHS, BundleError, KVLayout, Manifest, manifest_digest, parse_manifest,
                               read_manifest)
 
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-import runtime
-from runtime.numeric import row_cosines
+from bridge_export import runtime
+from bridge_export.runtime.numeric import row_cosines
 
 
 @pytest.fixture(scope="module")

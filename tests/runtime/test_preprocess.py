@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.manifest import Preprocessing
-from runtime.preprocess import ImageError, preprocess
+from bridge_export.runtime.manifest import Preprocessing
+from bridge_export.runtime.preprocess import ImageError, preprocess
 
 CFG = Preprocessing(image_size=32, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 

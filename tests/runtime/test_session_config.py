@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-import runtime
-from runtime.device_memory import HostMemory
+from bridge_export import runtime
+from bridge_export.runtime.gpu.memory import HostMemory
 
 KEY = "session.disable_prepacking"
 
@@ -31,7 +31,7 @@ def test_non_string_config_value_is_a_clear_error(tiny_bundle):
 
 def test_graph_name_with_none_does_not_abort_the_interpreter(tiny_bundle):
     """{graph: None} is refused with a ValueError; passed on, onnxruntime's C++ would abort the process."""
-    code = ("import runtime\n"
+    code = ("from bridge_export import runtime\n"
             "try:\n"
             f"    runtime.load({str(tiny_bundle)!r}, session_config={{'query_bridge': None}})\n"
             "except ValueError as e:\n"

@@ -4,8 +4,8 @@ import string
 import numpy as np
 import pytest
 
-from runtime.manifest import Prompts, SpecialTokens, TextConventions, TextEmbeddingPrompt
-from runtime.text import TextCodec
+from bridge_export.runtime.manifest import Prompts, SpecialTokens, TextConventions, TextEmbeddingPrompt
+from bridge_export.runtime.text import TextCodec
 
 MANIFEST = TextConventions(SpecialTokens(bos=1, eos=2, pad=0))
 
@@ -19,7 +19,7 @@ def sp(tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def codec(tokenizer_dir, tmp_path_factory):
-    from exporter.tokenizer import write_tokenizer
+    from bridge_export.exporter.export.tokenizer import write_tokenizer
 
     d = tmp_path_factory.mktemp("tok")
     entry = write_tokenizer(None, tokenizer_dir, d)
@@ -62,7 +62,7 @@ def test_long_texts_truncated_like_the_original(codec, sp):
 
 def test_long_words_heap_merge_equals_sentencepiece(codec, sp):
     """Words far longer than the short-word path (CJK runs, digits, no spaces) go through the heap merge."""
-    from exporter.bench_tokenizer import quadratic_word
+    from bridge_export.exporter.bench.tokenizer import quadratic_word
 
     rng = np.random.default_rng(1)
     alphabet = list("中文测试一只猫在公园里放风筝的女孩是我们你好世界0123456789.,abcxyz😀é")

@@ -1,4 +1,4 @@
-"""runtime.serving: the request handlers every Triton front end wraps, checked against the Python API."""
+"""bridge_export.runtime.serve.handlers: the request handlers every Triton front end wraps, checked against the Python API."""
 from __future__ import annotations
 
 import io
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import runtime
-from runtime.serving import Handlers, RequestError
+from bridge_export import runtime
+from bridge_export.runtime.serve.handlers import Handlers, RequestError
 
 
 def _png(seed: int, size=(40, 52)) -> bytes:

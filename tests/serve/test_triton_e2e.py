@@ -99,7 +99,7 @@ def _run(cmd, tmp_path, images, bundle):
 
 
 def _check(report, bundle, images, per_request_errors: bool):
-    import runtime
+    from bridge_export import runtime
 
     TEXTS = report["texts"]
     pipe = runtime.load(bundle)
@@ -137,7 +137,7 @@ def _check(report, bundle, images, per_request_errors: bool):
 @pytest.mark.parametrize("instances", [1, 2])
 def test_pytriton_serve(tiny_text_bundle, tmp_path, images, instances):
     def cmd(http, grpc, metrics):
-        return [str(SERVE_PYTHON), "-m", "exporter.cli", "serve", str(tiny_text_bundle), "--http-port", str(http),
+        return [str(SERVE_PYTHON), "-m", "bridge_export.exporter.cli", "serve", str(tiny_text_bundle), "--http-port", str(http),
                 "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--max-batch", "4", "--threads", "1",
                 "--instances", str(instances)]
 
@@ -149,12 +149,12 @@ def test_pytriton_serve(tiny_text_bundle, tmp_path, images, instances):
 
 
 def test_triton_repo_on_bundled_tritonserver(tiny_text_bundle, tmp_path, images):
-    from exporter.serve.triton_repo import RepoOptions, write_repo
+    from bridge_export.runtime.serve.triton_repo import RepoOptions, write_repo
 
     repo = write_repo(tiny_text_bundle, tmp_path / "repo", RepoOptions(backend="python", gpu=False, threads=1))
 
     def cmd(http, grpc, metrics):
-        return [str(SERVE_PYTHON), "-m", "exporter.serve.tritonserver", str(repo), "--http-port", str(http),
+        return [str(SERVE_PYTHON), "-m", "bridge_export.runtime.serve.tritonserver", str(repo), "--http-port", str(http),
                 "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
 
     report, rc, stopped, _ = _run(cmd, tmp_path, images, tiny_text_bundle)

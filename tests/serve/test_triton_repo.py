@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from exporter.serve.triton_repo import ENTRIES, MARKER, RepoError, RepoOptions, parse_config, write_repo
+from bridge_export.runtime.serve.triton_repo import ENTRIES, MARKER, RepoError, RepoOptions, parse_config, write_repo
 
 pytest.importorskip("tritonclient", reason="config validation needs tritonclient (in the [test] extra)")
 
@@ -40,7 +40,7 @@ def test_onnxruntime_repo(tiny_text_bundle, tmp_path):
                                                                     "query_bridge": "query_bridge"}
     assert cfg["caption_stream"].model_transaction_policy.decoupled
     assert list(cfg["embed_image"].output[0].dims) == [24]
-    assert (repo / "caption" / "1" / "runtime" / "serving.py").is_file()
+    assert (repo / "caption" / "1" / "bridge_export" / "runtime" / "serve" / "handlers.py").is_file()
     assert (repo / "caption" / "1" / "bundle" / "manifest.json").is_file()
 
 
@@ -95,7 +95,7 @@ def test_parse_config_rejects_what_triton_would(tmp_path):
 def test_cli_triton_repo(tiny_text_bundle, tmp_path):
     from click.testing import CliRunner
 
-    from exporter.cli import main
+    from bridge_export.exporter.cli import main
 
     r = CliRunner().invoke(main, ["triton-repo", str(tiny_text_bundle), "--out", str(tmp_path / "r"), "--cpu",
                                   "--backend", "python"])
@@ -112,7 +112,7 @@ def test_serve_without_pytriton_names_the_extra(tiny_text_bundle):
 
     from click.testing import CliRunner
 
-    from exporter.cli import main
+    from bridge_export.exporter.cli import main
 
     if importlib.util.find_spec("pytriton") is not None:
         pytest.skip("PyTriton is installed here: the end-to-end tests cover serve")

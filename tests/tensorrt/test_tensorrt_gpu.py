@@ -10,7 +10,7 @@ def _trt_or_skip():
         pytest.skip("TensorRT is not installed (its PyPI wheel needs NVIDIA's index and a GPU machine)")
     try:
         trt.Builder(trt.Logger(trt.Logger.ERROR))
-        from runtime.cuda import device_info
+        from bridge_export.runtime.gpu.cuda import device_info
 
         device_info()
     except Exception as e:  # no driver / no GPU: "CUDA initialization failure"
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.tensorrt
 
 def test_build_and_run_engines_match_onnxruntime(tiny_bundle, tmp_path):
     _trt_or_skip()
-    import runtime
-    from exporter.tensorrt import EngineOptions, build_engines
+    from bridge_export import runtime
+    from bridge_export.exporter.tensorrt.engines import EngineOptions, build_engines
 
     out = tiny_bundle / "engines"
     built = build_engines(tiny_bundle, out, EngineOptions(max_batch=4, timing_cache=tmp_path / "tc.bin"))
@@ -58,9 +58,9 @@ def test_engine_from_other_tensorrt_version_is_refused(tiny_bundle, tmp_path):
     import json
     import shutil
 
-    from exporter.tensorrt import EngineOptions, build_engines
-    from runtime.trt_compat import EngineMismatch
-    from runtime.trt_session import TrtSession
+    from bridge_export.exporter.tensorrt.engines import EngineOptions, build_engines
+    from bridge_export.runtime.gpu.trt_compat import EngineMismatch
+    from bridge_export.runtime.gpu.trt_session import TrtSession
 
     out = tmp_path / "eng"
     build_engines(tiny_bundle, out, EngineOptions(graphs=["vision_encoder"]))

@@ -4,12 +4,12 @@ import json
 import numpy as np
 import pytest
 
-from exporter.tensorrt import EngineOptions, engine_profiles, precision_plan, sidecar, trtexec_command, \
+from bridge_export.exporter.tensorrt.engines import EngineOptions, engine_profiles, precision_plan, sidecar, trtexec_command, \
     write_trtexec_script
-from runtime.device_cache import kv_slot_geometry
-from runtime.manifest import read_manifest
-from runtime.trt_compat import EngineMismatch, check_engine_compat, read_sidecar
-from runtime.trt_session import pick_profile
+from bridge_export.runtime.gpu.kv_cache import kv_slot_geometry
+from bridge_export.runtime.manifest import read_manifest
+from bridge_export.runtime.gpu.trt_compat import EngineMismatch, check_engine_compat, read_sidecar
+from bridge_export.runtime.gpu.trt_session import pick_profile
 
 
 def test_profiles_respect_user_limits(tiny_bundle):
@@ -93,8 +93,8 @@ def test_profile_choice_and_cache_copy_geometry():
 
 def test_stored_profiles_equal_recomputed_ones(tiny_bundle, tiny_model):
     """`engine` reads the manifest's profiles; recomputing them torch-free from its dims gives the same."""
-    from exporter.profiles import graph_profiles
-    from exporter.specs import all_specs
+    from bridge_export.exporter.tensorrt.profiles import graph_profiles
+    from bridge_export.exporter.export.specs import all_specs
 
     man = read_manifest(tiny_bundle)
     for spec in all_specs(tiny_model.config):
@@ -116,7 +116,7 @@ def test_emit_trtexec_without_torch(tiny_bundle, tmp_path):
                 if name.split(".")[0] in ("torch", "onnx", "reference_model"):
                     raise ImportError(name + " is blocked in this test")
         sys.meta_path.insert(0, Block())
-        from exporter.cli import main
+        from bridge_export.exporter.cli import main
         main(["engine", {str(tiny_bundle)!r}, "--emit-trtexec", "--max-batch", "2", "--out", {str(tmp_path)!r}])
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -128,12 +128,12 @@ def test_emit_trtexec_without_torch(tiny_bundle, tmp_path):
 def test_trtexec_engines_get_a_sidecar_stamped_on_the_device(tiny_bundle, tmp_path, capsys):
     """The script writes a sidecar template per graph and stamps it after each trtexec build, so an engine
     built by the script is accepted by the runtime like one from `bridge-export engine`."""
-    from runtime.trt_compat import TEMPLATE_SUFFIX, main, stamp_sidecar
+    from bridge_export.runtime.gpu.trt_compat import TEMPLATE_SUFFIX, main, stamp_sidecar
 
     out = tmp_path / "eng"
     script = write_trtexec_script(tiny_bundle, out, EngineOptions(max_batch=2), trt_major=10).read_text()
     for g in ("vision_encoder", "query_bridge", "text_decoder"):
-        stamp = f'"${{PYTHON:-python3}}" -m runtime.trt_compat stamp {g}{TEMPLATE_SUFFIX}'
+        stamp = f'"${{PYTHON:-python3}}" -m bridge_export.runtime.gpu.trt_compat stamp {g}{TEMPLATE_SUFFIX}'
         lines = script.splitlines()
         build = next(i for i, line in enumerate(lines) if line.startswith("trtexec ") and f"/{g}.onnx" in line)
         assert lines[build + 1] == stamp  # right after its build (set -e: only when trtexec succeeded)

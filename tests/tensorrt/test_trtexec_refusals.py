@@ -4,9 +4,9 @@ import types
 
 import pytest
 
-from exporter.tensorrt import EngineOptions, write_trtexec_script
-from runtime import trt_compat
-from runtime.trt_compat import TEMPLATE_SUFFIX, EngineMismatch, stamp_sidecar
+from bridge_export.exporter.tensorrt.engines import EngineOptions, write_trtexec_script
+from bridge_export.runtime.gpu import trt_compat
+from bridge_export.runtime.gpu.trt_compat import TEMPLATE_SUFFIX, EngineMismatch, stamp_sidecar
 
 
 def _corrupt_template(tmp_path):
@@ -23,11 +23,11 @@ def test_corrupt_template_is_an_engine_mismatch(tmp_path):
 
 
 def test_stamp_main_reports_a_corrupt_template_in_one_line(tmp_path, monkeypatch, capsys):
-    """`python -m runtime.trt_compat stamp` reports a corrupt template in one line and exits 1."""
-    import runtime.cuda
+    """`python -m bridge_export.runtime.gpu.trt_compat stamp` reports a corrupt template in one line and exits 1."""
+    import bridge_export.runtime.gpu.cuda
 
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
-    monkeypatch.setattr(runtime.cuda, "device_info", lambda i=0: ("Orin", "8.7"))
+    monkeypatch.setattr(bridge_export.runtime.gpu.cuda, "device_info", lambda i=0: ("Orin", "8.7"))
     assert trt_compat.main(["stamp", str(_corrupt_template(tmp_path))]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "not a valid sidecar template" in err and "\n" not in err

@@ -1,0 +1,1 @@
+"""Checkpoint -> bundle: the graph builder, weight streaming, the traced exporter, bundle writing, graph checks."""

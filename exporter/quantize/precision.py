@@ -1,0 +1,392 @@
+"""FP16 and INT8 bundles: precision lives in the ONNX artifact (TensorRT 10, 11 and onnxruntime alike).
+
+* fp16      onnxruntime's float16 converter with a block list: norms, softmax (with its mask and
+            scaling), the RoPE angles and the logits stay fp32; graph inputs/outputs keep fp32.
+* int8      explicit symmetric Q/DQ (zero point 0, per-channel weights) from onnxruntime's static
+            quantizer, calibrated on the user's images (and texts), MatMul/Conv with constant
+            weights only; norms, softmax, logits and the pooling heads left in float by default.
+* int8-cpu  onnxruntime dynamic quantization (MatMulInteger, unsigned weights) for CPUs; not
+            parseable by TensorRT.
+* int4-cpu  4-bit block-quantized weights (MatMulNBits, GatherBlockQuantized for the token
+            embeddings) from onnxruntime's MatMulNBitsQuantizer (exporter/int4.py); onnxruntime
+            CPU and CUDA only, not parseable by TensorRT.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from pathlib import Path
+
+import onnx
+
+from bridge_export.runtime.manifest import PrecisionInfo, read_manifest
+from bridge_export.runtime.progress import get_logger, quiet_third_party, reporter
+
+from bridge_export.exporter.export.bundle import write_manifest
+from bridge_export.exporter.export.checks import check_graph
+from bridge_export.exporter.export.graph_builder import QUANTIZED
+from bridge_export.exporter.export.onnx_export import relink_weights
+from bridge_export.exporter.output import OutputError, check_output_dir, output_dir
+
+MODES = ("fp16", "int8", "int8-cpu", "int4-cpu")
+ONNXRUNTIME_ONLY = QUANTIZED  # contrib / integer ops TensorRT does not parse
+# Sensitive ops kept out of INT8 by default: names matched against node names / op types.
+DEFAULT_INT8_EXCLUDE = ["norm", "Softmax", "lm_head", "clip_projector"]
+
+
+log = get_logger(__name__)
+
+
+# -- plans (pure functions over the graph; tested without running anything) --------------------
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _upstream(model, start: list[onnx.NodeProto], stop) -> set[str]:
+    """Names of `start` and every node above them, not crossing nodes for which stop(node) is true."""
+    prod = _producers(model)
+    seen, todo = set(), list(start)
+    while todo:
+        n = todo.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        for i in n.input:
+            p = prod.get(i)
+            if p is not None and not stop(p):
+                todo.append(p)
+    return seen
+
+
+def fp16_block_list(model: onnx.ModelProto) -> set[str]:
+    """Nodes that must stay fp32: norms, softmax with its scores/mask chain, RoPE angles, logits."""
+    is_matmul = lambda n: n.op_type in ("MatMul", "Gemm", "FusedMatMul", "Conv")  # noqa: E731
+    nodes = list(model.graph.node)
+    block = {n.name for n in nodes if "norm" in n.name.lower() or n.op_type == "LayerNormalization"}
+    block |= _upstream(model, [n for n in nodes if n.op_type == "Softmax"], is_matmul)
+    block |= _upstream(model, [n for n in nodes if n.op_type in ("Cos", "Sin")], lambda n: False)
+    outs = {o.name for o in model.graph.output}
+    logits = [n for n in nodes if "logits" in n.output and "logits" in outs]
+    block |= _upstream(model, logits, lambda n: not ("lm_head" in n.name or n.op_type == "Cast"))
+    return block
+
+
+def int8_nodes(model: onnx.ModelProto, exclude: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """(nodes to quantize, nodes excluded): MatMul/Conv/Gemm with a constant weight, minus `exclude` matches."""
+    exclude = DEFAULT_INT8_EXCLUDE if exclude is None else exclude
+    inits = {t.name for t in model.graph.initializer}
+    quant, skipped = [], []
+    for n in model.graph.node:
+        if n.op_type not in ("MatMul", "Conv", "Gemm") or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        if any(x.lower() in n.name.lower() or x == n.op_type for x in exclude):
+            skipped.append(n.name)
+        else:
+            quant.append(n.name)
+    return quant, skipped
+
+
+def toposort(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Reorder nodes topologically (onnxruntime's float16 converter appends its input Casts last)."""
+    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    pending, ordered = list(model.graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError("graph has a cycle or a dangling input; cannot sort it")
+        ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ids]
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    return model
+
+
+# -- conversions ---------------------------------------------------------------------------------
+def to_fp16(src: Path, dst: Path) -> dict:
+    """Write an fp16 copy of graph `src` to `dst` (fp32 I/O); returns what was kept fp32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src), load_external_data=True)
+    block = fp16_block_list(model)
+    out = convert_float_to_float16(model, keep_io_types=True, node_block_list=sorted(block),
+                                   disable_shape_infer=False)
+    onnx.save_model(toposort(out), str(dst), save_as_external_data=True, location=dst.name + ".data")
+    return {"method": "onnxruntime.transformers.float16 (keep_io_types)", "fp32_nodes": len(block)}
+
+
+QUANT_OPS = ["MatMul", "Conv", "Gemm"]
+
+
+def histogram_ranges(src: Path, feeds: list[dict], method, cache: Path, progress) -> None:
+    """Entropy/percentile tensor ranges with onnxruntime's calibrator, one collect per feed shape.
+
+    The histograms merge across collect_data calls; the ranges go to `cache` (onnxruntime's
+    calibration cache), which quantize_static then reads instead of calibrating again.
+    """
+    import tempfile
+
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    from bridge_export.exporter.quantize.calibration import FeedReader, shape_groups
+
+    with tempfile.TemporaryDirectory(prefix="bridge-export-calib-") as tmp:
+        cal = create_calibrator(src, QUANT_OPS, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                calibrate_method=method, use_external_data_format=True,
+                                extra_options={"symmetric": True})
+        for group in shape_groups(feeds):
+            cal.collect_data(FeedReader(group, progress, src.stem))
+            cal.clear_collected_data()
+        save_tensors_data(cal.compute_data(), cache)
+
+
+def to_int8_qdq(src: Path, dst: Path, feeds: list[dict], method: str, exclude, progress,
+                kept: list[str] = (), reduce_range: bool = True) -> dict:
+    """Static symmetric Q/DQ INT8 of graph `src`, calibrated on recorded `feeds`; `kept` are extra
+    node names left in fp32 (accuracy target).
+
+    `reduce_range` (default) stores 7-bit weights in the int8 tensors (still symmetric, zero point 0,
+    so TensorRT reads them unchanged): onnxruntime's x86 u8s8 kernels without VNNI saturate their
+    int16 partial sums with full 8-bit weights. Measured on the tiny preset, all MatMuls quantized:
+    bridge image_embeds_g cosine 0.976 with 8-bit weights on this AVX2 CPU (0.992 when the same
+    graph is evaluated unfused) against 0.994 with 7-bit weights, fused or not.
+
+    The tensor ranges are kept beside the graph as `<graph>.calibration.json` (onnxruntime's
+    calibration cache format), so the bundle records exactly what calibration produced; a later
+    call with the cache present reuses it instead of calibrating again.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from bridge_export.exporter.quantize.calibration import FeedReader
+
+    model = onnx.load(str(src), load_external_data=False)
+    quant, skipped = int8_nodes(model, exclude)
+    total = len(quant) + len(skipped)
+    quant = [q for q in quant if q not in set(kept)]
+    methods = {"max": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    cache = dst.with_suffix(".calibration.json")
+    reader = FeedReader(feeds, progress, src.stem)
+    if cache.is_file():
+        reader = None
+    elif method != "max":
+        histogram_ranges(src, feeds, methods[method], cache, progress)
+        reader = None
+    if not quant:  # an empty nodes_to_quantize would mean "every node" to quantize_static
+        onnx.save_model(onnx.load(str(src), load_external_data=True), str(dst), save_as_external_data=True,
+                        location=dst.name + ".data")
+    else:
+        quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_quantize=quant, op_types_to_quantize=QUANT_OPS, use_external_data_format=True,
+                        calibrate_method=methods[method], calibration_cache_path=cache, reduce_range=reduce_range,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       "CalibMovingAverage": False, "DedicatedQDQPair": False})
+    return {"method": f"onnxruntime.quantization.quantize_static QDQ, symmetric, per-channel "
+                      f"{'7-bit (reduce_range)' if reduce_range else '8-bit'} weights, calibration {method}", "quantized_nodes": len(quant), "excluded_nodes": total - len(quant),
+            "quantized_fraction": round(len(quant) / max(1, total), 4),
+            "weight_qmax": 64 if reduce_range else 127, "calibration_batches": len(feeds), "calibration_ranges": cache.name,
+            "exclude": DEFAULT_INT8_EXCLUDE if exclude is None else exclude, "nodes": quant}
+
+
+def to_int8_dynamic(src: Path, dst: Path, exclude) -> dict:
+    """Dynamic INT8 MatMuls (unsigned weights) for onnxruntime on CPUs without VNNI."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(src), load_external_data=False)
+    quant, skipped = int8_nodes(model, [e for e in (exclude or ["norm", "clip_projector"])])
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8, nodes_to_quantize=quant, per_channel=True,
+                     op_types_to_quantize=["MatMul"], use_external_data_format=True,
+                     extra_options={"MatMulConstBOnly": True})
+    return {"method": "onnxruntime.quantization.quantize_dynamic, MatMulInteger, uint8 weights",
+            "quantized_nodes": len(quant), "excluded_nodes": len(skipped), "tensorrt": False}
+
+
+def to_int4(src: Path, dst: Path, opts) -> dict:
+    """INT4 weight-only graph `src` -> `dst` (MatMulNBits) with onnxruntime's maintained quantizer."""
+    from bridge_export.exporter.quantize.int4 import quantize_graph
+
+    model, record = quantize_graph(onnx.load(str(src), load_external_data=True), opts)
+    onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+    return record
+
+
+# Which graphs each end-to-end output passes through (to tighten their targets when it misses).
+E2E_PATHS = {"image_embeds_C_cosine": ["vision_encoder"], "image_embeds_G_cosine": ["vision_encoder", "query_bridge"],
+             "text_embeds_cosine": ["text_decoder"], "logits_cosine": ["vision_encoder", "query_bridge", "text_decoder"]}
+WARN_BELOW = 0.99
+
+
+def _inputs(src, calib, calib_texts):
+    """(calibration images, held-out images, calibration texts, held-out texts): a quarter held out."""
+    from bridge_export.exporter.quantize.calibration import builtin_texts, read_image_folder, read_texts, split_held_out, synthetic_images
+
+    images = read_image_folder(calib) if calib else synthetic_images(12, src.preprocessing.image_size)
+    texts = read_texts(calib_texts) if calib_texts else builtin_texts()
+    return (*split_held_out(images), *split_held_out(texts))
+
+
+def _convert_graphs(src, tmp: Path, manifest, mode: str, progress, *, feeds=None, held=None, method="max",
+                    exclude=None, int4=None, targets=None, kept=None, caches=None) -> None:
+    """Write every graph of `mode` into `tmp`, recording `how` in `manifest`, then share weights.bin."""
+    from bridge_export.exporter.quantize.int8_target import targeted_int8
+
+    paths = []
+    for name, g in manifest.graphs.items():
+        t0 = time.perf_counter()
+        progress(f"[precision] {name} -> {mode} ...")
+        srcp, dst = src.graph_path(name), tmp / g.file
+        if mode == "fp16":
+            how = to_fp16(srcp, dst)
+        elif mode == "int8":
+            def build(keep, srcp=srcp, dst=dst, name=name):
+                return to_int8_qdq(srcp, dst, feeds[name], method, exclude, progress, kept=keep)
+
+            how = targeted_int8(srcp, dst, feeds[name], held[name], (targets or {}).get(name), build, progress,
+                                start_kept=(kept or {}).get(name),
+                                cache=None if caches is None else caches.setdefault(name, {}))
+            how.pop("nodes", None)
+        elif mode == "int4-cpu":
+            from bridge_export.exporter.quantize.int4 import Int4Options
+
+            how = to_int4(srcp, dst, int4 or Int4Options())
+        else:
+            how = to_int8_dynamic(srcp, dst, exclude)
+        paths.append(dst)
+        g.precision, g.how = mode, how
+        progress(f"[precision] {name} done in {time.perf_counter() - t0:.1f}s")
+    relink_weights(paths, tmp)
+    for g in manifest.graphs.values():
+        g.checks = check_graph(tmp / g.file, tensorrt=mode not in ONNXRUNTIME_ONLY)
+
+
+def _copy_assets(src, tmp: Path, manifest) -> None:
+    """Tokenizer, host tensors and anything else the source bundle holds besides graphs and weights."""
+    rewritten = {g.file for g in manifest.graphs.values()} | {manifest.weights}
+    for f in src.files:
+        if f not in rewritten and not (tmp / f).exists():
+            shutil.copyfile(src.path(f), tmp / f)
+
+
+def _missed(rep: dict, target: float) -> list[str]:
+    """End-to-end cosines in `rep` below `target`."""
+    return [k for k in E2E_PATHS if rep["end_to_end"].get(k, 1.0) < target]
+
+
+def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, method: str = "max",
+                          exclude: list[str] | None = None, overwrite: bool = False, progress=None,
+                          report: bool = True, int4=None, target_cosine: float | None = None,
+                          max_rounds: int = 3) -> Path:
+    """Write a new bundle at `out` whose graphs are `mode` (fp16 / int8 / int8-cpu / int4-cpu), with an
+    accuracy report on held-out images and texts.
+
+    `int4` is an `bridge_export.exporter.quantize.int4.Int4Options` (defaults when None). With `target_cosine` (int8), the
+    most sensitive nodes stay fp32 until every graph output and every end-to-end output (image C/G
+    and text embeddings, logits) reaches it on held-out inputs; when an end-to-end output misses, the
+    graph that produces it gets a tighter target (halving 1 - target), and the graphs upstream of it
+    too if it misses again, up to `max_rounds` passes.
+    What was kept and the cosines reached go to the manifest: `precision.report` (summary),
+    each graph's `how` (kept nodes, output cosines) and `report`.
+    """
+    from bridge_export import runtime
+
+    from bridge_export.exporter.quantize.accuracy import accuracy_report, format_report
+    from bridge_export.exporter.quantize.calibration import record_feeds
+
+    progress = reporter(progress, log)
+    quiet_third_party()
+    if mode not in MODES:
+        raise ValueError(f"precision must be one of {MODES}, got {mode!r}")
+    src = read_manifest(bundle)
+    if Path(out).absolute().resolve() == src.root.absolute().resolve():
+        raise OutputError(f"--out {out} is the source bundle itself: write the {mode} bundle to another folder")
+    check_output_dir(out, overwrite)  # before calibration: refused outputs cost no work
+    if src.precision.mode != "fp32":
+        raise ValueError(f"{bundle} is already {src.precision.mode}: make precision bundles from an fp32 bundle")
+    if mode == "int8" and calib is None:
+        raise ValueError("--int8 needs --calib IMAGES_DIR: INT8 scales are calibrated on your images")
+    if target_cosine is not None and mode != "int8":
+        raise ValueError(f"--target-cosine applies to --int8 (static Q/DQ), not {mode}")
+    if target_cosine is not None and not 0 < target_cosine < 1:
+        raise ValueError(f"--target-cosine must be between 0 and 1 (e.g. 0.999), got {target_cosine}")
+    calib_images, held_images, calib_texts_, held_texts = _inputs(src, calib, calib_texts)
+    with output_dir(Path(out), overwrite) as tmp:  # renamed into place when complete, removed on failure
+        pipe = runtime.load(bundle)
+        feeds = held = None
+        if mode == "int8":
+            progress("[precision] recording calibration feeds (images, caption prefill + decode steps, texts) ...")
+            feeds = record_feeds(pipe, calib_images, calib_texts_)
+            held = record_feeds(pipe, held_images, held_texts, seed=1)
+        manifest = copy.deepcopy(src)
+        targets = {name: target_cosine for name in manifest.graphs} if target_cosine else None
+        rep, misses, caches = None, {}, {}  # caches: per graph, what a later round need not measure again
+        for _ in range(max_rounds if target_cosine else 1):
+            kept = {n: (g.how or {}).get("kept_fp32_for_target", []) for n, g in manifest.graphs.items()
+                    if g.precision == mode}
+            _convert_graphs(src, tmp, manifest, mode, progress, feeds=feeds, held=held, method=method,
+                            exclude=exclude, int4=int4, targets=targets, kept=kept, caches=caches)
+            _copy_assets(src, tmp, manifest)
+            manifest.precision = PrecisionInfo(mode=mode, derived_from={
+                "bundle": str(Path(bundle).absolute()), "precision": "fp32",
+                "weights_sha256": src.files[src.weights].sha256})
+            write_manifest(tmp, manifest)
+            if not (report or target_cosine):
+                break
+            progress("[precision] measuring accuracy against fp32 on held-out inputs ...")
+            rep = accuracy_report(pipe, runtime.load(tmp), held_images, held_texts, feeds=held)  # int8: recorded once
+            missed = _missed(rep, target_cosine) if target_cosine else []
+            if not missed:
+                break
+            # the graph that makes an output first gets the tighter target; upstream ones only when the
+            # same output misses again
+            tighten = set()
+            for k in missed:
+                misses[k] = misses.get(k, 0) + 1
+                tighten |= set(E2E_PATHS[k][-1:] if misses[k] == 1 else E2E_PATHS[k])
+            for name in tighten:
+                targets[name] = 1 - (1 - targets[name]) / 2
+            progress(f"[precision] end to end {missed} below {target_cosine}: graph targets now "
+                     + ", ".join(f"{n} {t:.6g}" for n, t in targets.items()))
+        if rep is not None:
+            progress(format_report(rep, mode))
+            met = (not missed and all((g.how or {}).get("met", True)
+                                                            for g in manifest.graphs.values())) if target_cosine else None
+            rep["target_cosine"], rep["met_target"] = target_cosine, met
+            manifest.precision.accuracy = rep
+            manifest.precision.report = summary = precision_summary(manifest, rep)
+            if mode == "int8":
+                progress(f"[precision] quantized {summary['quantized_nodes']} of {summary['weighted_nodes']} weighted "
+                         "nodes; kept in fp32 for the target: " + (", ".join(
+                             f"{n} {len(k)}" for n, k in summary["kept_fp32_for_target"].items()) or "none"))
+            for name, g in manifest.graphs.items():
+                g.report = rep["graphs"].get(name)
+            write_manifest(tmp, manifest, known={n: e.sha256 for n, e in manifest.files.items()})  # files unchanged
+            where, worst = summary["lowest_cosine"]["output"], summary["lowest_cosine"]["cosine"]
+            if target_cosine and not met:
+                progress(f"[precision] warning: the target {target_cosine} was not met ({where} {worst:.6f}) "
+                         "even after keeping nodes in fp32; see the manifest's precision section")
+            elif not target_cosine and worst < WARN_BELOW:
+                progress(f"[precision] warning: {where} cosine {worst:.6f} is below {WARN_BELOW}"
+                         + ("; rerun with --target-cosine 0.99 (or higher) to keep sensitive nodes in fp32"
+                            if mode == "int8" else ""))
+    progress(f"[precision] {mode} bundle written to {Path(out).absolute()}")
+    return Path(out)
+
+
+def precision_summary(manifest, rep: dict) -> dict:
+    """The manifest's `precision.report`: target, whether it was met, the nodes kept in fp32 per graph,
+    the quantized share of the weighted nodes, and the lowest cosine reached."""
+    from bridge_export.exporter.quantize.accuracy import worst_cosine
+
+    where, worst = worst_cosine(rep)
+    hows = {n: g.how or {} for n, g in manifest.graphs.items()}
+    quant = sum(h.get("quantized_nodes", 0) for h in hows.values())
+    total = quant + sum(h.get("excluded_nodes", 0) for h in hows.values())
+    return {"target_cosine": rep.get("target_cosine"), "met_target": rep.get("met_target"),
+            "kept_fp32_for_target": {n: h.get("kept_fp32_for_target", []) for n, h in hows.items()
+                                     if "kept_fp32_for_target" in h},
+            "quantized_nodes": quant, "weighted_nodes": total,
+            "lowest_cosine": {"output": where, "cosine": worst}}

@@ -1,0 +1,1 @@
+"""TensorRT: optimization profiles from the manifest, precision plans, engine builds, trtexec scripts."""

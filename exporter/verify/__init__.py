@@ -1,0 +1,1 @@
+"""Verification: parity of every graph and the pipeline against the PyTorch reference."""
