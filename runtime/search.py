@@ -124,21 +124,55 @@ def _warp_and_sample(logits: np.ndarray, cfg: SearchConfig, rng: np.random.Gener
     return np.array([rng.choice(p.shape[-1], p=row) for row in p], dtype=np.int64)
 
 
+class TokenStepper:
+    """Greedy or sampled decoding of one request (B rows), one step at a time.
+
+    `choose(logits [B, V])` returns the step's tokens [B] (pad after EOS); `finished` is then True when
+    every row has ended or max_new_tokens is reached, else the caller feeds the tokens and passes the
+    next logits. `iter_tokens` and the runtime's step-level scheduler both drive it, so a request run
+    alone and one decoded among others make the same choices.
+    """
+
+    expand = 1  # rows per prompt row (beam search takes num_beams)
+
+    def __init__(self, cfg: SearchConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.rng = np.random.default_rng(cfg.seed)
+        self.done: np.ndarray | None = None
+        self.history: list[np.ndarray] = []
+        self.finished = False
+
+    def choose(self, logits: np.ndarray) -> tuple[np.ndarray, None]:
+        """The next tokens [B] from the last position's logits [B, V]; no row reorder (None)."""
+        cfg, i = self.cfg, len(self.history)
+        if self.done is None:
+            self.done = np.zeros(logits.shape[0], bool)
+        scores = _process(logits.astype(np.float32, copy=True), self.history, i, cfg)
+        tok = _warp_and_sample(scores, cfg, self.rng) if cfg.do_sample else scores.argmax(-1).astype(np.int64)
+        tok = np.where(self.done, cfg.pad_token_id, tok)
+        self.history.append(tok)
+        self.done |= tok == cfg.eos_token_id
+        self.finished = bool(self.done.all()) or i + 1 == cfg.max_new_tokens
+        return tok, None
+
+    def result(self) -> SearchResult:
+        """All chosen tokens [B, n] and zero scores (scores are beam search's)."""
+        return SearchResult(np.stack(self.history, 1), np.zeros(len(self.history[0]), np.float32))
+
+
 def iter_tokens(decoder: Decoder, cfg: SearchConfig) -> Iterator[np.ndarray]:
     """Greedy or sampled decoding, yielding each step's tokens [B] as they arrive (pad after EOS)."""
-    cfg.validate()
-    rng = np.random.default_rng(cfg.seed)
+    return iter_tokens_with(TokenStepper(cfg), decoder)
+
+
+def iter_tokens_with(st: TokenStepper, decoder: Decoder) -> Iterator[np.ndarray]:
+    """`iter_tokens` over a given stepper (its `result()` holds every step afterwards)."""
     logits = decoder.prefill()
-    done = np.zeros(logits.shape[0], bool)
-    history: list[np.ndarray] = []
-    for i in range(cfg.max_new_tokens):
-        scores = _process(logits.astype(np.float32, copy=True), history, i, cfg)
-        tok = _warp_and_sample(scores, cfg, rng) if cfg.do_sample else scores.argmax(-1).astype(np.int64)
-        tok = np.where(done, cfg.pad_token_id, tok)
-        history.append(tok)
-        done |= tok == cfg.eos_token_id
+    while True:
+        tok, _ = st.choose(logits)
         yield tok
-        if done.all() or i + 1 == cfg.max_new_tokens:
+        if st.finished:
             return
         logits = decoder.step(tok, None)
 
@@ -170,23 +204,43 @@ class _Hypotheses:
         return self.worst >= best_sum_logprobs / (length ** self.lp)
 
 
-def beam_search(decoder: Decoder, cfg: SearchConfig) -> SearchResult:
-    """Beam search as transformers' `beam_search` + BeamSearchScorer, for a batch of B rows."""
-    cfg.validate()
-    K = cfg.num_beams
-    first = decoder.prefill()  # (B, V)
-    B, V = first.shape
-    decoder.expand(K)
-    logits = np.repeat(first, K, axis=0)  # (B*K, V)
-    beam_scores = np.zeros((B, K), np.float32)
-    beam_scores[:, 1:] = -1e9
-    beam_scores = beam_scores.reshape(-1)
-    seqs: list[list[int]] = [[] for _ in range(B * K)]
-    hyps = [_Hypotheses(K, cfg.length_penalty) for _ in range(B)]
-    done = [False] * B
-    for step in range(cfg.max_new_tokens):
+class BeamStepper:
+    """Beam search of one request (B prompt rows, each becoming num_beams rows), one step at a time,
+    as transformers' `beam_search` + BeamSearchScorer.
+
+    `choose(logits)` takes the prefill's logits [B, V] first (the caller then repeats each row
+    `expand` times), later the step's [B*K, V]; it returns the tokens to feed [B*K] and, per new row,
+    the row it continues (reorder the rows' caches by it before feeding). `finished` is True when
+    every row is done or max_new_tokens is reached; `result()` then gives the best hypotheses.
+    """
+
+    def __init__(self, cfg: SearchConfig):
+        cfg.validate()
+        self.cfg, self.K = cfg, cfg.num_beams
+        self.expand = self.K
+        self.step_no = 0
+        self.finished = False
+
+    def _start(self, first: np.ndarray) -> np.ndarray:
+        B, K = first.shape[0], self.K
+        self.B = B
+        beam_scores = np.zeros((B, K), np.float32)
+        beam_scores[:, 1:] = -1e9
+        self.beam_scores = beam_scores.reshape(-1)
+        self.seqs: list[list[int]] = [[] for _ in range(B * K)]
+        self.hyps = [_Hypotheses(K, self.cfg.length_penalty) for _ in range(B)]
+        self.done = [False] * B
+        return np.repeat(first, K, axis=0)  # (B*K, V)
+
+    def choose(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens [B*K] to feed next and the source row of each (see the class docstring)."""
+        cfg, K, step = self.cfg, self.K, self.step_no
+        if step == 0:
+            logits = self._start(logits)
+        B, V = self.B, logits.shape[1]
+        seqs, hyps, done = self.seqs, self.hyps, self.done
         history = [np.array([s[j] for s in seqs]) for j in range(step)] if cfg.repetition_penalty != 1.0 else []
-        scores = _process(log_softmax(logits), history, step, cfg) + beam_scores[:, None]
+        scores = _process(log_softmax(logits), history, step, cfg) + self.beam_scores[:, None]
         flat = scores.reshape(B, K * V)
         # top 2K candidates per row: partition first (the vocabulary is large), then sort those
         part = np.argpartition(-flat, 2 * K - 1, axis=1)[:, : 2 * K]
@@ -214,29 +268,53 @@ def beam_search(decoder: Decoder, cfg: SearchConfig) -> SearchResult:
                 if n == K:
                     break
             done[b] = done[b] or hyps[b].is_done(float(top_scores[b].max()), length)
-        seqs = [seqs[s] + [int(t)] for s, t in zip(next_src, next_tokens)]
-        beam_scores = next_scores
-        if all(done) or step + 1 == cfg.max_new_tokens:
-            break
-        logits = decoder.step(next_tokens, next_src)
-    tokens, best_scores = [], []
-    for b in range(B):
-        if not done[b]:
-            for k in range(K):
-                hyps[b].add(seqs[b * K + k], float(beam_scores[b * K + k]), len(seqs[b * K + k]))
-        score, best = max(hyps[b].beams, key=lambda h: h[0])
-        tokens.append(best)
-        best_scores.append(score)
-    width = max(len(t) for t in tokens)
-    out = np.full((B, width), cfg.pad_token_id, np.int64)
-    for b, t in enumerate(tokens):
-        out[b, : len(t)] = t
-    return SearchResult(out, np.array(best_scores, np.float32))
+        self.seqs = [seqs[s] + [int(t)] for s, t in zip(next_src, next_tokens)]
+        self.beam_scores = next_scores
+        self.step_no += 1
+        self.finished = all(done) or self.step_no == cfg.max_new_tokens
+        return next_tokens, next_src
+
+    def result(self) -> SearchResult:
+        """The best finished hypothesis of each prompt row [B, n] (pad-filled) and its score."""
+        cfg, K = self.cfg, self.K
+        tokens, best_scores = [], []
+        for b in range(self.B):
+            if not self.done[b]:
+                for k in range(K):
+                    seq = self.seqs[b * K + k]
+                    self.hyps[b].add(seq, float(self.beam_scores[b * K + k]), len(seq))
+            score, best = max(self.hyps[b].beams, key=lambda h: h[0])
+            tokens.append(best)
+            best_scores.append(score)
+        width = max(len(t) for t in tokens)
+        out = np.full((self.B, width), cfg.pad_token_id, np.int64)
+        for b, t in enumerate(tokens):
+            out[b, : len(t)] = t
+        return SearchResult(out, np.array(best_scores, np.float32))
+
+
+def stepper(cfg: SearchConfig) -> TokenStepper | BeamStepper:
+    """The per-request search state `cfg` asks for (beam search when num_beams > 1)."""
+    return BeamStepper(cfg) if cfg.num_beams > 1 else TokenStepper(cfg)
+
+
+def beam_search(decoder: Decoder, cfg: SearchConfig) -> SearchResult:
+    """Beam search as transformers' `beam_search` + BeamSearchScorer, for a batch of B rows."""
+    st = BeamStepper(cfg)
+    logits = decoder.prefill()  # (B, V)
+    decoder.expand(st.expand)
+    while True:
+        tokens, src = st.choose(logits)
+        if st.finished:
+            return st.result()
+        logits = decoder.step(tokens, src)
 
 
 def search(decoder: Decoder, cfg: SearchConfig) -> SearchResult:
     """Run the search `cfg` asks for and return all new tokens."""
     if cfg.num_beams > 1:
         return beam_search(decoder, cfg)
-    steps = list(iter_tokens(decoder, cfg))
-    return SearchResult(np.stack(steps, 1), np.zeros(len(steps[0]), np.float32))
+    st = TokenStepper(cfg)
+    for _ in iter_tokens_with(st, decoder):
+        pass
+    return st.result()
