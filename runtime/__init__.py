@@ -88,6 +88,7 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
                 path = Path(bundle) / "engines" / f"{name}.engine"
             sessions[name] = open_session(path, backend, providers=providers, threads=threads, memory=memory,
                                           session_config=configs.get(name))
+            sessions[name].check_against(manifest.graph(name), manifest.root)
         text_codec = codec.result()
     except BaseException:
         for s in sessions.values():

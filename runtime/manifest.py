@@ -15,8 +15,11 @@ Compatibility policy
   example a precision conversion) never drops what a newer exporter or another tool added.
   New optional fields therefore need no version bump; new required ones do.
 * `manifest_sha256` is the sha256 of the manifest's canonical JSON without that field: an edited
-  manifest is detected on every load, cheaply. File contents are checked by size (and ONNX
-  header) on load, by full sha256 only on request (`verify_checksums=True`).
+  manifest is detected on every load, cheaply. File contents are checked by size, ONNX header and
+  a sampled digest (`FileEntry.sample`: SAMPLE_BLOCKS fixed blocks) on load, by full sha256 only
+  on request (`verify_checksums=True`).
+* Every file a manifest names (and every external-data file a graph names) must lie inside the
+  bundle directory: absolute paths, `..` and symbolic links leading out are refused on read.
 """
 from __future__ import annotations
 
@@ -45,6 +48,33 @@ log = logging.getLogger(__name__)
 
 class BundleError(UserError, ValueError):
     """A bundle that is missing, corrupt or from an incompatible exporter: the message says what to do."""
+
+
+SAMPLE_BLOCKS = 64  # blocks hashed by the load-time sample digest, spread evenly over the file
+SAMPLE_BLOCK = 1 << 16  # bytes per block: 4 MiB read per file at most, whatever its size
+
+
+def sample_sha256(path: Path) -> str:
+    """sha256 of SAMPLE_BLOCKS fixed blocks of a file (first, last, evenly between) and its size.
+
+    Cheap enough for every load (at most 4 MiB read per file), and it catches what a size check
+    cannot: a copy of the right size whose contents never arrived (a preallocated, zero-filled
+    file), a damaged stretch of the file, another file of the same size. Damage between the
+    sampled blocks is left to the output finiteness checks and to `verify --checksums`.
+    """
+    h = hashlib.sha256()
+    size = os.path.getsize(path)
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= SAMPLE_BLOCKS * SAMPLE_BLOCK:
+            while block := f.read(1 << 22):
+                h.update(block)
+            return h.hexdigest()
+        step = (size - SAMPLE_BLOCK) / (SAMPLE_BLOCKS - 1)
+        for i in range(SAMPLE_BLOCKS):
+            f.seek(int(i * step))
+            h.update(f.read(SAMPLE_BLOCK))
+    return h.hexdigest()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22, progress=None) -> str:
@@ -362,10 +392,11 @@ class PrecisionInfo(Record):
 
 @dataclass
 class FileEntry(Record):
-    """One file of the bundle: its size (checked on every load) and sha256 (checked on request)."""
+    """One file of the bundle: its size and sampled digest (checked on every load) and sha256 (on request)."""
 
     size: int
     sha256: str
+    sample: str = ""  # sample_sha256 of the file; "" in bundles written before it existed (not checked)
 
 
 @dataclass(kw_only=True)
@@ -393,8 +424,8 @@ class Manifest(Record):
     root: Path | None = field(default=None, metadata={"json": False}, compare=False)
 
     def path(self, rel: str) -> Path:
-        """Absolute path of a file inside the bundle."""
-        return Path(self.root) / rel
+        """Absolute path of a file inside the bundle; BundleError if `rel` leads out of it."""
+        return confined(Path(self.root), rel)
 
     def graph(self, name: str) -> GraphInfo:
         """The named graph's entry; BundleError if the bundle has none."""
@@ -452,6 +483,54 @@ class Manifest(Record):
                 bar.close()
 
 
+def confined(root: Path, rel, what: str = "file") -> Path:
+    """`root / rel`, refused with BundleError when it lies outside `root` once resolved: an absolute
+    path, `..`, or a symbolic link (of the file or of a folder on the way) that leads out."""
+    root = Path(root)
+    rel_text = str(rel)
+    path = root / rel_text
+    if not rel_text or Path(rel_text).is_absolute() or ".." in Path(rel_text).parts:
+        inside = False
+    else:
+        try:
+            inside = path.resolve().is_relative_to(root.resolve())
+        except (OSError, RuntimeError):  # a symbolic link loop
+            inside = False
+    if not inside:
+        raise BundleError(f"bundle {root}: its manifest names {what} {rel_text!r}, which lies outside the bundle "
+                          "(an absolute path, '..' or a symbolic link leading out): refusing to read it; a bundle "
+                          "names only files inside its own directory")
+    return path
+
+
+def named_files(man: "Manifest") -> list[tuple[str, str]]:
+    """(what, relative path) of every file the manifest names: listed files, graphs, weights, tokenizer, tensors."""
+    out = [("file", rel) for rel in man.files]
+    out += [(f"graph {name}", g.file) for name, g in man.graphs.items()]
+    out += [("weights", man.weights)] if man.weights else []
+    if man.tokenizer is not None:
+        out.append(("tokenizer", man.tokenizer.file))
+        if man.tokenizer.exact_bpe is not None:
+            out.append(("tokenizer scores", man.tokenizer.exact_bpe.scores))
+    out += [(f"host tensor {k}", v) for k, v in man.host_tensors.items()]
+    return out
+
+
+def _check_external_data(root: Path, graph_rel: str) -> None:
+    """Every external-data location the graph names lies inside the bundle (read from the graph file alone)."""
+    from bridge_export.runtime.onnx_refs import ProtoError, external_locations
+
+    graph = root / graph_rel
+    try:
+        locations = external_locations(graph)
+    except ProtoError as e:
+        raise BundleError(f"{graph} is not a well-formed ONNX model ({e}): the file is damaged or replaced; "
+                          "re-copy or re-export the bundle") from None
+    for loc in sorted(locations):
+        rel = loc if Path(loc).is_absolute() else str(Path(graph_rel).parent / loc)
+        confined(root, rel, f"(in {Path(graph_rel).name}'s external data) file")
+
+
 def manifest_digest(d: dict) -> str:
     """sha256 of a manifest dict's canonical JSON (sorted keys, no spaces), `manifest_sha256` left out."""
     body = {k: v for k, v in d.items() if k != "manifest_sha256"}
@@ -496,7 +575,8 @@ def read_manifest(bundle, verify_checksums: bool = False) -> Manifest:
     """Open `bundle/manifest.json` and check what is cheap; with verify_checksums, every file's sha256 too.
 
     Always checked: format and version, the manifest's own digest (an edited manifest is refused),
-    every listed file present with its recorded size, and each graph's ONNX header.
+    every named file inside the bundle (graphs' external data included), every listed file present
+    with its recorded size and sampled digest, and each graph's ONNX header.
     """
     root = Path(bundle)
     mpath = root / MANIFEST
@@ -512,6 +592,8 @@ def read_manifest(bundle, verify_checksums: bool = False) -> Manifest:
     if data.get("manifest_sha256") != manifest_digest(data):
         raise BundleError(f"{mpath} was edited after export (its digest does not match its content): "
                           "restore it or re-export the bundle")
+    for what, rel in named_files(man):
+        confined(root, rel, what)
     missing = [f for f in man.files if not (root / f).is_file()]
     if missing:
         raise BundleError(f"{root} is incomplete: missing {missing}; copy the whole bundle or re-export it")
@@ -522,13 +604,21 @@ def read_manifest(bundle, verify_checksums: bool = False) -> Manifest:
                               "replaced copy; re-copy or re-export the bundle")
     for g in man.graphs.values():
         _check_onnx_header(root / g.file)
+        _check_external_data(root, g.file)
     if verify_checksums:
         man.verify_checksums(progress=log.isEnabledFor(logging.INFO))
+        return man
+    for rel, entry in man.files.items():
+        if entry.sample and sample_sha256(root / rel) != entry.sample:
+            raise BundleError(f"{root / rel} is damaged: its contents differ from what was exported (sampled "
+                              f"digest); the bundle {root} cannot be trusted: run `bridge-export verify --checksums "
+                              f"{root}`, then re-copy or re-export it")
     return man
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "GRAPHS", "BundleError", "Manifest", "GraphInfo", "TensorInfo",
            "ModelDims", "KVLayout", "SpecialTokens", "Prompts", "TextEmbeddingPrompt", "CaptionPrompt",
            "TextConventions", "Preprocessing", "TokenizerInfo", "ExactBPEInfo", "Limits", "PrecisionInfo",
-           "FileEntry", "read_manifest", "parse_manifest", "manifest_digest", "sha256_file"]
+           "FileEntry", "read_manifest", "parse_manifest", "manifest_digest", "sha256_file", "sample_sha256", "confined",
+           "named_files"]
 

@@ -59,6 +59,41 @@ class Session:
         """Run the graph on numpy feeds; returns every output by name."""
         raise NotImplementedError
 
+    def finite(self, outputs: dict) -> dict:
+        """`outputs`, after checking every float array on the host holds no NaN or infinity.
+
+        Inputs are checked finite before a run, so a non-finite output means the graph or its
+        weights are damaged (a zero-filled or overwritten stretch of weights.bin): refused with
+        BundleError instead of handing back NaN embeddings, probabilities or logits.
+        """
+        for k, a in outputs.items():
+            if isinstance(a, np.ndarray) and a.dtype.kind == "f" and not np.isfinite(a).all():
+                where = getattr(self, "path", None)
+                bundle = Path(where).parent if where else "the bundle"
+                raise BundleError(f"{self.name} produced NaN or infinite values in {k}: the weights or graph of "
+                                  f"{bundle} are damaged; check them with `bridge-export verify --checksums "
+                                  f"{bundle}`, then re-copy or re-export the bundle")
+        return outputs
+
+    def check_against(self, info, bundle) -> None:
+        """BundleError unless this graph's inputs and outputs are the ones the manifest's GraphInfo lists
+        (names, input ranks and fixed sizes): a graph swapped for another bundle's is caught at load."""
+        want_in = {t.name: t for t in info.inputs}
+        want_out = {t.name for t in info.outputs}
+        problems = []
+        if set(self.inputs) != set(want_in):
+            problems.append(f"inputs {sorted(self.inputs)} (manifest: {sorted(want_in)})")
+        if set(self.output_names) != want_out:
+            problems.append(f"outputs {sorted(self.output_names)} (manifest: {sorted(want_out)})")
+        for k in sorted(set(self.inputs) & set(want_in)):
+            got, want = self.inputs[k].shape, want_in[k].shape
+            fixed = [(g, w) for g, w in zip(got, want) if isinstance(g, int) and isinstance(w, int) and g > 0 and w > 0]
+            if len(got) != len(want) or any(g != w for g, w in fixed):
+                problems.append(f"input {k} of shape {got} (manifest: {want})")
+        if problems:
+            raise BundleError(f"{self.name} in {bundle} is not the graph its manifest describes: it has "
+                              f"{'; '.join(problems[:2])}; the file was replaced: re-copy or re-export the bundle")
+
     def close(self) -> None:
         """Release the backend's resources (idempotent)."""
         pass
@@ -139,7 +174,7 @@ class OrtSession(Session):
                  session_config: dict[str, str] | None = None):
         import onnxruntime as ort
 
-        self.name = Path(path).stem
+        self.name, self.path = Path(path).stem, Path(path)
         opts = ort_session_options(threads, session_config)
         check_providers(providers)
         try:
@@ -168,7 +203,7 @@ class OrtSession(Session):
         for k in self.output_names:
             binding.bind_output(k, "cpu")
         self.sess.run_with_iobinding(binding)
-        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+        return self.finite(dict(zip(self.output_names, binding.copy_outputs_to_cpu())))
 
     def close(self) -> None:
         """Release the backend's resources."""

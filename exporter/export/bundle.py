@@ -12,7 +12,7 @@ import torch
 from bridge_export import reference_model
 from bridge_export.runtime.manifest import (MANIFEST, CaptionPrompt, FileEntry, GraphInfo, Limits, Manifest, Preprocessing,
                               PrecisionInfo, Prompts, SpecialTokens, TensorInfo, TextEmbeddingPrompt,
-                              TokenizerInfo, sha256_file)
+                              TokenizerInfo, sample_sha256, sha256_file)
 from bridge_export.runtime.progress import get_logger, reporter
 
 from bridge_export.exporter.export.checks import check_graph
@@ -85,7 +85,8 @@ def write_manifest(directory: Path, manifest: Manifest, known: dict[str, str] | 
     for g in manifest.graphs.values():
         if (directory / g.file).is_file():
             g.weight_bytes = external_bytes(directory / g.file)
-    manifest.files = {p.name: FileEntry(size=p.stat().st_size, sha256=known.get(p.name) or sha256_file(p))
+    manifest.files = {p.name: FileEntry(size=p.stat().st_size, sha256=known.get(p.name) or sha256_file(p),
+                                        sample=sample_sha256(p))
                       for p in sorted(directory.iterdir())
                       if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
     manifest.save(directory)

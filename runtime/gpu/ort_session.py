@@ -62,7 +62,7 @@ class OrtDeviceSession(OrtSession):
         for k, v in zip(self.output_names, values):
             buf = DeviceBuffer(v.data_ptr(), tuple(v.shape()), _ORT_TYPES[v.data_type()], owner=v)
             out[k] = buf if k.startswith(on_device) else self.memory.download(buf)
-        return out
+        return self.finite(out)
 
     def close(self) -> None:
         """Free the staging buffers and the onnxruntime session (idempotent)."""

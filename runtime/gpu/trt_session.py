@@ -96,7 +96,7 @@ class TrtSession(Session):
             raise RuntimeError(f"TensorRT failed to run {self.name}")
         result = {n: (b if n.startswith(on_device) else self.memory.download(b)) for n, b in outs.items()}
         self.memory.sync()
-        return result
+        return self.finite(result)
 
     def close(self) -> None:
         """Free the device buffers (and the memory's stream if this session made it); idempotent."""
