@@ -115,7 +115,9 @@ def to_fp16(src: Path, dst: Path) -> dict:
     out = convert_float_to_float16(model, keep_io_types=True, node_block_list=sorted(block),
                                    disable_shape_infer=False)
     onnx.save_model(toposort(out), str(dst), save_as_external_data=True, location=dst.name + ".data")
-    return {"method": "onnxruntime.transformers.float16 (keep_io_types)", "fp32_nodes": len(block)}
+    # the names let `engine` pin these layers to fp32 where TensorRT cannot build strongly typed
+    return {"method": "onnxruntime.transformers.float16 (keep_io_types)", "fp32_nodes": len(block),
+            "fp32_node_names": sorted(block)}
 
 
 QUANT_OPS = ["MatMul", "Conv", "Gemm"]

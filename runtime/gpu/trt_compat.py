@@ -41,6 +41,17 @@ def check_engine_compat(side: dict, trt_version: str, gpu_name: str, compute_cap
         )
 
 
+def require_compute_capability(have: str, need: str, what: str, gpu_name: str = "this GPU") -> None:
+    """EngineMismatch in one line unless compute capability `have` ('major.minor') is at least `need`."""
+    def key(cc):
+        major, _, minor = str(cc).partition(".")
+        return int(major), int(minor or 0)
+
+    if key(have) < key(need):
+        raise EngineMismatch(f"{what} need a GPU of compute capability {need} or newer (Ada, Hopper); {gpu_name} "
+                             f"is {have}: build the fp16 or int8 bundle for it instead")
+
+
 def stamp_sidecar(template, trt_version: str, gpu_name: str, compute_capability: str) -> Path:
     """Write `<graph>.json` beside `<graph>.engine` from the script's `<graph>.json.in`, with this device's
     TensorRT version and GPU (what `bridge-export engine` records), so the runtime accepts the engine."""
@@ -73,12 +84,24 @@ def stamp_sidecar(template, trt_version: str, gpu_name: str, compute_capability:
 
 
 def main(argv=None) -> int:
-    """`python -m bridge_export.runtime.gpu.trt_compat stamp GRAPH.json.in`: stamp a trtexec-built engine's sidecar here."""
+    """`python -m bridge_export.runtime.gpu.trt_compat stamp GRAPH.json.in`: stamp a trtexec-built engine's sidecar
+    here; `... require-cc 8.9 WHAT`: exit 1 with one line unless this GPU has that compute capability."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
+    if len(args) == 3 and args[0] == "require-cc":
+        from bridge_export.runtime.gpu.cuda import CudaError, device_info
+
+        try:
+            name, cc = device_info(0)
+            require_compute_capability(cc, args[1], f"{args[2]} engines", name)
+        except (UserError, CudaError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
     if len(args) != 2 or args[0] != "stamp":
-        print("usage: python -m bridge_export.runtime.gpu.trt_compat stamp GRAPH.json.in", file=sys.stderr)
+        print("usage: python -m bridge_export.runtime.gpu.trt_compat stamp GRAPH.json.in | require-cc 8.9 fp8",
+              file=sys.stderr)
         return 2
     try:
         try:

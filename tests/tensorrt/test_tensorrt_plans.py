@@ -25,12 +25,34 @@ def test_profiles_respect_user_limits(tiny_bundle):
     assert vis == ([1, 3, 32, 32], [8, 3, 32, 32], [16, 3, 32, 32])
 
 
-def test_precision_plans():
-    assert precision_plan(10, "fp16") == {"strongly_typed": False, "builder_flags": ["FP16"],
-                                          "trtexec_flags": ["--fp16"]}
-    assert precision_plan(10, "int8")["builder_flags"] == ["INT8", "FP16"]
-    assert precision_plan(11, "int8") == {"strongly_typed": True, "builder_flags": [],
-                                          "trtexec_flags": ["--stronglyTyped"]}
+@pytest.mark.parametrize("major", [10, 11])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "fp8"])
+def test_strongly_typed_on_tensorrt_10_and_11(major, precision):
+    """The graph's types are the engine's: no precision builder flags, TF32 off, trtexec --stronglyTyped only."""
+    plan = precision_plan(major, precision, fp32_layers=["/norm/ReduceMean"])
+    assert plan == {"typing": "strong", "strongly_typed": True, "builder_flags": [], "pinned_fp32": [],
+                    "trtexec_flags": ["--stronglyTyped", "--noTF32"], "fallback": None}
+
+
+def test_weakly_typed_fallback_pins_the_fp32_islands():
+    plan = precision_plan(10, "fp16", fp32_layers=["b/Softmax", "a/norm"], fallback="a layer failed")
+    assert plan["typing"] == "weak" and plan["fallback"] == "a layer failed"
+    assert plan["builder_flags"] == ["FP16", "OBEY_PRECISION_CONSTRAINTS"] and plan["pinned_fp32"] == ["a/norm", "b/Softmax"]
+    assert plan["trtexec_flags"] == ["--fp16", "--noTF32", "--precisionConstraints=obey",
+                                     "--layerPrecisions=a/norm:fp32,b/Softmax:fp32",
+                                     "--layerOutputTypes=a/norm:fp32,b/Softmax:fp32"]
+    # int8 / fp8: only their own flag, so the unquantized layers stay fp32 as in the strongly typed build
+    assert precision_plan(10, "int8", ["x"], fallback="f")["builder_flags"] == ["INT8"]
+    assert precision_plan(10, "fp8", ["x"], fallback="f")["trtexec_flags"] == ["--fp8", "--noTF32"]
+    old = precision_plan(8, "fp16", ["n"])  # TensorRT 8.6 (JetPack 5): no strongly typed networks
+    assert old["typing"] == "weak" and "has no strongly typed" in old["fallback"] and old["pinned_fp32"] == ["n"]
+    with pytest.raises(ValueError, match="TensorRT 11.x builds strongly typed networks only"):
+        precision_plan(11, "fp16", ["n"], fallback="failed")
+    with pytest.raises(ValueError, match="fp8 .* need TensorRT 10 or newer"):
+        precision_plan(8, "fp8")
+
+
+def test_onnxruntime_only_precisions_refused():
     with pytest.raises(ValueError, match="MatMulInteger"):
         precision_plan(10, "int8-cpu")
     with pytest.raises(ValueError, match="int4-cpu bundle is onnxruntime-only"):
@@ -46,10 +68,11 @@ def test_trtexec_script(tiny_bundle, tmp_path):
     assert dec.count("--minShapes=") == 2  # prefill and decode profiles
     assert "input_ids:1x1" in dec and "--versionCompatible" in dec and "--timingCacheFile=" in dec
     assert "--memPoolSize=workspace:4096M" in dec
+    assert "--stronglyTyped" in dec and "--fp16" not in text
     cmd = trtexec_command("m.onnx", "m.engine", [{"x": ([1, 2], [2, 2], [4, 2])}], precision_plan(10, "fp16"),
                           EngineOptions())
     assert cmd == "trtexec --onnx=m.onnx --saveEngine=m.engine --memPoolSize=workspace:4096M " \
-                  "--minShapes=x:1x2 --optShapes=x:2x2 --maxShapes=x:4x2 --fp16"
+                  "--minShapes=x:1x2 --optShapes=x:2x2 --maxShapes=x:4x2 --stronglyTyped --noTF32"
 
 
 def test_sidecar_and_mismatch_messages(tiny_bundle, tmp_path):
