@@ -8,7 +8,13 @@
   that holds anything else is refused. Their files are each written atomically.
 * The old output is moved aside (`.NAME.old-PID-XXXX`) only for the instant of the swap and put
   back if the swap fails; temporaries are removed on every failure, a full disk included.
-* Leftovers of a killed earlier run are removed when they carry our marker and their process is gone.
+* Leftovers of a killed earlier run (folders and files) are removed when their name carries our
+  PID-and-host pattern and their process is provably gone: same host, boot and PID namespace, PID
+  no longer running (bridge_export.runtime.write_guard). Another host's or container's are kept.
+* One writer per output: a lock file beside it (`.NAME.bridge-export-lock`) is held from the first
+  temporary to the rename; a second run refuses, naming the holder.
+* A bundle holding files its manifest does not list (a user's notes, an engines/ folder) is not
+  ours to replace: `--overwrite` refuses it with the list.
 * A file output (embeddings) is written to a temporary sibling and renamed into place.
 """
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from bridge_export.runtime.manifest import FORMAT, MANIFEST
+from bridge_export.runtime.write_guard import OutputLock, abandoned, alive, temp_prefix
 
 from bridge_export.exporter.errors import ExportError
 
@@ -47,14 +54,18 @@ def _usual_mode(path: Path, directory: bool) -> None:
     path.chmod((0o777 if directory else 0o666) & ~_umask())
 
 
-def _alive(pid: int) -> bool:
+_alive = alive  # kept for callers of the old private name
+_pending: dict[Path, tuple[OutputLock, bool]] = {}  # temporary folder -> (its output's lock, overwrite)
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """Entries of a bundle folder its manifest does not list (nor manifest.json, nor our marker): not ours."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+        listed = json.loads((path / MANIFEST).read_text()).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return sorted(p.name for p in path.iterdir())
+    keep = {Path(k).parts[0] for k in listed if isinstance(k, str) and Path(k).parts} | {MANIFEST, PARTIAL_MARKER}
+    return sorted(p.name for p in path.iterdir() if p.name not in keep)
 
 
 def ours(path: Path) -> bool:
@@ -70,6 +81,10 @@ def ours(path: Path) -> bool:
         return True
     if not any(path.iterdir()):  # an empty folder: nothing to lose
         return True
+    return _our_format(path) and not foreign_entries(path)
+
+
+def _our_format(path: Path) -> bool:
     try:
         return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
@@ -87,6 +102,11 @@ def check_output_dir(out, overwrite: bool, flag: str = "--out") -> Path:
         if not overwrite:
             raise OutputError(f"{out} already exists: choose another {flag} or pass --overwrite")
         if not ours(out):
+            extra = foreign_entries(out) if _our_format(out) else []
+            if extra:
+                shown = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
+                raise OutputError(f"{out} is a bundle that also holds files bridge-export did not write there "
+                                  f"({shown}): --overwrite would delete them; move them out or choose another {flag}")
             raise OutputError(f"{out} exists and was not written by bridge-export (no bundle manifest of our format): "
                               f"refusing to replace it; choose another {flag}")
     _check_parent(out, flag)
@@ -105,18 +125,16 @@ def _check_parent(out: Path, flag: str) -> None:
 
 
 def clean_stale(out: Path) -> None:
-    """Remove `.NAME.partial-PID-*` / `.NAME.old-PID-*` siblings of a killed run: only ours, only if PID is gone."""
-    out = Path(out).absolute()
-    if not out.parent.is_dir():
-        return
-    for p in out.parent.glob(f".{out.name}.*-*"):
-        kind, _, rest = p.name[len(out.name) + 2:].partition("-")
-        if kind not in ("partial", "old") or not rest.split("-")[0].isdigit():
-            continue
-        if _alive(int(rest.split("-")[0])) or not ours(p):
+    """Remove `.NAME.partial-PID-HOST-*` / `.NAME.old-PID-HOST-*` siblings (folders or files) of a killed run:
+    only names of our pattern, only when their process provably is gone (write_guard.provably_gone)."""
+    for p in abandoned(out):
+        if p.is_dir() and not ours(p):
             continue
         log.info("removing %s, left by an earlier run that did not finish", p)
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def prepare_output(out, overwrite: bool) -> Path:
@@ -126,23 +144,36 @@ def prepare_output(out, overwrite: bool) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create {out.parent}: {e.strerror}; choose a writable --out") from e
-    clean_stale(out)
+    lock = OutputLock(out).acquire()
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
-    except OSError as e:
-        raise OutputError(f"cannot write in {out.parent}: {e.strerror}; choose a writable --out") from e
-    try:
-        _usual_mode(tmp, directory=True)
-        (tmp / PARTIAL_MARKER).write_text("a bridge-export output being written; safe to delete\n")
+        clean_stale(out)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out, "partial"), dir=out.parent))
+        except OSError as e:
+            raise OutputError(f"cannot write in {out.parent}: {e.strerror}; choose a writable --out") from e
+        try:
+            _usual_mode(tmp, directory=True)
+            (tmp / PARTIAL_MARKER).write_text("a bridge-export output being written; safe to delete\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        lock.release()
         raise
+    _pending[tmp] = (lock, overwrite)
     return tmp
 
 
+def _release(tmp: Path) -> None:
+    lock, _ = _pending.pop(tmp, (None, None))
+    if lock is not None:
+        lock.release()
+
+
 def discard(tmp: Path) -> None:
-    """Remove a temporary output after a failure (never raises)."""
+    """Remove a temporary output after a failure and release its output's lock (never raises)."""
     shutil.rmtree(tmp, ignore_errors=True)
+    _release(tmp)
 
 
 def commit_output(tmp: Path, out) -> None:
@@ -151,13 +182,18 @@ def commit_output(tmp: Path, out) -> None:
     If the swap fails, the old output is put back and the error re-raised; nothing is left beside it.
     """
     out = Path(out).absolute()
-    (tmp / PARTIAL_MARKER).unlink(missing_ok=True)
+    _, overwrite = _pending.get(tmp, (None, True))
     if not out.exists():
+        (tmp / PARTIAL_MARKER).unlink(missing_ok=True)
         tmp.rename(out)
+        _release(tmp)
         return
+    if not overwrite:  # it appeared while this run wrote (another writer without the lock, or by hand)
+        raise OutputError(f"{out} appeared while writing: refusing to replace it without --overwrite")
     if not ours(out):  # it changed since prepare_output checked it
         raise OutputError(f"{out} appeared while writing and was not written by bridge-export: refusing to replace it")
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+    (tmp / PARTIAL_MARKER).unlink(missing_ok=True)
+    old = Path(tempfile.mkdtemp(prefix=temp_prefix(out, "old"), dir=out.parent))
     old.rmdir()  # a unique name for the old output to move to
     out.rename(old)
     try:
@@ -165,6 +201,7 @@ def commit_output(tmp: Path, out) -> None:
     except BaseException:
         old.rename(out)  # put the previous output back
         raise
+    _release(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if old.exists():
         log.warning("could not remove the previous output moved to %s; delete it by hand", old)
@@ -225,13 +262,15 @@ def atomic_file(out) -> Iterator[Path]:
     """`with atomic_file(out) as tmp:` write tmp; on success it replaces `out`, on failure it is removed."""
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.partial-{os.getpid()}-", suffix=out.suffix, dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        _usual_mode(tmp, directory=False)
-        yield tmp
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with OutputLock(out):
+        clean_stale(out)
+        fd, name = tempfile.mkstemp(prefix=temp_prefix(out, "partial"), suffix=out.suffix, dir=out.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            _usual_mode(tmp, directory=False)
+            yield tmp
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise

@@ -13,6 +13,7 @@ import pytest
 
 from bridge_export.exporter import output
 from bridge_export.exporter.output import OWNER_FILE, OutputError, output_dir
+from bridge_export.runtime.write_guard import OutputBusy, host_key, lock_path
 
 
 def _foreign_dir(p):
@@ -43,8 +44,20 @@ def _symlink_to_bundle(p):
 
 def _our_bundle(p):
     p.mkdir()
-    (p / "manifest.json").write_text(json.dumps({"format": "bridge-export-bundle", "files": {}}))
+    (p / "manifest.json").write_text(json.dumps({"format": "bridge-export-bundle",
+                                                 "files": {"old.onnx": {"size": 3, "sha256": ""}}}))
     (p / "old.onnx").write_bytes(b"old")
+
+
+def _our_bundle_with_notes(p):  # the user keeps notes in the bundle folder
+    _our_bundle(p)
+    (p / "notes.txt").write_text("the user's")
+
+
+def _our_bundle_with_engines(p):  # `bridge-export engine` writes BUNDLE/engines by default
+    _our_bundle(p)
+    (p / "engines").mkdir()
+    (p / "engines" / OWNER_FILE).write_text("{}")
 
 
 def _empty_dir(p):
@@ -69,6 +82,8 @@ CASES = [
     (_our_demo_folder, True, "not written by bridge-export"),
     (_our_bundle, False, "already exists"),
     (_our_bundle, True, "replaced"),
+    (_our_bundle_with_notes, True, r"also holds files bridge-export did not write there \(notes.txt\)"),
+    (_our_bundle_with_engines, True, r"also holds .*\(engines\): --overwrite would delete them"),
     (_empty_dir, True, "replaced"),
 ]
 
@@ -155,24 +170,87 @@ def _dead_pid():
     return p.pid
 
 
-def test_leftovers_of_a_killed_run_are_cleaned_only_if_ours(tmp_path):
+def _partial_dir(p):
+    p.mkdir()
+    (p / output.PARTIAL_MARKER).write_text("")
+
+
+def _partial_file(p):
+    p.write_bytes(b"half an embeddings file")
+
+
+HERE = host_key()
+OTHER = "0123456789ab"  # another host's or container's key: its PIDs mean nothing here
+
+
+# (id, name of the leftover beside "out" given a dead pid and a live one, make it, removed?)
+LEFTOVERS = [
+    ("dead, ours, folder", lambda dead, live: f".out.partial-{dead}-{HERE}-abc", _partial_dir, True),
+    ("dead, ours, old bundle", lambda dead, live: f".out.old-{dead}-{HERE}-abc", _our_bundle, True),
+    ("dead, ours, file", lambda dead, live: f".out.partial-{dead}-{HERE}-abc.npz", _partial_file, True),
+    ("dead, folder not ours", lambda dead, live: f".out.partial-{dead}-{HERE}-xyz", _foreign_dir, False),
+    ("still running", lambda dead, live: f".out.partial-{live}-{HERE}-live", _partial_dir, False),
+    ("another host's folder", lambda dead, live: f".out.partial-{dead}-{OTHER}-abc", _partial_dir, False),
+    ("another host's file", lambda dead, live: f".out.partial-{dead}-{OTHER}-abc.npz", _partial_file, False),
+    ("no host key (older version)", lambda dead, live: f".out.partial-{dead}-abc", _partial_dir, False),
+]
+
+
+@pytest.mark.parametrize("name,make,removed", [r[1:] for r in LEFTOVERS], ids=[r[0] for r in LEFTOVERS])
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_leftovers_are_removed_only_when_their_owner_is_provably_gone(tmp_path, name, make, removed, kind):
+    """Every output kind (bundle folders, single files) cleans the leftovers of a killed run beside it."""
+    from bridge_export.exporter.output import atomic_file
+
     out = tmp_path / "out"
-    dead = _dead_pid()
-    ours_partial = tmp_path / f".out.partial-{dead}-abc"
-    ours_partial.mkdir()
-    (ours_partial / output.PARTIAL_MARKER).write_text("")
-    ours_old = tmp_path / f".out.old-{dead}-abc"
-    _our_bundle(ours_old)
-    foreign = tmp_path / f".out.partial-{dead}-xyz"  # same name pattern, not ours
-    _foreign_dir(foreign)
-    alive = tmp_path / f".out.partial-{os.getpid()}-live"  # a run still going
-    alive.mkdir()
-    (alive / output.PARTIAL_MARKER).write_text("")
+    left = tmp_path / name(_dead_pid(), os.getpid())
+    make(left)
+    if kind == "folder":
+        with output_dir(out, overwrite=False) as tmp:
+            (tmp / "manifest.json").write_text("{}")
+    else:
+        with atomic_file(out) as tmp:
+            tmp.write_bytes(b"x")
+    assert left.exists() != removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + ([] if removed else [left.name]))
+
+
+def test_a_second_writer_refuses_naming_the_first(tmp_path):
+    from bridge_export.exporter.output import atomic_file
+
+    out = tmp_path / "b"
     with output_dir(out, overwrite=False) as tmp:
-        (tmp / "manifest.json").write_text("{}")
-    left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == sorted(["out", foreign.name, alive.name])
-    shutil.rmtree(alive)
+        with pytest.raises(OutputBusy, match=r"another bridge-export run \(pid \d+ on .*\) is writing .*b: wait"):
+            output.prepare_output(out, overwrite=True)
+        (tmp / "manifest.json").write_text(json.dumps({"format": "bridge-export-bundle", "files": {}}))
+    with atomic_file(tmp_path / "e.npz") as tmp:
+        with pytest.raises(OutputBusy, match="is writing"):
+            with atomic_file(tmp_path / "e.npz"):
+                pass
+        tmp.write_bytes(b"first")
+    assert (tmp_path / "e.npz").read_bytes() == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "e.npz"]  # locks released
+
+
+def test_a_lock_is_taken_over_only_from_a_dead_local_owner(tmp_path):
+    out = tmp_path / "b"
+    lock = lock_path(out)
+    lock.write_text(json.dumps({"pid": _dead_pid(), "host_key": HERE, "host": "here", "started": "then"}))
+    with output_dir(out, overwrite=False) as tmp:  # the owner died: taken over
+        (tmp / "manifest.json").write_text(json.dumps({"format": "bridge-export-bundle", "files": {}}))
+    lock.write_text(json.dumps({"pid": _dead_pid(), "host_key": OTHER, "host": "node7", "started": "then"}))
+    with pytest.raises(OutputBusy, match="pid \\d+ on node7 since then.*if that run is known to be over, delete"):
+        output_dir(tmp_path / "b", overwrite=True).__enter__()
+    assert lock.exists()
+
+
+def test_a_bundle_appearing_while_writing_is_not_replaced_without_overwrite(tmp_path):
+    out = tmp_path / "b"
+    with pytest.raises(OutputError, match="appeared while writing"):
+        with output_dir(out, overwrite=False) as tmp:
+            (tmp / "manifest.json").write_text("{}")
+            _our_bundle(out)  # another writer (one without the lock) finished first
+    assert (out / "old.onnx").read_bytes() == b"old"
 
 
 def test_precision_refuses_its_own_source(tiny_bundle):
