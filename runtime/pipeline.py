@@ -10,7 +10,8 @@ import numpy as np
 
 from bridge_export.runtime.gpu.kv_cache import DeviceKVCache
 from bridge_export.runtime.errors import SessionClosed
-from bridge_export.runtime.kv_cache import CachedDecoder, KVCache
+from bridge_export.runtime.kv_cache import (CachedDecoder, FusedCachedDecoder, FusedStep, KVCache, SharedKVCache,
+                                            fused_text_hidden)
 from bridge_export.runtime.manifest import Manifest
 from bridge_export.runtime.numeric import normalize
 from bridge_export.runtime.preprocess import preprocess
@@ -116,6 +117,8 @@ class Pipeline:
         self.vocab_size = manifest.dims.vocab_size
         kv = manifest.kv_layout
         self._kv_bytes_per_position = 2 * kv.num_layers * kv.num_heads * kv.head_dim * 4  # K and V, fp32, per row
+        # onnxruntime-target bundles: GroupQueryAttention over one shared buffer, driven in place (kv_cache.FusedStep)
+        self.fused_step = FusedStep(dec, kv) if manifest.graph("text_decoder").fused else None
         self.closed = False
 
     def close(self) -> None:
@@ -163,6 +166,10 @@ class Pipeline:
         x = np.asarray(pixel_values)
         if x.dtype == object or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
             raise ValueError(f"pixel_values must be a float array, got dtype {x.dtype}")
+        if not np.issubdtype(x.dtype, np.floating):  # raw 0..255 pixels would run and give a wrong answer
+            raise ValueError(f"pixel_values must be normalised float pixels, got {x.dtype} (raw image data?): make "
+                             "them with bridge_export.runtime.preprocess.preprocess(images, pipe.preprocessing), "
+                             "or pass the images to embed_images / classify / captions")
         x = x.astype(np.float32, copy=False)
         s = self.preprocessing.image_size
         if x.ndim != 4 or x.shape[1:] != (3, s, s):
@@ -207,6 +214,11 @@ class Pipeline:
         if (last < 0).any():
             raise ValueError("a row of input_ids has no tokens (all pad)")
         B, T = ids.shape
+        if self.fused_step is not None:
+            self._check_open()
+            kv_dtype = self.sessions["text_decoder"].inputs[self.kv_names[0][0]].dtype
+            hidden = fused_text_hidden(self.fused_step, ids, mask, self.manifest.kv_layout, kv_dtype)
+            return hidden[np.arange(B), last] @ self.text_projection
         feeds = {"input_ids": ids, "position_ids": np.ascontiguousarray(np.broadcast_to(np.arange(T), (B, T))),
                  "attention_mask": mask}
         heads_dim = {n: a.shape for n, a in self._empty_past.items()}
@@ -243,6 +255,12 @@ class Pipeline:
             raise ValueError(f"{hidden.shape[0]} images but {ids.shape[0]} prompts: give one prompt per image")
         out = self._run("query_bridge", {"vision_hidden": hidden}, keep)  # once per image, for every beam and step
         prefix = [out[n] for n in self.prefix_names]
+        if self.fused_step is not None:  # one buffer for every beam, the prefix written once per image
+            kv = self.manifest.kv_layout
+            cache = SharedKVCache(kv.num_layers, rows, kv.num_heads, need, kv.head_dim,
+                                  dec.inputs[self.kv_names[0][0]].dtype)
+            cache.write_prefix(prefix)
+            return FusedCachedDecoder(self.fused_step, cache, ids, mask)
         cache = DeviceKVCache(prefix, need, memory) if memory is not None else KVCache(prefix, capacity=need)
         return CachedDecoder(dec, self.kv_names, cache, ids, mask)
 
@@ -351,7 +369,11 @@ class Pipeline:
     def captions(self, images, prompt: str | None = None, max_new_tokens: int | None = None,
                  min_new_tokens: int | None = None, num_beams: int | None = None, batch_size: int = 4,
                  **kw) -> list[Caption]:
-        """Captions of several images (one prompt for all), `batch_size` images per generate call.
+        """Captions of several images (one prompt for all), `batch_size` images decoding at once.
+
+        On the CPU a list longer than `batch_size` goes through the step-level scheduler
+        (`bridge_export.runtime.serve.scheduler`): `batch_size` x num_beams cache rows, and an image
+        takes rows as soon as another's caption ends; each caption is what `generate` makes alone.
 
         Unset options are the manifest's (the original's: 5 beams, 8..30 new tokens); an unset
         min_new_tokens is lowered to max_new_tokens when that is smaller.
@@ -365,6 +387,9 @@ class Pipeline:
         if self.max_batch:  # stay within TensorRT's largest batch
             chunk = min(chunk, max(1, self.max_batch // num_beams))
         prompt_ids = self.codec.prompt_ids(prompt)
+        if self.memory is None and len(images) > chunk:  # host cache: keep chunk x beams rows busy
+            return self._scheduled_captions(images, prompt_ids, chunk * num_beams, max_new_tokens=max_new_tokens,
+                                            min_new_tokens=min_new_tokens, num_beams=num_beams, **kw)
         out = []
         for i in range(0, len(images), chunk):  # bounded KV memory: one chunk's cache at a time
             pix = preprocess(images[i:i + chunk], self.preprocessing)
@@ -373,6 +398,23 @@ class Pipeline:
                                            num_beams=num_beams, return_scores=True, **kw)
             out += [self._caption(t, sc) for t, sc in zip(tokens, scores)]
         return out
+
+    def _scheduled_captions(self, images: list, prompt_ids: np.ndarray, rows: int, **kw) -> list[Caption]:
+        """Captions through the step-level scheduler: an image takes rows as soon as another's caption ends
+        (a long list keeps every row busy), each caption as generate() would make it alone."""
+        from bridge_export.runtime.serve.scheduler import Scheduler
+
+        cfg = self._search_config(**kw)
+        need = self.num_query + prompt_ids.shape[1] + cfg.max_new_tokens
+        if need > self.max_positions:
+            raise ValueError(f"{self.num_query} queries + prompt {prompt_ids.shape[1]} + max_new_tokens "
+                             f"{cfg.max_new_tokens} = {need} positions exceeds max_position_embeddings "
+                             f"{self.max_positions}: shorten the prompt or lower max_new_tokens")
+        self._check_open()
+        sch = Scheduler(self, rows=rows, max_length=need)
+        futures = [sch.submit(im, prompt_ids, cfg) for im in images]  # read when it takes its rows
+        sch.run(futures)
+        return [self._caption(r.tokens[0], r.scores[0]) for r in (f.result() for f in futures)]
 
     def caption(self, image, prompt: str | None = None, max_new_tokens: int | None = None,
                 min_new_tokens: int | None = None, num_beams: int | None = None, **kw) -> Caption:

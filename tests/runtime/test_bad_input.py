@@ -165,16 +165,20 @@ def test_min_new_tokens_default_adapts_to_a_small_max(text_pipe):
 
 
 def test_captions_run_in_bounded_batches(text_pipe, monkeypatch):
-    sizes = []
-    real = text_pipe.generate
+    rows = []
+    dec = text_pipe.sessions["text_decoder"]
+    real = dec.run
 
-    def spy(pix, ids, **kw):
-        sizes.append(len(pix))
-        return real(pix, ids, **kw)
+    def spy(feeds, **kw):
+        rows.append(len(feeds["input_ids"]))
+        return real(feeds, **kw)
 
-    monkeypatch.setattr(text_pipe, "generate", spy)
-    caps = text_pipe.captions([np.zeros((4, 4))] * 7, max_new_tokens=2, num_beams=1, batch_size=3)
-    assert len(caps) == 7 and sizes == [3, 3, 1]
+    monkeypatch.setattr(dec, "run", spy)
+    images = [np.full((4, 4), 40 * i, np.uint8) for i in range(7)]
+    caps = text_pipe.captions(images, max_new_tokens=2, num_beams=1, batch_size=3)
+    assert len(caps) == 7 and max(rows) == 3  # the scheduler keeps at most batch_size rows decoding
+    monkeypatch.setattr(dec, "run", real)
+    assert caps == [text_pipe.captions([im], max_new_tokens=2, num_beams=1)[0] for im in images]
 
 
 LOAD = [
