@@ -39,9 +39,42 @@ def _per_graph(session_config) -> dict[str, dict[str, str]]:
     return per_graph or {name: entries(session_config, "") for name in GRAPHS}
 
 
+TASK_GRAPHS = {  # what each task runs: load(graphs=graphs_for(...)) opens only these
+    "embed_image_c": ("vision_encoder",),  # InternVL-C image embeddings
+    "embed_image": ("vision_encoder", "query_bridge"),  # C and G (G adds the bridge's head)
+    "embed_text": ("text_decoder",),
+    "caption": GRAPHS,
+}
+
+
+def graphs_for(*tasks: str) -> tuple[str, ...]:
+    """The graphs the given tasks (keys of TASK_GRAPHS) need, in the bundle's order."""
+    unknown = [t for t in tasks if t not in TASK_GRAPHS]
+    if unknown or not tasks:
+        raise ValueError(f"unknown tasks {unknown}: choose from {list(TASK_GRAPHS)}" if unknown else
+                         f"no tasks given: choose from {list(TASK_GRAPHS)}")
+    need = {g for t in tasks for g in TASK_GRAPHS[t]}
+    return tuple(g for g in GRAPHS if g in need)
+
+
+def _check_graphs(graphs) -> tuple[str, ...]:
+    if graphs is None:
+        return tuple(GRAPHS)
+    if isinstance(graphs, str) or not hasattr(graphs, "__iter__"):
+        raise ValueError(f"graphs must be a list of graph names from {list(GRAPHS)}, got {graphs!r}")
+    graphs = list(graphs)
+    unknown = [g for g in graphs if g not in GRAPHS]
+    if unknown or not graphs:
+        raise ValueError(f"graphs must name at least one of {list(GRAPHS)}"
+                         + (f", got unknown {unknown}" if unknown else "") + " (runtime.graphs_for(task) gives a "
+                         "task's: embed_image_c, embed_image, embed_text, caption)")
+    return tuple(g for g in GRAPHS if g in graphs)
+
+
 def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | None = None,
-         verify_checksums: bool = False, device=None, session_config: dict[str, str] | None = None) -> Pipeline:
-    """Open a bundle directory and return a Pipeline (sessions for all three graphs).
+         verify_checksums: bool = False, device=None, session_config: dict[str, str] | None = None,
+         graphs=None) -> Pipeline:
+    """Open a bundle directory and return a Pipeline (sessions for all three graphs, or `graphs`).
 
     Checks what is cheap (the manifest's digest, file sizes, graph headers); `verify_checksums=True`
     also hashes every byte of the bundle (slow on a bundle of many GB).
@@ -49,6 +82,9 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
     provider or TensorRT, with the KV cache in device memory and I/O bound there), or a
     bridge_export.runtime.gpu.memory.DeviceMemory to bind onnxruntime's I/O in (the tests' host stand-in).
     TensorRT defaults to "cuda:0". Close the pipeline (or use `with`) to free the device memory.
+    `graphs`: open only these graphs (names from GRAPHS; `graphs_for("embed_image")` gives a task's), so
+    a process serving image embeddings never maps the text decoder's weights; a call that needs a
+    graph left out raises GraphNotOpen naming it.
     `session_config`: onnxruntime session config entries for every graph, or per graph as
     {graph name: {key: value}}, e.g. {"query_bridge": {"session.disable_prepacking": "1"}}, which
     keeps the bridge's weights in the bundle's memory-mapped file instead of a packed copy on the
@@ -66,6 +102,7 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
         raise BackendUnavailable("backend='tensorrt' needs TensorRT, which is not installed here: pip install "
                                  "tensorrt on a machine with an NVIDIA GPU, or use backend='onnxruntime'")
     check_threads(threads)
+    graphs = _check_graphs(graphs)
     configs = _per_graph(session_config)
     memory, providers = _device(device, backend, providers)
     manifest = read_manifest(bundle, verify_checksums=verify_checksums)
@@ -82,7 +119,7 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
     codec = pool.submit(TextCodec.from_manifest, manifest)
     pool.shutdown(wait=False)
     try:
-        for name in GRAPHS:
+        for name in graphs:
             path = manifest.graph_path(name)
             if backend == "tensorrt":
                 path = Path(bundle) / "engines" / f"{name}.engine"
@@ -126,4 +163,4 @@ def _device(device, backend: str, providers):
     return CudaMemory(ordinal), providers
 
 
-__all__ = ["load", "Pipeline", "Caption", "BundleError", "TokenizerMissing", "read_manifest", "Manifest", "GRAPHS"]
+__all__ = ["load", "graphs_for", "TASK_GRAPHS", "Pipeline", "Caption", "BundleError", "TokenizerMissing", "read_manifest", "Manifest", "GRAPHS"]

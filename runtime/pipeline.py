@@ -9,7 +9,7 @@ from typing import Iterator
 import numpy as np
 
 from bridge_export.runtime.gpu.kv_cache import DeviceKVCache
-from bridge_export.runtime.errors import SessionClosed
+from bridge_export.runtime.errors import SessionClosed, UserError
 from bridge_export.runtime.kv_cache import (CachedDecoder, FusedCachedDecoder, FusedStep, KVCache, SharedKVCache,
                                             fused_text_hidden)
 from bridge_export.runtime.manifest import Manifest
@@ -31,6 +31,10 @@ def _memory_budget() -> int:
 
 
 PipelineClosed = SessionClosed  # a pipeline used after close(): the same error as its sessions raise
+
+
+class GraphNotOpen(UserError, ValueError):
+    """A call needs a graph that `runtime.load(..., graphs=...)` did not open."""
 
 
 def _check_int(value, name: str, lo: int, hi: int | None = None) -> int:
@@ -109,16 +113,16 @@ class Pipeline:
         self.logit_scale = float(manifest.host_tensor("logit_scale"))
         self.kv_names = manifest.kv_layout.layers()  # per layer (past k, past v, present k, present v)
         self.prefix_names = manifest.kv_layout.names("prefix")
-        dec = sessions["text_decoder"]
+        dec = sessions.get("text_decoder")  # absent when runtime.load(graphs=...) left it out
         limits = [s.max_batch for s in sessions.values() if s.max_batch]
         self.max_batch = min(limits) if limits else None  # TensorRT engines: their profiles' largest batch
         self._empty_past = {n: np.zeros((0,) + (dec.inputs[n].shape[1], 0, dec.inputs[n].shape[3]), np.float32)
-                            for names in self.kv_names for n in names[:2]}
+                            for names in self.kv_names for n in names[:2]} if dec is not None else {}
         self.vocab_size = manifest.dims.vocab_size
         kv = manifest.kv_layout
         self._kv_bytes_per_position = 2 * kv.num_layers * kv.num_heads * kv.head_dim * 4  # K and V, fp32, per row
         # onnxruntime-target bundles: GroupQueryAttention over one shared buffer, driven in place (kv_cache.FusedStep)
-        self.fused_step = FusedStep(dec, kv) if manifest.graph("text_decoder").fused else None
+        self.fused_step = FusedStep(dec, kv) if dec is not None and manifest.graph("text_decoder").fused else None
         self.closed = False
 
     def close(self) -> None:
@@ -143,9 +147,16 @@ class Pipeline:
 
     def _run(self, graph: str, feeds: dict, keep: tuple[str, ...] = ()) -> dict:
         """Run one graph; on a device session the outputs named by `keep` prefixes stay on the device."""
-        self._check_open()
-        sess = self.sessions[graph]
+        sess = self._session(graph)
         return sess.run(feeds, on_device=keep) if keep and getattr(sess, "memory", None) else sess.run(feeds)
+
+    def _session(self, graph: str) -> Session:
+        """The open session of `graph`; PipelineClosed after close(), GraphNotOpen when load() left it out."""
+        self._check_open()
+        if graph not in self.sessions:
+            raise GraphNotOpen(f"this needs the {graph} graph, which was not opened (runtime.load(graphs="
+                               f"{sorted(self.sessions)})): load the bundle with {graph!r} among its graphs")
+        return self.sessions[graph]
 
     def _ids(self, input_ids, name: str = "input_ids") -> np.ndarray:
         """Token ids as a non-empty int64 [B, T] array in [0, vocab), else a ValueError naming `name`."""
@@ -216,7 +227,7 @@ class Pipeline:
         B, T = ids.shape
         if self.fused_step is not None:
             self._check_open()
-            kv_dtype = self.sessions["text_decoder"].inputs[self.kv_names[0][0]].dtype
+            kv_dtype = self._session("text_decoder").inputs[self.kv_names[0][0]].dtype
             hidden = fused_text_hidden(self.fused_step, ids, mask, self.manifest.kv_layout, kv_dtype)
             return hidden[np.arange(B), last] @ self.text_projection
         feeds = {"input_ids": ids, "position_ids": np.ascontiguousarray(np.broadcast_to(np.arange(T), (B, T))),
@@ -247,7 +258,7 @@ class Pipeline:
         if self.max_batch and ids.shape[0] * num_beams > self.max_batch:
             raise ValueError(f"{ids.shape[0]} prompts x {num_beams} beams exceeds the engines' largest batch "
                              f"{self.max_batch}: caption fewer images at once or rebuild with a larger --max-batch")
-        dec = self.sessions["text_decoder"]
+        dec = self._session("text_decoder")
         memory = getattr(dec, "memory", None)  # device sessions: the cache and its prefix stay on the device
         keep = ("vision_hidden", *self.prefix_names) if memory is not None else ()
         hidden = self._run("vision_encoder", {"pixel_values": self._pixels(pixel_values)}, keep)["vision_hidden"]
