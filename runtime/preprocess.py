@@ -7,6 +7,9 @@ int(round((size - S) / 2)); both are reproduced here without torch.
 """
 from __future__ import annotations
 
+import os
+import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,26 @@ class ImageError(UserError, ValueError):
 
 
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as a page or viewer shows them
+MAX_RESIZED_PIXELS = 1 << 26  # the shorter-side resize of `crop` may make at most this many pixels (64 Mpx)
+
+
+def check_regular_file(path, what: str = "input file", error=None) -> Path:
+    """`path` if it is a regular file (after links); FIFOs, sockets and devices are refused before they are
+    opened (opening a FIFO blocks until a writer appears; a device may never end)."""
+    error = error or ImageError
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"cannot read {what} {path}: it does not exist") from None
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise error(f"cannot read {what} {path}: it is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise error(f"cannot read {what} {path}: it is {kind}; give a regular file (special files are not read)")
+    return Path(path)
 
 
 def _describe(image) -> str:
@@ -32,13 +55,17 @@ def to_pil(image) -> Image.Image:
     Every PIL mode is read by its meaning, not clipped: 16-bit (I;16*, and I holding 0..65535) is scaled to
     8 bits, F (float) must hold [0, 1] or [0, 255], palette images with transparency, LA, RGBA and PA are
     composited on white (BACKGROUND), CMYK and YCbCr are converted. A decompression bomb (more pixels than
-    PIL.Image.MAX_IMAGE_PIXELS), a truncated file or an image without pixels raises ImageError.
+    PIL.Image.MAX_IMAGE_PIXELS; Pillow itself only warns up to twice that, here it is refused), a
+    truncated file, a FIFO, socket or device, or an image without pixels raises ImageError.
     """
     if isinstance(image, (str, Path)):
+        check_regular_file(image, "image")
         try:
-            with Image.open(image) as im:
-                return _pil_to_rgb(im, image)
-        except Image.DecompressionBombError as e:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(image) as im:
+                    return _pil_to_rgb(im, image)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageError(f"cannot read image {image}: it has more pixels than Pillow allows "
                              f"({Image.MAX_IMAGE_PIXELS}); a decompression bomb, or raise PIL.Image.MAX_IMAGE_PIXELS "
                              "if you trust it") from e
@@ -117,6 +144,9 @@ def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     w, h = im.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(size * long / short)
+    if new_long * size > MAX_RESIZED_PIXELS:  # a 1 x 100000 strip would become size x (size * 100000)
+        raise ImageError(f"image of {w}x{h} pixels is too elongated to crop: resizing its shorter side to {size} "
+                         f"would make {size}x{new_long} pixels; crop it to a less extreme aspect ratio first")
     new_w, new_h = (size, new_long) if w <= h else (new_long, size)
     im = im.resize((new_w, new_h), Image.BICUBIC)
     left = int(round((new_w - size) / 2.0))
