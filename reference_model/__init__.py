@@ -1,13 +1,36 @@
-"""The PyTorch reference: a faithful InternVL-14B (InternVL-C / InternVL-G), plus small presets."""
+"""The PyTorch reference: a faithful InternVL-14B (InternVL-C / InternVL-G), plus small presets.
+
+Names are imported on first use (PEP 562), so that `bridge_export.reference_model.config` (the
+presets: plain dataclasses) can be read without torch, as the CLI's help does on a base install.
+"""
+from __future__ import annotations
+
+import importlib
 from pathlib import Path
 
-from bridge_export.reference_model.config import PRESETS, ConfigError, InternVLConfig, QLlamaConfig, VisionConfig, preset_config
-from bridge_export.reference_model.checkpoint_reader import iter_checkpoint_tensors
-from bridge_export.reference_model.loading import CheckpointError, from_preset, load_pretrained, save_pretrained
-from bridge_export.reference_model.model import InternVLModel
-
 DEMO_CHECKPOINT = Path(__file__).parent / "demo_checkpoint"
+
+# public name -> the submodule that defines it
+_LAZY = {
+    "PRESETS": "config", "ConfigError": "config", "InternVLConfig": "config", "QLlamaConfig": "config",
+    "VisionConfig": "config", "preset_config": "config",
+    "iter_checkpoint_tensors": "checkpoint_reader",
+    "CheckpointError": "loading", "from_preset": "loading", "load_pretrained": "loading", "save_pretrained": "loading",
+    "InternVLModel": "model",
+}
 
 __all__ = ["InternVLModel", "InternVLConfig", "VisionConfig", "QLlamaConfig", "PRESETS", "preset_config",
            "load_pretrained", "from_preset", "save_pretrained", "ConfigError", "CheckpointError", "DEMO_CHECKPOINT",
            "iter_checkpoint_tensors"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

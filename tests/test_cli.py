@@ -53,15 +53,15 @@ def test_user_commands_on_demo_bundle(tmp_path):
     assert all(c.split()[:2] == ["the", "digit"] and c.split()[2] in WORDS for c in captions), captions
     r = _run("caption", out, d / "0.png", "--stream", "--min-new-tokens", "0", "--max-new-tokens", "6")
     assert r.exit_code == 0 and "the digit" in r.output
-    r = _run("embed", out, d, "--texts", "the digit one", "--out", tmp_path / "e.npy")
+    r = _run("embed", out, d, "--texts", "the digit one", "--out", tmp_path / "e.npz")
     assert r.exit_code == 0, r.output
-    assert np.load(tmp_path / "e.npy").shape == (4, 32)
+    assert np.load(tmp_path / "e.npz")["embeddings"].shape == (4, 32)
     r = _run("embed", out, tmp_path / "missing.png")
     assert r.exit_code == 1 and "cannot read image" in r.output
 
 
 def test_bench_prints_ratios(tiny_bundle):
-    r = _run("bench", tiny_bundle, "--reference-preset", "tiny", "--pasts", "8,32", "--tokens", "4")
+    r = _run("bench", tiny_bundle, "--preset", "tiny", "--pasts", "8,32", "--tokens", "4")
     assert r.exit_code == 0, r.output
     assert "decode_tok_s@32" in r.output and "x (target <= 1.5x)" in r.output and "ratio" in r.output
 
@@ -79,8 +79,8 @@ def test_precision_at_export_time(tmp_path, tiny_bundle):
 
     assert read_manifest(out).precision.mode == "fp16"  # written directly, no fp32 bundle first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
-    r = _run("precision", tiny_bundle, "--int8", "--out", tmp_path / "q")
-    assert r.exit_code == 1 and "--int8 needs --calib" in r.output
+    r = _run("precision", tiny_bundle, "--precision", "int8", "--out", tmp_path / "q")
+    assert r.exit_code == 1 and "int8 needs --calib" in r.output
 
 
 def test_missing_extra_is_one_line(tmp_path):

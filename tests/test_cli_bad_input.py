@@ -34,9 +34,10 @@ CASES = [
     ("embed nothing", "embed {b}", 1, "nothing to embed", []),
     ("embed batch-size 0", "embed {b} {img} --batch-size 0", 2, "batch-size", []),
     ("embed batch-size -1", "embed {b} {img} --batch-size -1", 2, "batch-size", []),
-    ("embed --out .txt", "embed {b} {img} --out {t}/e.txt", 1, "must end in .npy or .parquet", ["e.txt", "e.txt.npy"]),
-    ("embed --out unwritable", "embed {b} {img} --out {t}/file.txt/e.npy", 1, "is a file, not a folder", []),
-    ("embed --out exists", "embed {b} {img} --out {t}/file.npy", 1, "already exists", []),
+    ("embed --out .txt", "embed {b} {img} --out {t}/e.txt", 1, "must end in .npz or .parquet", ["e.txt", "e.txt.npz"]),
+    ("embed --out .npy", "embed {b} {img} --out {t}/e.npy", 1, "cannot hold the names.*use e.npz", ["e.npy"]),
+    ("embed --out unwritable", "embed {b} {img} --out {t}/file.txt/e.npz", 1, "is a file, not a folder", []),
+    ("embed --out exists", "embed {b} {img} --out {t}/file.npz", 1, "already exists", []),
     ("embed unknown text", "embed {b} --texts zebra", 1, "no word of the text 'zebra'", []),
     ("embed empty text", "embed {b} --texts ''", 1, "non-empty strings", []),
     ("embed a missing image", "embed {b} {t}/missing.png", 1, "cannot read image", []),
@@ -53,8 +54,12 @@ CASES = [
     ("classify unknown labels", "classify {b} {img} --labels cat,zebra --template {{}}", 1, "no word of the text", []),
     ("bench threads 10**6", "bench {b} --threads 1000000", 2, "--threads", []),
     ("bench bad pasts", "bench {b} --pasts 8,x", 1, "--pasts must be comma-separated", []),
-    ("precision over its source", "precision {b} --fp16 --out {b} --overwrite", 1, "source bundle itself", []),
-    ("precision no mode", "precision {b} --out {t}/p", 1, "choose one of --fp16", ["p"]),
+    ("precision over its source", "precision {b} --precision fp16 --out {b} --overwrite", 1, "source bundle itself", []),
+    ("precision no mode", "precision {b} --out {t}/p", 1, "choose a precision: --precision", ["p"]),
+    ("precision for the wrong target", "precision {b} --precision int4-cpu --target tensorrt --out {t}/p", 1,
+     "written for onnxruntime only", ["p"]),
+    ("precision and an old flag disagree", "precision {b} --precision fp16 --int8 --out {t}/p", 1, "disagree", ["p"]),
+    ("onnx unknown preset", "onnx --preset huge --out {t}/o", 2, "not a preset: choose one of", ["o"]),
     ("inspect not a bundle", "inspect {t}", 1, "no manifest.json", []),
     ("inspect missing", "inspect {t}/missing", 1, "is not a directory", []),
     ("engine into a foreign folder", "engine {b} --emit-trtexec --out {t}/foreign", 1, "did not write", []),
@@ -87,7 +92,7 @@ def _fill(t):
     (t / "foreign").mkdir()
     (t / "foreign" / "thesis.tex").write_text("years of work")
     (t / "file.txt").write_text("precious")
-    (t / "file.npy").write_bytes(b"precious")
+    (t / "file.npz").write_bytes(b"precious")
     (t / "badtok").mkdir()
     (t / "badtok" / "tokenizer.model").write_bytes(b"\x00garbage")
     (t / "badjson").mkdir()
@@ -123,12 +128,14 @@ def test_bad_command_line(env, tmp_path, argv, code, match, absent):
 
 def test_one_bad_image_among_many(env, tmp_path):
     """The readable images are embedded and written; the bad one is named; the exit status is 1."""
-    out = tmp_path / "e.npy"
+    from bridge_export.exporter.embeddings_file import read_embeddings
+
+    out = tmp_path / "e.npz"
     r = _run("embed {b} {bad} --out {o}", o=out, **env)
     assert r.exit_code == 1 and "skipped: cannot read image" in r.output and "2.png" in r.output
     assert "1 of 3 images could not be read" in r.output
-    assert np.load(out).shape[0] == 2
-    assert (tmp_path / "e.npy.names.txt").read_text().split() == [str(env["bad"] / "0.png"), str(env["bad"] / "1.png")]
+    emb, names, _ = read_embeddings(out)
+    assert emb.shape[0] == 2 and names == [str(env["bad"] / "0.png"), str(env["bad"] / "1.png")]
     for cmd in ("caption {b} {bad} --max-new-tokens 2 --beams 1", "classify {b} {bad} --labels cat,dog"):
         r = _run(cmd, **env)
         assert r.exit_code == 1 and "1 of 3 images could not be read" in r.output
@@ -136,22 +143,22 @@ def test_one_bad_image_among_many(env, tmp_path):
 
 
 def test_embed_out_writes_exactly_that_file(env, tmp_path):
-    r = _run("embed {b} {img} --out {o}", o=tmp_path / "e.npy", **env)
+    r = _run("embed {b} {img} --out {o}", o=tmp_path / "e.npz", **env)
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy", "e.npy.names.txt"]
-    r = _run("embed {b} {img} --out {o}", o=tmp_path / "e.npy", **env)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npz"]
+    r = _run("embed {b} {img} --out {o}", o=tmp_path / "e.npz", **env)
     assert r.exit_code == 1 and "already exists" in r.output
-    assert _run("embed {b} {img} --out {o} --overwrite", o=tmp_path / "e.npy", **env).exit_code == 0
+    assert _run("embed {b} {img} --out {o} --overwrite", o=tmp_path / "e.npz", **env).exit_code == 0
 
 
 def test_disk_full_while_writing_embeddings(env, tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(np, "save", full)
-    r = _run("embed {b} {img} --out {o}", o=tmp_path / "e.npy", **env)
+    monkeypatch.setattr(np, "savez", full)
+    r = _run("embed {b} {img} --out {o}", o=tmp_path / "e.npz", **env)
     assert r.exit_code == 1 and "No space left on device" in r.output and "Traceback" not in r.output
-    assert not (tmp_path / "e.npy").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not (tmp_path / "e.npz").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_caption_defaults_adapt_to_a_small_max(env):

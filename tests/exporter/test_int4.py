@@ -20,13 +20,13 @@ def _cli(*args):
 @pytest.fixture(scope="module")
 def int4_bundle(tiny_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("int4") / "b"
-    r = _cli("precision", tiny_bundle, "--int4-cpu", "--out", out)
+    r = _cli("precision", tiny_bundle, "--precision", "int4-cpu", "--out", out)
     assert r.exit_code == 0, r.output
     return out
 
 
 def test_cli_rejects_bad_int4_settings(tiny_bundle, tmp_path):
-    r = _cli("precision", tiny_bundle, "--int4-cpu", "--block-size", "48", "--out", tmp_path / "x")
+    r = _cli("precision", tiny_bundle, "--precision", "int4-cpu", "--block-size", "48", "--out", tmp_path / "x")
     assert r.exit_code == 1 and "power of two" in r.output and not (tmp_path / "x").exists()
 
 

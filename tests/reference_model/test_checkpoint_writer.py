@@ -81,7 +81,7 @@ def test_cli_random_checkpoint(tmp_path):
     m = reference_model.load_pretrained(tmp_path / "ck", dtype=torch.float16)
     assert m.query_tokens.dtype == torch.float16
     r = CliRunner().invoke(main, ["random-checkpoint", "--preset", "nope", "--out", str(tmp_path / "ck2")])
-    assert r.exit_code != 0 and "unknown preset 'nope'" in r.output
+    assert r.exit_code != 0 and "'nope' is not a preset: choose one of" in r.output
 
 
 def test_real_width_preset_on_meta():
