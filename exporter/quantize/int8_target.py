@@ -43,10 +43,11 @@ def sqnr_db(ref: np.ndarray, noisy: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
 
 
-def qdq_matmul_session(w: np.ndarray, x_scale: float, w_qmax: float = INT8_MAX):
+def qdq_matmul_session(w: np.ndarray, x_scale: float, w_qmax: float = INT8_MAX, session_config=None):
     """A one-node onnxruntime session computing fake-quantized x @ w as the quantized graph will:
     symmetric int8 Q/DQ on x (scale `x_scale`) and per-output-channel int8 weights, with onnxruntime's
-    optimizations on, so its integer kernels (and, on CPUs without VNNI, their int16 saturation) are used."""
+    optimizations on, so its integer kernels (and, on CPUs without VNNI, their int16 saturation) are used;
+    `session_config` entries (e.g. precision.FLOAT_QDQ for a TensorRT target) go to the session."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -65,11 +66,14 @@ def qdq_matmul_session(w: np.ndarray, x_scale: float, w_qmax: float = INT8_MAX):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    for key, value in (session_config or {}).items():
+        opts.add_session_config_entry(key, value)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def node_sensitivity(model: onnx.ModelProto, nodes: list[str], activations: dict[str, list[np.ndarray]],
-                     ranges: dict[str, tuple[float, float]], base_dir: Path, w_qmax: float = INT8_MAX) -> dict[str, float]:
+                     ranges: dict[str, tuple[float, float]], base_dir: Path, w_qmax: float = INT8_MAX,
+                     session_config=None) -> dict[str, float]:
     """Output SQNR (dB) of each node in `nodes` when only that node is quantized; lower = more sensitive.
 
     MatMul/Gemm run through `qdq_matmul_session` on their captured inputs (so the runtime's integer
@@ -93,7 +97,7 @@ def node_sensitivity(model: onnx.ModelProto, nodes: list[str], activations: dict
         if n.op_type in ("MatMul", "Gemm") and w.ndim == 2:
             if n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute):
                 w = w.T
-            sess = qdq_matmul_session(w, sx, w_qmax)
+            sess = qdq_matmul_session(w, sx, w_qmax, session_config)
             snr = []
             for x in xs:
                 x2 = np.ascontiguousarray(x.reshape(-1, w.shape[0]), np.float32)
@@ -138,14 +142,16 @@ class _Recorded:
 
 
 def targeted_int8(src: Path, dst: Path, calib_feeds: list[dict], held_feeds: list[dict], target: float | None,
-                  build, progress, start_kept: list[str] | None = None, cache: dict | None = None) -> dict:
+                  build, progress, start_kept: list[str] | None = None, cache: dict | None = None,
+                  session_config: dict[str, str] | None = None) -> dict:
     """Quantize graph `src` to `dst` with `build(kept_fp32) -> how`, keeping the fewest most-sensitive
     nodes in fp32 for every output on `held_feeds` to reach `target` (just measure when None).
 
     `start_kept` (from an earlier round) is the smallest set to keep. `cache`: a dict kept across the
     rounds of one graph (same feeds, same calibration ranges): the fp32 outputs and the node
     sensitivities already measured are reused, not run again. Returns the record for the manifest:
-    kept nodes, the sensitivity order used, and each output's cosine.
+    kept nodes, the sensitivity order used, and each output's cosine. `session_config`: onnxruntime
+    entries for running the quantized graph (precision.FLOAT_QDQ: as TensorRT computes, see there).
     """
     from onnxruntime.quantization.calibrate import load_tensors_data
 
@@ -159,7 +165,7 @@ def targeted_int8(src: Path, dst: Path, calib_feeds: list[dict], held_feeds: lis
 
     def attempt(keep: list[str]) -> tuple[dict, dict[str, float]]:
         how = build(keep)
-        cos, _ = output_cosines(ref, OrtSession(dst), held_feeds)
+        cos, _ = output_cosines(ref, OrtSession(dst, session_config=session_config), held_feeds)
         return how, cos
 
     how, cos = attempt(kept)
@@ -176,7 +182,7 @@ def targeted_int8(src: Path, dst: Path, calib_feeds: list[dict], held_feeds: lis
     todo = [q for q in candidates if q not in measured]
     if todo:  # each node is measured alone, so earlier rounds' figures stand
         known.update(node_sensitivity(model, todo, capture_inputs(src, probe), ranges, src.parent,
-                                      how.get("weight_qmax", INT8_MAX)))
+                                      how.get("weight_qmax", INT8_MAX), session_config))
         measured.update(todo)
     sens = {q: known[q] for q in candidates if q in known}
     order = sorted(sens, key=sens.get)

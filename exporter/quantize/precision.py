@@ -5,6 +5,10 @@
 * int8      explicit symmetric Q/DQ (zero point 0, per-channel weights) from onnxruntime's static
             quantizer, calibrated on the user's images (and texts), MatMul/Conv with constant
             weights only; norms, softmax, logits and the pooling heads left in float by default.
+            Full 8-bit weights for TensorRT (the default target); 7-bit weights (reduce_range) only
+            with `--target onnxruntime`, for onnxruntime's CPU kernels (see `to_int8_qdq`).
+* fp8       E4M3 Q/DQ (opset 19) on the same nodes from the same calibration, for TensorRT on
+            GPUs of compute capability >= 8.9 (exporter/quantize/fp8.py).
 * int8-cpu  onnxruntime dynamic quantization (MatMulInteger, unsigned weights) for CPUs; not
             parseable by TensorRT.
 * int4-cpu  4-bit block-quantized weights (MatMulNBits, GatherBlockQuantized for the token
@@ -29,7 +33,14 @@ from bridge_export.exporter.export.graph_builder import QUANTIZED
 from bridge_export.exporter.export.onnx_export import relink_weights
 from bridge_export.exporter.output import OutputError, check_output_dir, output_dir
 
-MODES = ("fp16", "int8", "int8-cpu", "int4-cpu")
+MODES = ("fp16", "int8", "int8-cpu", "int4-cpu", "fp8")
+Q_DQ_MODES = ("int8", "fp8")  # static Q/DQ graphs, calibrated on the user's images
+# How TensorRT computes a Q/DQ graph: dequantize, then a float (or exact int8 x int8 -> int32) MatMul. Run on
+# onnxruntime with this entry, the Q/DQ pairs are not fused into integer kernels (QLinearMatMul and friends),
+# whose u8s8 int16 accumulation saturates on x86 CPUs without VNNI: DequantizeLinear then MatMul in float
+# (checked: identical to numpy's dequantize-then-matmul). The accuracy reports of TensorRT-target Q/DQ
+# bundles are measured this way.
+FLOAT_QDQ = {"session.disable_quant_qdq": "1"}
 ONNXRUNTIME_ONLY = QUANTIZED  # contrib / integer ops TensorRT does not parse
 # Sensitive ops kept out of INT8 by default: names matched against node names / op types.
 DEFAULT_INT8_EXCLUDE = ["norm", "Softmax", "lm_head", "clip_projector"]
@@ -146,15 +157,15 @@ def histogram_ranges(src: Path, feeds: list[dict], method, cache: Path, progress
 
 
 def to_int8_qdq(src: Path, dst: Path, feeds: list[dict], method: str, exclude, progress,
-                kept: list[str] = (), reduce_range: bool = True) -> dict:
+                kept: list[str] = (), reduce_range: bool = False) -> dict:
     """Static symmetric Q/DQ INT8 of graph `src`, calibrated on recorded `feeds`; `kept` are extra
     node names left in fp32 (accuracy target).
 
-    `reduce_range` (default) stores 7-bit weights in the int8 tensors (still symmetric, zero point 0,
-    so TensorRT reads them unchanged): onnxruntime's x86 u8s8 kernels without VNNI saturate their
-    int16 partial sums with full 8-bit weights. Measured on the tiny preset, all MatMuls quantized:
-    bridge image_embeds_g cosine 0.976 with 8-bit weights on this AVX2 CPU (0.992 when the same
-    graph is evaluated unfused) against 0.994 with 7-bit weights, fused or not.
+    Weights are full 8-bit by default: TensorRT computes int8 x int8 exactly (int32 accumulation).
+    `reduce_range` stores 7-bit weights instead (still symmetric, zero point 0), only for an
+    onnxruntime CPU target: onnxruntime's x86 u8s8 kernels without VNNI saturate their int16
+    partial sums with full 8-bit weights (on the tiny preset, all MatMuls quantized, on an AVX2 CPU:
+    bridge image_embeds_g cosine 0.976 fused with 8-bit weights, 0.992 unfused, 0.994 with 7-bit).
 
     The tensor ranges are kept beside the graph as `<graph>.calibration.json` (onnxruntime's
     calibration cache format), so the bundle records exactly what calibration produced; a later
@@ -232,7 +243,7 @@ def _inputs(src, calib, calib_texts):
 
 
 def _convert_graphs(src, tmp: Path, manifest, mode: str, progress, *, feeds=None, held=None, method="max",
-                    exclude=None, int4=None, targets=None, kept=None, caches=None) -> None:
+                    exclude=None, int4=None, targets=None, kept=None, caches=None, target="tensorrt") -> None:
     """Write every graph of `mode` into `tmp`, recording `how` in `manifest`, then share weights.bin."""
     from bridge_export.exporter.quantize.int8_target import targeted_int8
 
@@ -245,12 +256,19 @@ def _convert_graphs(src, tmp: Path, manifest, mode: str, progress, *, feeds=None
             how = to_fp16(srcp, dst)
         elif mode == "int8":
             def build(keep, srcp=srcp, dst=dst, name=name):
-                return to_int8_qdq(srcp, dst, feeds[name], method, exclude, progress, kept=keep)
+                return to_int8_qdq(srcp, dst, feeds[name], method, exclude, progress, kept=keep,
+                                   reduce_range=target == "onnxruntime")
 
             how = targeted_int8(srcp, dst, feeds[name], held[name], (targets or {}).get(name), build, progress,
                                 start_kept=(kept or {}).get(name),
-                                cache=None if caches is None else caches.setdefault(name, {}))
+                                cache=None if caches is None else caches.setdefault(name, {}),
+                                session_config=report_session_config(mode, target))
             how.pop("nodes", None)
+            how["made_for"] = target
+        elif mode == "fp8":
+            from bridge_export.exporter.quantize.fp8 import to_fp8_qdq
+
+            how = to_fp8_qdq(srcp, dst, feeds[name], method, exclude, progress)
         elif mode == "int4-cpu":
             from bridge_export.exporter.quantize.int4 import Int4Options
 
@@ -263,6 +281,12 @@ def _convert_graphs(src, tmp: Path, manifest, mode: str, progress, *, feeds=None
     relink_weights(paths, tmp)
     for g in manifest.graphs.values():
         g.checks = check_graph(tmp / g.file, tensorrt=mode not in ONNXRUNTIME_ONLY)
+
+
+def report_session_config(mode: str, target: str) -> dict[str, str] | None:
+    """onnxruntime entries for measuring a `mode` bundle written for `target`: Q/DQ for TensorRT unfused
+    (FLOAT_QDQ: what TensorRT computes), everything else as the runtime runs it."""
+    return FLOAT_QDQ if mode in Q_DQ_MODES and target == "tensorrt" else None
 
 
 def _copy_assets(src, tmp: Path, manifest) -> None:
@@ -281,9 +305,13 @@ def _missed(rep: dict, target: float) -> list[str]:
 def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, method: str = "max",
                           exclude: list[str] | None = None, overwrite: bool = False, progress=None,
                           report: bool = True, int4=None, target_cosine: float | None = None,
-                          max_rounds: int = 3) -> Path:
-    """Write a new bundle at `out` whose graphs are `mode` (fp16 / int8 / int8-cpu / int4-cpu), with an
+                          max_rounds: int = 3, target: str | None = None) -> Path:
+    """Write a new bundle at `out` whose graphs are `mode` (fp16 / int8 / int8-cpu / int4-cpu / fp8), with an
     accuracy report on held-out images and texts.
+
+    `target` (operator target; default tensorrt for fp16/int8/fp8): int8 with `onnxruntime` stores 7-bit
+    weights for onnxruntime's CPU kernels; the TensorRT Q/DQ bundles (int8, fp8) are measured on
+    onnxruntime with Q/DQ fusion off (FLOAT_QDQ), as TensorRT computes them.
 
     `int4` is an `bridge_export.exporter.quantize.int4.Int4Options` (defaults when None). With `target_cosine` (int8), the
     most sensitive nodes stay fp32 until every graph output and every end-to-end output (image C/G
@@ -302,23 +330,29 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
     quiet_third_party()
     if mode not in MODES:
         raise ValueError(f"precision must be one of {MODES}, got {mode!r}")
+    target = target or ("onnxruntime" if mode in ONNXRUNTIME_ONLY else "tensorrt")
+    if target == "onnxruntime" and mode not in ("int8",) + ONNXRUNTIME_ONLY:
+        raise ValueError(f"--precision {mode} --target onnxruntime is not written by `precision`: drop --target "
+                         "for portable ONNX (onnxruntime runs it too)")
+    if target == "tensorrt" and mode in ONNXRUNTIME_ONLY:
+        raise ValueError(f"--precision {mode} is onnxruntime-only: use --precision int8 or fp8 for TensorRT")
     src = read_manifest(bundle)
     if Path(out).absolute().resolve() == src.root.absolute().resolve():
         raise OutputError(f"--out {out} is the source bundle itself: write the {mode} bundle to another folder")
     check_output_dir(out, overwrite)  # before calibration: refused outputs cost no work
     if src.precision.mode != "fp32":
         raise ValueError(f"{bundle} is already {src.precision.mode}: make precision bundles from an fp32 bundle")
-    if mode == "int8" and calib is None:
-        raise ValueError("--int8 needs --calib IMAGES_DIR: INT8 scales are calibrated on your images")
+    if mode in Q_DQ_MODES and calib is None:
+        raise ValueError(f"--precision {mode} needs --calib IMAGES_DIR: its scales are calibrated on your images")
     if target_cosine is not None and mode != "int8":
-        raise ValueError(f"--target-cosine applies to --int8 (static Q/DQ), not {mode}")
+        raise ValueError(f"--target-cosine applies to --precision int8 (static Q/DQ), not {mode}")
     if target_cosine is not None and not 0 < target_cosine < 1:
         raise ValueError(f"--target-cosine must be between 0 and 1 (e.g. 0.999), got {target_cosine}")
     calib_images, held_images, calib_texts_, held_texts = _inputs(src, calib, calib_texts)
     with output_dir(Path(out), overwrite) as tmp:  # renamed into place when complete, removed on failure
         pipe = runtime.load(bundle)
         feeds = held = None
-        if mode == "int8":
+        if mode in Q_DQ_MODES:
             progress("[precision] recording calibration feeds (images, caption prefill + decode steps, texts) ...")
             feeds = record_feeds(pipe, calib_images, calib_texts_)
             held = record_feeds(pipe, held_images, held_texts, seed=1)
@@ -329,7 +363,7 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
             kept = {n: (g.how or {}).get("kept_fp32_for_target", []) for n, g in manifest.graphs.items()
                     if g.precision == mode}
             _convert_graphs(src, tmp, manifest, mode, progress, feeds=feeds, held=held, method=method,
-                            exclude=exclude, int4=int4, targets=targets, kept=kept, caches=caches)
+                            exclude=exclude, int4=int4, targets=targets, kept=kept, caches=caches, target=target)
             _copy_assets(src, tmp, manifest)
             manifest.precision = PrecisionInfo(mode=mode, derived_from={
                 "bundle": str(Path(bundle).absolute()), "precision": "fp32",
@@ -338,7 +372,11 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
             if not (report or target_cosine):
                 break
             progress("[precision] measuring accuracy against fp32 on held-out inputs ...")
-            rep = accuracy_report(pipe, runtime.load(tmp), held_images, held_texts, feeds=held)  # int8: recorded once
+            measured = runtime.load(tmp, session_config=report_session_config(mode, target))
+            rep = accuracy_report(pipe, measured, held_images, held_texts, feeds=held)  # Q/DQ: recorded once
+            rep["run_on"] = ("onnxruntime CPU, Q/DQ fusion off (session.disable_quant_qdq): dequantize then "
+                             "float MatMul, as TensorRT computes" if report_session_config(mode, target)
+                             else "onnxruntime CPU, as the runtime runs it")
             missed = _missed(rep, target_cosine) if target_cosine else []
             if not missed:
                 break

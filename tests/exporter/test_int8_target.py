@@ -93,7 +93,7 @@ def test_without_target_reports_each_output_and_warns(tiny_bundle, tmp_path):
 def test_target_cosine_rejected_where_it_does_not_apply(tiny_bundle, tmp_path):
     from bridge_export.exporter.quantize.precision import make_precision_bundle
 
-    with pytest.raises(ValueError, match="applies to --int8"):
+    with pytest.raises(ValueError, match="applies to --precision int8"):
         make_precision_bundle(tiny_bundle, tmp_path / "a", "int8-cpu", target_cosine=0.99)
     with pytest.raises(ValueError, match="between 0 and 1"):
         make_precision_bundle(tiny_bundle, tmp_path / "b", "int8", calib=tmp_path, target_cosine=1.5)

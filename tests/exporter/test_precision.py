@@ -118,7 +118,7 @@ def test_calibration_folder_errors(tmp_path, tiny_bundle):
         read_image_folder(tmp_path)
     with pytest.raises(CalibrationError, match="not a folder"):
         read_image_folder(tmp_path / "nope")
-    with pytest.raises(ValueError, match="--int8 needs --calib"):
+    with pytest.raises(ValueError, match="--precision int8 needs --calib"):
         make_precision_bundle(tiny_bundle, tmp_path / "out", "int8")
 
 
