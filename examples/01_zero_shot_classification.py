@@ -44,10 +44,10 @@ def main() -> None:
         probs = {mode: pipe.classify(paths, WORDS, template="the digit {}", mode=mode) for mode in ("C", "G")}
         print(f"\n{'image':<14} {'true':<6} {'InternVL-C':<18} {'InternVL-G':<18}")
         for i, p in enumerate(paths):
-            cells = [f"{WORDS[probs[m][i].argmax()]:<6} ({probs[m][i].max():.0%})" for m in ("C", "G")]
+            cells = [f"{probs[m][i].label:<6} ({probs[m][i].score:.0%})" for m in ("C", "G")]
             print(f"{p.name:<14} {WORDS[truth[i]]:<6} {cells[0]:<18} {cells[1]:<18}")
         for m in ("C", "G"):
-            acc = float(np.mean(probs[m].argmax(1) == np.asarray(truth)))
+            acc = float(np.mean(np.asarray(probs[m]).argmax(1) == np.asarray(truth)))
             print(f"InternVL-{m}: {acc:.0%} of {len(paths)} right")
         pipe.close()
 

@@ -35,7 +35,7 @@ def accuracy(pipe, images, labels) -> tuple[float, float]:
     """(zero-shot InternVL-C accuracy, greedy caption accuracy) on the digits."""
     probs = pipe.classify(images, WORDS, template="the digit {}")
     caps = pipe.captions(images, max_new_tokens=CAPTION_TOKENS, min_new_tokens=0, num_beams=1)
-    return (float(np.mean(probs.argmax(1) == labels)),
+    return (float(np.mean(np.asarray(probs).argmax(1) == labels)),
             float(np.mean([names_digit(c.text, int(y)) for c, y in zip(caps, labels)])))
 
 

@@ -35,7 +35,7 @@ def main() -> None:
         pipe = runtime.load(bundle)
         images, labels = load_test_split(DEMO_CHECKPOINT)
         probs = pipe.classify(list(images[:100]), WORDS, template="the digit {}")
-        print(f"the fresh model's bundle: zero-shot accuracy {np.mean(probs.argmax(1) == labels[:100]):.0%} on 100 "
+        print(f"the fresh model's bundle: zero-shot accuracy {np.mean(np.asarray(probs).argmax(1) == labels[:100]):.0%} on 100 "
               "test digits (chance is 10%; the shipped checkpoint trained far longer)")
         pipe.close()
 

@@ -14,7 +14,9 @@ from bridge_export.runtime.kv_cache import (CachedDecoder, FusedCachedDecoder, F
                                             fused_text_hidden)
 from bridge_export.runtime.manifest import Manifest
 from bridge_export.runtime.numeric import normalize
+from bridge_export.runtime.numeric import normalize as _unit_length  # embed_*'s parameter shadows the name
 from bridge_export.runtime.preprocess import preprocess
+from bridge_export.runtime.results import Classification
 from bridge_export.runtime.search import MAX_BEAMS, SearchConfig, iter_tokens, search
 from bridge_export.runtime.sessions import Session, memory_bytes
 from bridge_export.runtime.text import TextCodec
@@ -96,6 +98,29 @@ class Caption:
     text: str
     tokens: list[int]
     score: float
+
+
+class TextPieces:
+    """The new text of a caption as its tokens arrive: whole UTF-8 characters only; EOS or pad ends it."""
+
+    def __init__(self, codec: TextCodec, stop: tuple[int, ...]):
+        self.codec, self.stop = codec, stop
+        self.ids: list[int] = []
+        self.text = ""
+        self.ended = False
+
+    def add(self, token: int) -> str:
+        """The text this token adds ("" while a character is incomplete, and from EOS on)."""
+        if self.ended or token in self.stop:
+            self.ended = True
+            return ""
+        self.ids.append(token)
+        full = self.codec.decode(self.ids)
+        if full == self.text or full.endswith("\ufffd"):  # wait for whole UTF-8 characters
+            return ""
+        piece = full[len(self.text):] if full.startswith(self.text) else full
+        self.text = full
+        return piece
 
 
 class Pipeline:
@@ -315,9 +340,11 @@ class Pipeline:
             yield from iter_tokens(dec, cfg)
 
     # -- user level ---------------------------------------------------------------------------
-    def embed_images(self, images, mode: str = "C", batch_size: int = 8, crop: bool = False) -> np.ndarray:
-        """Image embeddings [N, E] (not normalised, as the original) from paths, PIL images or arrays.
+    def embed_images(self, images, mode: str = "C", batch_size: int = 8, crop: bool = False,
+                     normalize: bool = False) -> np.ndarray:
+        """Image embeddings [N, E] from paths, PIL images or arrays; unit length with `normalize=True`.
 
+        Not normalised by default, as the original returns them.
         Images are read and run `batch_size` at a time. An unreadable image raises ImageError naming it
         (the CLI reports it and goes on with the others).
         """
@@ -329,10 +356,11 @@ class Pipeline:
         batch_size = min(_check_int(batch_size, "batch_size", 1, MAX_BATCH), self.max_batch or MAX_BATCH)
         parts = [self.encode_image(preprocess(images[i:i + batch_size], self.preprocessing, crop), MODES[mode])
                  for i in range(0, len(images), batch_size)]
-        return np.concatenate(parts)
+        out = np.concatenate(parts)
+        return _unit_length(out) if normalize else out
 
-    def embed_texts(self, texts, batch_size: int = 32) -> np.ndarray:
-        """Text embeddings [N, E]: `summarize:` prefix and EOS added as the original."""
+    def embed_texts(self, texts, batch_size: int = 32, normalize: bool = False) -> np.ndarray:
+        """Text embeddings [N, E]: `summarize:` prefix and EOS added as the original; unit length with `normalize`."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ValueError("no texts given: pass at least one")
@@ -340,8 +368,9 @@ class Pipeline:
             if not isinstance(t, str) or not t.strip():
                 raise ValueError(f"texts must be non-empty strings: text {i} is {t!r}")
         batch_size = min(_check_int(batch_size, "batch_size", 1, MAX_BATCH), self.max_batch or MAX_BATCH)
-        return np.concatenate([self.encode_text(self.codec.embedding_ids(texts[i:i + batch_size]))
-                               for i in range(0, len(texts), batch_size)])
+        out = np.concatenate([self.encode_text(self.codec.embedding_ids(texts[i:i + batch_size]))
+                              for i in range(0, len(texts), batch_size)])
+        return _unit_length(out) if normalize else out
 
     def similarity(self, images, texts, mode: str = "C") -> np.ndarray:
         """exp(logit_scale) * normalized image @ normalized text.T, [N_images, N_texts]."""
@@ -349,10 +378,12 @@ class Pipeline:
         txt = normalize(self.embed_texts(texts))
         return np.exp(self.logit_scale) * img @ txt.T
 
-    def classify(self, images, labels, template: str = "a photo of a {}.", mode: str = "C") -> np.ndarray:
-        """Zero-shot probabilities [N, len(labels)] (images center-cropped, as for classification).
+    def classify(self, images, labels, template: str = "a photo of a {}.", mode: str = "C") -> Classification:
+        """Zero-shot probabilities of each image over `labels` (images center-cropped, as for classification).
 
-        `labels` is a list of distinct names; `template` holds one `{}` where each label goes.
+        `labels` is a list of distinct names; `template` holds one `{}` where each label goes. The result
+        is a runtime.results.Classification: `result[i].label`, `result[i].top(3)`, `result.best_labels`;
+        `np.asarray(result)` is the [N, len(labels)] probability matrix.
         """
         labels = check_labels(labels)
         check_template(template)
@@ -360,7 +391,7 @@ class Pipeline:
         img = normalize(self.embed_images(images, mode, crop=True))
         logits = np.exp(self.logit_scale) * img @ txt.T
         e = np.exp(logits - logits.max(1, keepdims=True))
-        return e / e.sum(1, keepdims=True)
+        return Classification(tuple(labels), e / e.sum(1, keepdims=True))
 
     def _caption_args(self, prompt, max_new_tokens, min_new_tokens, num_beams=None):
         """Fill unset caption options from the manifest's defaults (the original's: 5 beams, 8..30 tokens).
@@ -437,17 +468,18 @@ class Pipeline:
         """Yield the caption's new text as each token arrives (greedy or sampled decoding)."""
         prompt, max_new_tokens, min_new_tokens, _ = self._caption_args(prompt, max_new_tokens, min_new_tokens)
         pix = preprocess([image], self.preprocessing)
-        ids, text = [], ""
+        pieces = self.text_pieces()
         for tok in self.iter_generate(pix, self.codec.prompt_ids(prompt), max_new_tokens=max_new_tokens,
                                       min_new_tokens=min_new_tokens, **kw):
-            t = int(tok[0])
-            if t in (self.special.eos, self.special.pad):
+            piece = pieces.add(int(tok[0]))
+            if pieces.ended:
                 break
-            ids.append(t)
-            full = self.codec.decode(ids)
-            if full != text and not full.endswith("\ufffd"):  # wait for whole UTF-8 characters
-                yield full[len(text):] if full.startswith(text) else full
-                text = full
+            if piece:
+                yield piece
+
+    def text_pieces(self) -> "TextPieces":
+        """A fresh TextPieces over this bundle's tokenizer (a streamed caption's text, piece by piece)."""
+        return TextPieces(self.codec, (self.special.eos, self.special.pad))
 
     def _caption(self, tokens: np.ndarray, score: float) -> Caption:
         ids = [int(t) for t in tokens]
