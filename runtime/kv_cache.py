@@ -125,3 +125,198 @@ class CachedDecoder:
         logits = self._run(tokens.astype(np.int64)[:, None], self.next_pos.copy(), ones)
         self.next_pos = self.next_pos + 1
         return logits
+
+
+# -- the fused decoder's shared buffer (bundles whose text_decoder targets onnxruntime) ----------------
+class SharedKVCache:
+    """The fused decoder's KV cache: one buffer the decoder reads as past and writes as present, in place.
+
+    `data` is [layers, 2 (key, value), rows, heads, capacity, head_dim]; every layer's K (or V) is
+    one contiguous [rows, heads, capacity, head_dim] block that onnxruntime's GroupQueryAttention
+    gets as both `past_key` and `present_key` (bound through IOBinding), so a step writes only its
+    new slots. `lengths[r]` is how many slots row r holds: rows may differ (the step-level
+    scheduler's requests, prompts of different lengths), slots at or beyond a row's length are
+    never read. Slot index = RoPE position, so the visual prefix occupies slots 0..Q-1.
+    """
+
+    device_resident = False
+
+    def __init__(self, num_layers: int, rows: int, heads: int, capacity: int, head_dim: int,
+                 dtype=np.float32, prefix_len: int = 0):
+        self.data = np.zeros((num_layers, 2, rows, heads, capacity, head_dim), dtype)
+        self.lengths = np.zeros(rows, np.int32)
+        self.prefix_len = prefix_len
+        self.capacity = capacity
+        self.bindings: dict[tuple, tuple] = {}  # FusedStep's IOBindings to this buffer, freed with it
+
+    @property
+    def rows(self) -> int:
+        """Rows the buffer holds (requests x beams)."""
+        return self.data.shape[2]
+
+    def write_prefix(self, prefix: list[np.ndarray], rows: slice | None = None) -> None:
+        """Put the bridge's visual prefix ([k0, v0, k1, v1, ...], each [n, heads, Q, head_dim]) into
+        slots 0..Q-1 of rows `rows` (default: the first n); those rows' lengths become Q."""
+        n, q = prefix[0].shape[0], prefix[0].shape[2]
+        if q > self.capacity:
+            raise ValueError("cache capacity smaller than the visual prefix")
+        rows = rows or slice(0, n)
+        view = self.data[:, :, rows, :, :q]
+        for i, t in enumerate(prefix):
+            view[i // 2, i % 2] = t
+        self.lengths[rows] = q
+        self.prefix_len = q
+
+    def repeat(self, n: int, rows: int) -> None:
+        """Rows 0..rows-1 become rows*n rows, each repeated n times in place (beam search: one copy per beam)."""
+        if rows * n > self.rows:
+            raise ValueError(f"cache has {self.rows} rows, {rows} x {n} beams need more")
+        m = int(self.lengths[:rows].max())
+        for r in reversed(range(rows)):  # back to front: a source row is never overwritten before it is read
+            self.data[:, :, r * n:(r + 1) * n, :, :m] = self.data[:, :, r:r + 1, :, :m]
+        self.lengths[:rows * n] = np.repeat(self.lengths[:rows], n)
+
+    def reorder(self, src: np.ndarray) -> None:
+        """Beam reorder: row r takes the text slots of row src[r] (the visual prefix is the same in every beam)."""
+        n = len(src)
+        if np.array_equal(src, np.arange(n)):
+            return
+        s = slice(self.prefix_len, int(self.lengths[:n].max()))
+        self.data[:, :, :n, :, s] = self.data[:, :, src, :, s]
+        self.lengths[:n] = self.lengths[src]
+
+    def close(self) -> None:
+        """Drop the IOBindings into the buffer (the memory itself is host memory, freed with the object)."""
+        self.bindings.clear()
+
+
+class FusedStep:
+    """One call of the fused text_decoder over a SharedKVCache, bound in place (the "step these rows" call).
+
+    For a step-level scheduler (bridge_export.runtime.serve): keep one SharedKVCache whose rows are
+    the running requests (`lengths` per row), and call `run(cache, ids, query_lens)` with every row:
+    row r feeds `ids[r, :query_lens[r]]` (right-padded to the step's width), appended after its
+    `lengths[r]` slots; `query_lens[r] == 0` leaves row r idle (its slots untouched, its logits
+    meaningless). Returns each row's logits of its last fed token, [rows, vocab] (a view of a buffer
+    reused by the next call of the same shape: copy what must outlive it). A row needs
+    `lengths[r] + ids.shape[1] <= capacity` (onnxruntime's rule for a padded chunk), idle rows too.
+    A finished request's row is reused by `cache.lengths[r] = 0` and a new prefix
+    (`cache.write_prefix(prefix, slice(r, r + 1))`).
+
+    Per call: the cache's buffers are bound as both past and present (no copy of the cache), and
+    the feeds and outputs are arrays kept per (rows, width, cache), so a decode step allocates
+    nothing but onnxruntime's own scratch.
+    """
+
+    def __init__(self, session, layout):
+        self.ort = getattr(session, "sess", None)
+        if self.ort is None or getattr(session, "memory", None) is not None:
+            raise ValueError("the fused decoder runs on an onnxruntime CPU session (device sessions keep the "
+                             "portable decoder's cache)")
+        self.session = session
+        self.layers = [layout.past(i) + layout.present(i) for i in range(layout.num_layers)]
+        out = {o.name: o for o in self.ort.get_outputs()}
+        self.vocab = out["logits"].shape[1]
+        self.hidden = out["hidden_states"].shape[2]
+
+    def _binding(self, cache: SharedKVCache, n: int, width: int):
+        key = (id(self), n, width)
+        if key in cache.bindings:
+            return cache.bindings[key]
+        if len(cache.bindings) > 8:  # prompt widths vary: keep the decode step's bindings, not every prefill's
+            cache.bindings.clear()
+        b = self.ort.io_binding()
+        feeds = {"input_ids": np.zeros((n, width), np.int64), "seqlens_k": np.zeros(n, np.int32),
+                 "query_seqlens": np.zeros(n, np.int32), "total_sequence_length": np.zeros((), np.int32)}
+        for k, a in feeds.items():
+            b.bind_input(k, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+        for i, (pk, pv, ok, ov) in enumerate(self.layers):
+            for j, (src, dst) in enumerate(((pk, ok), (pv, ov))):
+                block = cache.data[i, j, :n]  # contiguous: rows are the block's first axis
+                b.bind_input(src, "cpu", 0, block.dtype, list(block.shape), block.ctypes.data)
+                b.bind_output(dst, "cpu", 0, block.dtype, list(block.shape), block.ctypes.data)
+        outs = {"logits": np.zeros((n, self.vocab), np.float32),
+                "hidden_states": np.zeros((n, width, self.hidden), np.float32)}
+        for k, a in outs.items():
+            b.bind_output(k, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+        cache.bindings[key] = (b, feeds, outs)  # lives as long as the buffer its pointers point into
+        return cache.bindings[key]
+
+    def run(self, cache: SharedKVCache, ids: np.ndarray, query_lens: np.ndarray, hidden: bool = False):
+        """Append each row's `query_lens[r]` tokens of `ids` [n, width] to rows 0..n-1 of `cache`;
+        returns logits [n, vocab] (and hidden_states [n, width, D] with `hidden`)."""
+        if self.session.sess is None:
+            from bridge_export.runtime.errors import SessionClosed
+
+            raise SessionClosed(f"{self.session.name}: session is closed; load the bundle again")
+        n, width = ids.shape
+        total = cache.lengths[:n] + query_lens
+        if int((cache.lengths[:n] + width).max()) > cache.capacity:
+            raise ValueError(f"KV cache full ({cache.capacity} slots): raise the request's maximum length")
+        b, feeds, outs = self._binding(cache, n, width)
+        feeds["input_ids"][...] = ids
+        feeds["query_seqlens"][...] = query_lens
+        feeds["seqlens_k"][...] = total - 1
+        feeds["total_sequence_length"][...] = max(int(total.max()), width)
+        self.ort.run_with_iobinding(b)
+        cache.lengths[:n] = total
+        return (outs["logits"], outs["hidden_states"]) if hidden else outs["logits"]
+
+
+def pack_right(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's real tokens (mask 1) moved to the front, pad 0 after: ([n, max real], real counts).
+
+    A token's position is its index among its row's real tokens (the original's cumsum of the mask),
+    so dropping the pads changes no position and leaves nothing to mask."""
+    lens = mask.sum(1).astype(np.int32)
+    out = np.zeros((ids.shape[0], int(lens.max())), np.int64)
+    for r in range(ids.shape[0]):
+        out[r, :lens[r]] = ids[r, mask[r].astype(bool)]
+    return out, lens
+
+
+class FusedCachedDecoder:
+    """`bridge_export.runtime.search.Decoder` over the fused decoder: the prompt prefill and decode steps
+    append to one SharedKVCache in place; beams are repeated and reordered inside it."""
+
+    def __init__(self, step: FusedStep, cache: SharedKVCache, prompt_ids: np.ndarray, prompt_mask: np.ndarray):
+        self.step_fn, self.cache = step, cache
+        self.ids, self.lens = pack_right(prompt_ids.astype(np.int64), prompt_mask)
+        self.n = prompt_ids.shape[0]
+        self._ones = None
+
+    def prefill(self) -> np.ndarray:
+        """Run the prompt after the visual prefix; logits of each row's last prompt token [rows, V]."""
+        return self.step_fn.run(self.cache, self.ids, self.lens).copy()
+
+    def expand(self, n: int) -> None:
+        """Repeat every row n times (beam search)."""
+        self.cache.repeat(n, self.n)
+        self.n *= n
+
+    def step(self, tokens: np.ndarray, reorder: np.ndarray | None) -> np.ndarray:
+        """Reorder rows (beams), feed one token per row, return its logits [rows, V] (reused next step)."""
+        if reorder is not None:
+            self.cache.reorder(reorder)
+        if self._ones is None or len(self._ones) != self.n:
+            self._ones = np.ones(self.n, np.int32)
+        return self.step_fn.run(self.cache, tokens.reshape(self.n, 1), self._ones)
+
+    def close(self) -> None:
+        """Free the cache."""
+        self.cache.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def fused_text_hidden(step: FusedStep, ids: np.ndarray, mask: np.ndarray, layout, dtype=np.float32) -> np.ndarray:
+    """hidden_states [n, T, D] of right-padded texts through the fused decoder with an empty past
+    (a cache of capacity T; each row's `query_seqlens` is its token count)."""
+    n, T = ids.shape
+    cache = SharedKVCache(layout.num_layers, n, layout.num_heads, T, layout.head_dim, dtype)
+    _, hidden = step.run(cache, ids, mask.sum(1).astype(np.int32), hidden=True)
+    return hidden.copy()

@@ -211,6 +211,22 @@ class GraphInfo(Record):
     # bytes of external weights (weights.bin) the graph references; 0 = not recorded (older bundles).
     # The bridge and the decoder both count QLLaMA's: what onnxruntime's prepacking copies per session.
     weight_bytes: int = 0
+    # operator target: "tensorrt" = portable ONNX (standard operators; onnxruntime runs it too),
+    # "onnxruntime" = onnxruntime-only operators (com.microsoft contrib ops, integer MatMuls); "" in
+    # bundles written before the field existed: read it through `operator_target`
+    target: str = ""
+
+    @property
+    def operator_target(self) -> str:
+        """The graph's operator target; older bundles: onnxruntime for the CPU precisions, else tensorrt."""
+        if self.target:
+            return self.target
+        return "onnxruntime" if self.precision in ("int8-cpu", "int4-cpu") else "tensorrt"
+
+    @property
+    def fused(self) -> bool:
+        """A decoder with onnxruntime's GroupQueryAttention over one shared KV buffer (exporter.export.fused_decoder)."""
+        return any(t.name == "seqlens_k" for t in self.inputs)
 
     def tensor(self, name: str) -> TensorInfo:
         """The input or output called `name`."""

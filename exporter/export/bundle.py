@@ -65,6 +65,14 @@ def caption_defaults(checkpoint: Path | None) -> CaptionPrompt:
     return out
 
 
+def operator_target(model, precision: str) -> str:
+    """"onnxruntime" if the graph needs onnxruntime (a com.microsoft operator, or the CPU precisions'
+    integer MatMuls, which TensorRT does not parse), else "tensorrt" (portable ONNX)."""
+    if precision in ("int8-cpu", "int4-cpu") or any(n.domain == "com.microsoft" for n in model.graph.node):
+        return "onnxruntime"
+    return "tensorrt"
+
+
 def external_bytes(graph_path: Path) -> int:
     """Bytes of external data a graph's initializers reference (read from the graph file alone)."""
     import onnx
@@ -105,17 +113,23 @@ def graph_info(spec, config, limits: Limits, precision: str = "fp32") -> GraphIn
 def build_manifest(config, *, limits: Limits | None = None, tokenizer: dict | TokenizerInfo | None = None,
                    source: str = "", opset: int = DEFAULT_OPSET, exporter: str = "torchscript",
                    precision: str = "fp32", checks: dict[str, dict] | None = None,
-                   caption: CaptionPrompt | None = None) -> Manifest:
+                   caption: CaptionPrompt | None = None, targets: dict[str, str] | None = None,
+                   fused_decoder: bool = False) -> Manifest:
     """The whole manifest of a bundle of `config` (every writer of bundles builds it here).
 
     `checks` maps graph name -> what bridge_export.exporter.export.checks.check_graph found; `files` is filled by
-    `write_manifest` when the bundle's files are final.
+    `write_manifest` when the bundle's files are final. `targets` maps graph name -> its operator target
+    (`operator_target` of the written graph); unnamed graphs get the precision's default.
+    `fused_decoder`: the decoder is exporter.export.fused_decoder's (its own inputs and outputs).
     """
     limits = limits or Limits()
     q = config.qllama
     graphs = {}
-    for spec in all_specs(config):
+    targets = targets or {}
+    default = "onnxruntime" if precision in ("int8-cpu", "int4-cpu") else "tensorrt"
+    for spec in all_specs(config, "onnxruntime" if fused_decoder else "tensorrt", precision):
         graphs[spec.name] = graph_info(spec, config, limits, precision)
+        graphs[spec.name].target = targets.get(spec.name, default)
         if checks and spec.name in checks:
             graphs[spec.name].checks = checks[spec.name]
     if isinstance(tokenizer, dict):

@@ -47,6 +47,16 @@ class WeightRef:
     key: str
     transpose: bool
     storage: str
+    # checkpoint keys concatenated along the output dimension to make `key` (the fused decoder's
+    # q/k/v projection: one [3D, D] matrix); empty for a tensor read as is
+    parts: tuple[str, ...] = ()
+
+    def shape(self, shapes: dict[str, tuple]) -> tuple:
+        """The checkpoint-side shape of this tensor ([out, in] for a linear weight)."""
+        if not self.parts:
+            return tuple(shapes[self.key])
+        first = tuple(shapes[self.parts[0]])
+        return (sum(shapes[p][0] for p in self.parts),) + first[1:]
 
     @property
     def names(self) -> list[str]:
@@ -91,7 +101,7 @@ class GraphBuilder:
         self._count: dict[str, int] = {}
         self._quantized_inputs: dict[str, tuple[str, str, str]] = {}
         self._alias: dict[str, str] = {}
-        self._nbits: dict[str, str] = {}  # MatMulNBits node name -> checkpoint key (K, N set in model())
+        self._nbits: dict[str, WeightRef] = {}  # MatMulNBits node name -> its weight (K, N set in model())
 
     # -- naming --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -149,14 +159,14 @@ class GraphBuilder:
         """An int64 constant (shapes, axes)."""
         return self.const(values, np.int64)
 
-    def weight(self, key: str, transpose: bool = False, storage: str | None = None) -> str:
+    def weight(self, key: str, transpose: bool = False, storage: str | None = None, parts: tuple = ()) -> str:
         """An initializer read from the checkpoint key (transposed if asked); returns its name."""
-        return self._ref(key, transpose, storage).names[0]
+        return self._ref(key, transpose, storage, parts).names[0]
 
-    def _ref(self, key: str, transpose: bool = False, storage: str | None = None) -> WeightRef:
-        """Register the initializer(s) made from checkpoint `key`; returns their reference."""
+    def _ref(self, key: str, transpose: bool = False, storage: str | None = None, parts: tuple = ()) -> WeightRef:
+        """Register the initializer(s) made from checkpoint `key` (or `parts` concatenated); returns their reference."""
         storage = storage or ("float16" if self.act == TensorProto.FLOAT16 else "float32")
-        ref = WeightRef(key, transpose, storage)
+        ref = WeightRef(key, transpose, storage, tuple(parts))
         for n in ref.names:
             self.weights[n] = ref
         return ref
@@ -184,25 +194,26 @@ class GraphBuilder:
         return self.cast(x, self.act) if self.act != TensorProto.FLOAT else x
 
     # -- building blocks ----------------------------------------------------------------------------
-    def linear(self, x: str, key: str, bias: str | None = None, quantize: bool = True) -> str:
-        """x @ W.T (+ bias) for the checkpoint's nn.Linear weight `key` ([out, in])."""
+    def linear(self, x: str, key: str, bias: str | None = None, quantize: bool = True, parts: tuple = ()) -> str:
+        """x @ W.T (+ bias) for the checkpoint's nn.Linear weight `key` ([out, in]); with `parts`,
+        W is those checkpoint weights concatenated along the output dimension (named `key`)."""
         if self.precision == "int8-cpu" and quantize:
-            out = self._dynamic_int8_matmul(x, key)
+            out = self._dynamic_int8_matmul(x, key, parts)
         elif self.precision == "int4-cpu" and quantize and not self._kept_by_int4():
-            out = self._nbits_matmul(x, key)
+            out = self._nbits_matmul(x, key, parts)
         else:
-            out = self.op("MatMul", [x, self.weight(key, transpose=True)])
+            out = self.op("MatMul", [x, self.weight(key, transpose=True, parts=parts)])
         if bias is not None:
             out = self.op("Add", [out, self.weight(bias)])
         return out
 
-    def _dynamic_int8_matmul(self, x: str, key: str) -> str:
+    def _dynamic_int8_matmul(self, x: str, key: str, parts: tuple = ()) -> str:
         """The subgraph onnxruntime's quantize_dynamic writes for a MatMul (onnxruntime fuses it).
 
         Written by hand because onnxruntime's quantizer loads the whole model into memory; the
         weights are quantized tensor by tensor while streaming (weight_stream.quantize_columns).
         """
-        wq, ws, wz = self._ref(key, True, "uint8-cols").names
+        wq, ws, wz = self._ref(key, True, "uint8-cols", parts).names
         if x not in self._quantized_inputs:  # one DynamicQuantizeLinear per activation, shared
             self._quantized_inputs[x] = tuple(self.op("DynamicQuantizeLinear", [x], n_out=3))
         xq, xs, xz = self._quantized_inputs[x]
@@ -218,11 +229,11 @@ class GraphBuilder:
     def _int4_storage(self, kind: str) -> str:
         return f"int4-{kind}:{self.int4.block_size}:{'sym' if self.int4.symmetric else 'asym'}"
 
-    def _nbits_matmul(self, x: str, key: str) -> str:
+    def _nbits_matmul(self, x: str, key: str, parts: tuple = ()) -> str:
         """MatMulNBits as MatMulNBitsQuantizer writes it (K and N are filled in from the shapes in model())."""
-        ref = self._ref(key, True, self._int4_storage("matmul"))
+        ref = self._ref(key, True, self._int4_storage("matmul"), parts)
         out = self.op("MatMulNBits", [x] + ref.names, domain="com.microsoft", **self.int4.matmul_attrs(0, 0))
-        self._nbits[self.nodes[-1].name] = key
+        self._nbits[self.nodes[-1].name] = ref
         return out
 
     def embedding(self, key: str, ids: str) -> str:
@@ -241,6 +252,17 @@ class GraphBuilder:
             den = self.op("Sqrt", [self.op("Add", [var, self.const(eps)])])
             y = self.op("Mul", [self.op("Div", [x32, den]), self.weight(key, storage="float32")])
             return self.to_act(y)
+
+    def skip_norm(self, x: str, skip: str, key: str, eps: float) -> tuple[str, str]:
+        """(RMSNorm(x + skip), x + skip) as one com.microsoft SkipSimplifiedLayerNormalization
+        (the residual add fused into the next norm; the onnxruntime target only)."""
+        with self.scope(key.split(".")[-2]):
+            name = self._node_name("SkipSimplifiedLayerNormalization")
+            outs = [f"{name}_output_0", "", "", f"{name}_output_3"]  # mean and inv_std_var not asked for
+            inputs = [self._alias.get(i, i) for i in (x, skip, self.weight(key))]
+            self.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", inputs, outs, name=name,
+                                               domain="com.microsoft", epsilon=eps))
+            return outs[0], outs[3]
 
     def layer_norm(self, x: str, prefix: str, eps: float) -> str:
         """LayerNormalization in fp32 with `prefix`.weight / `prefix`.bias."""
@@ -274,7 +296,7 @@ class GraphBuilder:
         """
         for node in self.nodes:
             if node.name in self._nbits:
-                n_out, k_in = shapes[self._nbits[node.name]]
+                n_out, k_in = self._nbits[node.name].shape(shapes)
                 for a in node.attribute:
                     if a.name in ("K", "N"):
                         a.i = k_in if a.name == "K" else n_out
@@ -284,7 +306,7 @@ class GraphBuilder:
         for name, arr in self.literals.items():
             inits.append(numpy_helper.from_array(arr, name))
         for name, ref in self.weights.items():
-            inits.append(placeholder(name, ref, shapes[ref.key]))
+            inits.append(placeholder(name, ref, ref.shape(shapes)))
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, inits)
         opsets = [helper.make_opsetid("", opset)]
         if any(n.domain == "com.microsoft" for n in self.nodes):

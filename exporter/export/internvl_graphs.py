@@ -24,7 +24,7 @@ from bridge_export.exporter.export.graph_builder import QUANTIZED, GraphBuilder
 from bridge_export.exporter.export.specs import GraphSpec, all_specs
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
-_ELEM = {"float32": F32, "int64": I64}
+_ELEM = {"float32": F32, "int64": I64, "int32": TensorProto.INT32, "float16": TensorProto.FLOAT16}
 
 
 def rope_tables(head_dim: int, positions: int) -> dict[str, np.ndarray]:
@@ -258,10 +258,16 @@ def build_decoder(config: InternVLConfig, precision: str, int4=None) -> GraphBui
 BUILDERS = {"vision_encoder": build_vision, "query_bridge": build_bridge, "text_decoder": build_decoder}
 
 
-def build_graphs(config: InternVLConfig, precision: str, int4=None) -> dict[str, GraphBuilder]:
+def build_graphs(config: InternVLConfig, precision: str, int4=None, target: str = "tensorrt") -> dict[str, GraphBuilder]:
     """All three graphs (in run order) as builders holding weight references (`int4`: the
-    bridge_export.exporter.quantize.int4.Int4Options of an int4-cpu bundle)."""
-    return {spec.name: BUILDERS[spec.name](config, precision, int4) for spec in all_specs(config)}
+    bridge_export.exporter.quantize.int4.Int4Options of an int4-cpu bundle). `target` "onnxruntime"
+    writes the decoder with onnxruntime's fused operators (exporter.export.fused_decoder)."""
+    builders = dict(BUILDERS)
+    if target == "onnxruntime":
+        from bridge_export.exporter.export.fused_decoder import build_fused_decoder
+
+        builders["text_decoder"] = build_fused_decoder
+    return {spec.name: builders[spec.name](config, precision, int4) for spec in all_specs(config)}
 
 
 def check_against_spec(b: GraphBuilder, spec: GraphSpec) -> None:

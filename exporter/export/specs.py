@@ -130,6 +130,11 @@ def decoder_spec(config: InternVLConfig) -> GraphSpec:
     )
 
 
-def all_specs(config: InternVLConfig) -> list[GraphSpec]:
-    """The bundle's graphs in run order."""
+def all_specs(config: InternVLConfig, target: str = "tensorrt", precision: str = "fp32") -> list[GraphSpec]:
+    """The bundle's graphs in run order; the onnxruntime target's decoder is the fused one
+    (bridge_export.exporter.export.fused_decoder)."""
+    if target == "onnxruntime":
+        from bridge_export.exporter.export.fused_decoder import fused_decoder_spec
+
+        return [vision_spec(config), bridge_spec(config), fused_decoder_spec(config, precision)]
     return [vision_spec(config), bridge_spec(config), decoder_spec(config)]

@@ -22,9 +22,12 @@ from bridge_export.reference_model.config import InternVLConfig
 
 from bridge_export.runtime.progress import get_logger, reporter
 
-from bridge_export.exporter.export.bundle import build_manifest, caption_defaults, check_export_args, write_manifest
+from bridge_export.exporter.export.bundle import (build_manifest, caption_defaults, check_export_args, operator_target,
+                                                  write_manifest)
+from bridge_export.exporter.errors import ExportError
 from bridge_export.exporter.output import output_dir
 from bridge_export.exporter.export.checks import check_graph
+from bridge_export.exporter.export.fused_decoder import fused_unsupported
 from bridge_export.exporter.export.graph_builder import INLINE_BYTES, QUANTIZED, WeightRef
 from bridge_export.exporter.export.internvl_graphs import build_graphs, check_against_spec
 from bridge_export.exporter.export.onnx_export import DEFAULT_OPSET, WEIGHTS_FILE
@@ -61,6 +64,19 @@ def _how(precision: str, model: onnx.ModelProto, int4) -> dict:
     return how
 
 
+def check_target(precision: str, target: str | None) -> str:
+    """The operator target to write `precision` for: int8-cpu/int4-cpu are onnxruntime only, fp32/fp16
+    default to tensorrt (portable) and take onnxruntime (fused decoder) when asked."""
+    if target is None:
+        return "onnxruntime" if precision in QUANTIZED else "tensorrt"
+    if target not in ("tensorrt", "onnxruntime"):
+        raise ExportError(f"target must be tensorrt or onnxruntime, got {target!r}")
+    if target == "tensorrt" and precision in QUANTIZED:
+        raise ExportError(f"{precision} is written for onnxruntime only (TensorRT cannot parse its integer "
+                          "MatMuls): drop --target tensorrt or choose --precision int8 / fp16")
+    return target
+
+
 def _ordered_refs(models: dict[str, onnx.ModelProto], refs: dict[str, dict[str, WeightRef]]) -> list[WeightRef]:
     seen, out = set(), []
     for name in models:
@@ -69,6 +85,15 @@ def _ordered_refs(models: dict[str, onnx.ModelProto], refs: dict[str, dict[str, 
                 seen.add(ref)
                 out.append(ref)
     return out
+
+
+def _read(source, mapping: dict[str, str], ref: WeightRef) -> torch.Tensor:
+    """The checkpoint tensor `ref` is made from (its parts concatenated along the output dimension:
+    the fused q/k/v projection, quantized per output column or per row block exactly as the parts
+    would be one by one)."""
+    if not ref.parts:
+        return source.get(mapping[ref.key])
+    return torch.cat([source.get(mapping[k]) for k in ref.parts], dim=0)
 
 
 def stream_weights(models: dict[str, onnx.ModelProto], refs: dict[str, dict[str, WeightRef]], source,
@@ -85,11 +110,11 @@ def stream_weights(models: dict[str, onnx.ModelProto], refs: dict[str, dict[str,
         by_phys: dict[tuple, list[tuple[str, int, int]]] = {}
         ordered = _ordered_refs(models, refs)
         if hasattr(source, "location"):  # read the shards front to back
-            ordered.sort(key=lambda r: source.location(mapping[r.key]))
+            ordered.sort(key=lambda r: source.location(mapping[r.parts[0] if r.parts else r.key]))
         for ref in tqdm(ordered, desc="weights", unit="tensor", disable=not show_progress, file=sys.stderr):
-            phys = (mapping[ref.key], ref.transpose, ref.storage)
+            phys = (tuple(mapping[k] for k in ref.parts) or mapping[ref.key], ref.transpose, ref.storage)
             if phys not in by_phys:
-                arrays = materialize(ref, source.get(mapping[ref.key]))
+                arrays = materialize(ref, _read(source, mapping, ref))
                 by_phys[phys] = [writer.write(a) for a in arrays]
                 del arrays
             for name, loc in zip(ref.names, by_phys[phys]):
@@ -115,10 +140,17 @@ def stream_weights(models: dict[str, onnx.ModelProto], refs: dict[str, dict[str,
 def export_streamed(source, config: InternVLConfig, out, *, precision: str = "fp32",
                     checkpoint: Path | None = None, tokenizer: Path | None = None, opset: int = DEFAULT_OPSET,
                     limits: Limits | None = None, overwrite: bool = False,
-                    progress: Callable[[str], None] | None = None, source_desc: str = "", int4=None) -> Path:
+                    progress: Callable[[str], None] | None = None, source_desc: str = "", int4=None,
+                    target: str | None = None, fused_decoder: bool | None = None) -> Path:
     """Write the bundle of `config` with weights from `source` (CheckpointSource / StateDictSource).
 
-    `int4`: the bridge_export.exporter.quantize.int4.Int4Options of an int4-cpu bundle (its defaults when None)."""
+    `int4`: the bridge_export.exporter.quantize.int4.Int4Options of an int4-cpu bundle (its defaults when None).
+    `target`: "onnxruntime" writes the decoder with onnxruntime's fused operators (GroupQueryAttention
+    over a shared KV buffer; exporter.export.fused_decoder), "tensorrt" the portable one; None: the
+    precision's own (int8-cpu/int4-cpu: onnxruntime, fp32/fp16: tensorrt). `fused_decoder=False`
+    keeps the portable decoder in an onnxruntime-target bundle (the side-by-side benchmark and parity
+    tests compare the two)."""
+    target = check_target(precision, target)
     show_bar = progress is None
     progress = reporter(progress, log)
     limits = limits or Limits()
@@ -132,8 +164,12 @@ def export_streamed(source, config: InternVLConfig, out, *, precision: str = "fp
             from bridge_export.exporter.quantize.int4 import Int4Options
 
             int4 = int4 or Int4Options()
-        builders = build_graphs(config, precision, int4)
-        specs = {s.name: s for s in all_specs(config)}
+        if target == "onnxruntime" and fused_decoder is not False and (why := fused_unsupported(config)):
+            progress(f"[export] text_decoder: {why}: the portable decoder is written instead")
+        if fused_decoder is False or fused_unsupported(config):
+            target = "tensorrt"  # the decoder's structure; each graph's operator target goes to the manifest
+        builders = build_graphs(config, precision, int4, target)
+        specs = {s.name: s for s in all_specs(config, target, precision)}
         for name, b in builders.items():
             check_against_spec(b, specs[name])
         models = {name: b.model(opset, shapes) for name, b in builders.items()}
@@ -145,10 +181,11 @@ def export_streamed(source, config: InternVLConfig, out, *, precision: str = "fp
                                 show_progress=show_bar)
         progress(f"[export] weights streamed ({(tmp / WEIGHTS_FILE).stat().st_size / 1e9:.2f} GB, {precision}) "
                  f"in {time.perf_counter() - t0:.1f}s")
-        checks, hows = {}, {}
+        checks, hows, targets = {}, {}, {}
         for name, model in models.items():
             onnx.save_model(model, str(tmp / specs[name].filename))
-            checks[name] = check_graph(tmp / specs[name].filename, tensorrt=precision not in QUANTIZED)
+            targets[name] = operator_target(model, precision)
+            checks[name] = check_graph(tmp / specs[name].filename, tensorrt=targets[name] == "tensorrt")
             hows[name] = _how(precision, model, int4)
         del models
         tok = write_tokenizer(checkpoint, tokenizer, tmp, vocab_size=config.qllama.vocab_size)
@@ -157,7 +194,8 @@ def export_streamed(source, config: InternVLConfig, out, *, precision: str = "fp
         for host in ("text_projection", "logit_scale"):
             np.save(tmp / f"{host}.npy", source.get(mapping[host]).to(torch.float32).numpy())
         manifest = build_manifest(config, limits=limits, tokenizer=tok, source=source_desc, opset=opset,
-                                  exporter="stream", precision=precision, checks=checks, caption=caption)
+                                  exporter="stream", precision=precision, checks=checks, caption=caption,
+                                  targets=targets, fused_decoder=target == "onnxruntime")
         for name, g in manifest.graphs.items():
             g.how = hows[name]
         write_manifest(tmp, manifest, known={WEIGHTS_FILE: digest})

@@ -1,0 +1,210 @@
+"""The onnxruntime-target decoder (GroupQueryAttention over one shared KV buffer) passes what the portable
+one passes: the reference's tokens, beam scores and embeddings, through the runtime.
+
+GroupQueryAttention needs head_dim % 8 == 0, so these run a tiny model with 3 heads of 16 (the tiny
+preset's 4 x 12 is written with the portable decoder, which test_writes_portable_when_unsupported checks).
+"""
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bridge_export import runtime
+from bridge_export.runtime.kv_cache import FusedStep, SharedKVCache
+from bridge_export.runtime.numeric import row_cosines
+
+
+@pytest.fixture(scope="module")
+def model16():
+    from bridge_export.reference_model import InternVLModel, preset_config
+    from bridge_export.reference_model.loading import init_weights
+
+    c = preset_config("tiny")
+    c.qllama = dataclasses.replace(c.qllama, num_attention_heads=3)  # head_dim 16
+    return init_weights(InternVLModel(c), 0).eval()
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, model16):
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from helpers import word_tokenizer
+
+    d = tmp_path_factory.mktemp("tok16")
+    word_tokenizer(model16.config.qllama.vocab_size, d / "tokenizer.json")
+    return d
+
+
+def _export(model, out, precision, tok_dir, **kw):
+    from bridge_export.exporter.export.stream_export import export_model
+
+    return export_model(model, out, precision=precision, tokenizer=tok_dir, progress=lambda s: None, **kw)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, model16, tok_dir):
+    """{(precision, fused): bundle} for fp32 and int4-cpu, fused and portable decoders."""
+    root = tmp_path_factory.mktemp("fused")
+    out = {}
+    for prec in ("fp32", "int4-cpu"):
+        kw = {"target": "onnxruntime"} if prec == "fp32" else {}
+        out[prec, True] = _export(model16, root / f"{prec}-fused", prec, tok_dir, **kw)
+        out[prec, False] = _export(model16, root / f"{prec}-portable", prec, tok_dir, fused_decoder=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fused(bundles):
+    p = runtime.load(bundles["fp32", True])
+    yield p
+    p.close()
+
+
+def _pix(n=2, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 3, 32, 32), dtype=np.float32)
+
+
+def test_graph_and_manifest(bundles):
+    import onnx
+
+    man = runtime.read_manifest(bundles["fp32", True])
+    dec = man.graph("text_decoder")
+    assert dec.fused and dec.target == dec.operator_target == "onnxruntime"
+    assert man.graph("vision_encoder").target == "tensorrt" and not dec.tensorrt_profiles
+    ops = [n.op_type for n in onnx.load(str(man.graph_path("text_decoder")), load_external_data=False).graph.node]
+    layers = man.kv_layout.num_layers
+    assert ops.count("GroupQueryAttention") == layers and ops.count("SkipSimplifiedLayerNormalization") == layers * 2
+    assert ops.count("MatMul") == 5 * layers + 1  # one q/k/v, o, gate, up, down per layer; lm_head
+    assert "Softmax" not in ops and "Transpose" not in ops
+    int4 = runtime.read_manifest(bundles["int4-cpu", True])
+    assert int4.graph("text_decoder").fused and all(g.target == "onnxruntime" for g in int4.graphs.values())
+    assert not runtime.read_manifest(bundles["int4-cpu", False]).graph("text_decoder").fused
+
+
+def test_int4_fused_qkv_bytes_equal_the_three_projections(bundles):
+    """The concatenated q/k/v weight packs to exactly the three projections' MatMulNBits blocks."""
+    import onnx
+    from onnx import numpy_helper
+
+    def inits(b):
+        m = onnx.load(str(Path(b) / "text_decoder.onnx"))
+        return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+
+    f, p = inits(bundles["int4-cpu", True]), inits(bundles["int4-cpu", False])
+    key = "qllama.model.layers.1.self_attn.{}_proj.weight.T_Q4"
+    np.testing.assert_array_equal(f[key.format("qkv")], np.concatenate([p[key.format(n)] for n in "qkv"]))
+
+
+def test_encode_text_with_padding(fused, model16):
+    ids = np.array([[1, 5, 9, 2, 0, 0], [1, 7, 8, 9, 10, 2], [1, 3, 2, 0, 0, 0]])
+    ref = model16.encode_text(torch.from_numpy(ids)).numpy()
+    got = fused.encode_text(ids)
+    assert row_cosines(ref, got).min() >= 0.99999
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generate_tokens_and_scores_identical(fused, model16, beams):
+    x = _pix(2)
+    prompt = np.array([[1, 5, 6, 7], [1, 5, 6, 7]])
+    ref, ref_s = model16.generate(torch.from_numpy(x), torch.from_numpy(prompt), max_new_tokens=10,
+                                  min_new_tokens=3, num_beams=beams, return_scores=True)
+    got, got_s = fused.generate(x, prompt, max_new_tokens=10, min_new_tokens=3, num_beams=beams, return_scores=True)
+    np.testing.assert_array_equal(got, ref.numpy())
+    np.testing.assert_allclose(got_s, ref_s.numpy(), atol=1e-4)
+
+
+def test_left_padded_prompts_match_reference(fused, model16):
+    x = _pix(2)
+    prompt = np.array([[0, 0, 1, 5], [1, 5, 6, 7]])
+    mask = (np.arange(4)[None] >= np.array([[2], [0]])).astype(np.int64)
+    ref = model16.generate(torch.from_numpy(x), torch.from_numpy(prompt), torch.from_numpy(mask), max_new_tokens=6,
+                           num_beams=2)
+    np.testing.assert_array_equal(fused.generate(x, prompt, mask, max_new_tokens=6, num_beams=2), ref.numpy())
+
+
+def test_sampling_and_streaming(fused, model16):
+    x = _pix(1)
+    prompt = np.array([[1, 5, 6, 7]])
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=123,
+              repetition_penalty=1.2)
+    ref = model16.generate(torch.from_numpy(x), torch.from_numpy(prompt), **kw).numpy()
+    np.testing.assert_array_equal(fused.generate(x, prompt, **kw), ref)
+    steps = list(fused.iter_generate(x, prompt, max_new_tokens=9))
+    np.testing.assert_array_equal(np.stack(steps, 1), fused.generate(x, prompt, max_new_tokens=9))
+
+
+def test_int4_fused_equals_int4_portable(bundles):
+    """Same 4-bit weights, fused or portable graph: the same captions and embeddings."""
+    f, p = runtime.load(bundles["int4-cpu", True]), runtime.load(bundles["int4-cpu", False])
+    x, prompt = _pix(2, seed=4), np.array([[1, 5, 6, 7]] * 2)
+    for beams in (1, 3):
+        a, sa = f.generate(x, prompt, max_new_tokens=8, num_beams=beams, return_scores=True)
+        b, sb = p.generate(x, prompt, max_new_tokens=8, num_beams=beams, return_scores=True)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(sa, sb, atol=1e-4)
+    np.testing.assert_allclose(f.embed_texts(["a cat", "the digit seven"]), p.embed_texts(["a cat", "the digit seven"]),
+                               atol=1e-5)
+
+
+def test_step_rows_of_different_lengths(fused):
+    """The scheduler's call: rows at different lengths step together; an idle row's cache is untouched
+    and every active row gets the logits it gets alone."""
+    kv = fused.manifest.kv_layout
+    step = fused.fused_step
+    _, prefix = fused.bridge(fused.vision(_pix(2, seed=7))[0])
+    cache = SharedKVCache(kv.num_layers, 3, kv.num_heads, 40, kv.head_dim)
+    cache.write_prefix([p[:1] for p in prefix], slice(0, 1))
+    cache.write_prefix([p[1:] for p in prefix], slice(1, 2))
+    cache.write_prefix([p[:1] for p in prefix], slice(2, 3))
+    ids = np.array([[1, 5, 6, 7], [1, 9, 0, 0], [0, 0, 0, 0]])
+    lens = np.array([4, 2, 0], np.int32)
+    step.run(cache, ids, lens)
+    assert cache.lengths.tolist() == [kv.prefix_length + 4, kv.prefix_length + 2, kv.prefix_length]
+    snapshot = cache.data[:, :, 2].copy()
+    together = step.run(cache, np.array([[11], [12], [0]]), np.array([1, 1, 0], np.int32)).copy()
+    np.testing.assert_array_equal(cache.data[:, :, 2], snapshot)
+    for r, prompt in ((0, [1, 5, 6, 7, 11]), (1, [1, 9, 12])):
+        alone = SharedKVCache(kv.num_layers, 1, kv.num_heads, 40, kv.head_dim)
+        alone.write_prefix([p[r:r + 1] for p in prefix])
+        np.testing.assert_allclose(step.run(alone, np.array([prompt]), np.array([len(prompt)], np.int32)),
+                                   together[r:r + 1], atol=1e-5)
+
+
+def test_decode_step_writes_in_place(fused):
+    """The buffer bound as past is the one the new K/V land in (no per-step cache copy)."""
+    kv = fused.manifest.kv_layout
+    cache = SharedKVCache(kv.num_layers, 1, kv.num_heads, 20, kv.head_dim)
+    before = cache.data.ctypes.data
+    fused.fused_step.run(cache, np.array([[1, 5, 6]]), np.array([3], np.int32))
+    assert cache.data.ctypes.data == before and np.abs(cache.data[:, :, 0, :, :3]).sum() > 0
+    assert not cache.data[:, :, 0, :, 3:].any()
+
+
+def test_writes_portable_when_unsupported(tmp_path, tiny_model):
+    """tiny's head_dim 12 cannot run GroupQueryAttention: its int4-cpu bundle keeps the portable decoder."""
+    from bridge_export.exporter.export.stream_export import export_model
+
+    lines = []
+    out = export_model(tiny_model, tmp_path / "b", precision="int4-cpu", progress=lines.append)
+    man = runtime.read_manifest(out)
+    assert not man.graph("text_decoder").fused and man.graph("text_decoder").target == "onnxruntime"
+    assert any("head_dim 12 is not a multiple of 8" in s for s in lines)
+
+
+def test_fused_step_refuses_a_full_cache(fused):
+    kv = fused.manifest.kv_layout
+    cache = SharedKVCache(kv.num_layers, 1, kv.num_heads, 4, kv.head_dim)
+    with pytest.raises(ValueError, match="KV cache full"):
+        fused.fused_step.run(cache, np.array([[1, 5, 6, 7, 8]]), np.array([5], np.int32))
+
+
+def test_fused_step_needs_a_cpu_session():
+    class _Device:
+        memory = object()
+        sess = object()
+
+    with pytest.raises(ValueError, match="onnxruntime CPU session"):
+        FusedStep(_Device(), None)
