@@ -8,9 +8,10 @@ No torch and no Triton imports here: both front ends wrap these functions.
 """
 from __future__ import annotations
 
+import asyncio
 import io
 from collections import defaultdict
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -82,11 +83,16 @@ class Handlers:
 
     The batch calls take a list of requests and return, per request, its response dict or the
     RequestError that made it fail; errors of the server itself propagate as exceptions.
+    With a `scheduler` (bridge_export.runtime.serve.scheduler.Scheduler, already started) every
+    caption item is its own request in the shared decode batch: it is answered when its own rows
+    finish, and `caption_stream_steps` streams from that batch. Without one, a batch of items with
+    the same options runs as one generate call (static batching) and streams run one at a time.
     """
 
-    def __init__(self, pipe: Pipeline, batch_size: int = 8):
+    def __init__(self, pipe: Pipeline, batch_size: int = 8, scheduler=None):
         self.pipe = pipe
         self.batch_size = batch_size
+        self.scheduler = scheduler
 
     # -- embeddings ---------------------------------------------------------------------------
     def embed_image(self, requests: list[Request]) -> list[Response | RequestError]:
@@ -171,9 +177,13 @@ class Handlers:
                     groups[tuple(sorted(opts.items()))].append((r, k, im))
         texts: dict[tuple[int, int], str] = {}
         failed: dict[int, RequestError] = {}
+        if self.scheduler is not None:
+            self._caption_steps(groups, texts, failed)
+            groups = {}
         for key, entries in groups.items():
             try:
-                caps = self.pipe.captions([im for _, _, im in entries], **dict(key))
+                caps = self.pipe.captions([im for _, _, im in entries], batch_size=min(len(entries), 64),
+                                          **dict(key))
             except ValueError as e:  # options the pipeline refuses (too many tokens for the positions, ...)
                 for r, _, _ in entries:
                     failed[r] = RequestError(str(e))
@@ -187,6 +197,57 @@ class Handlers:
                 out.append({"text": np.array([[texts[(r, k)].encode("utf-8")] for k in range(len(items))],
                                              dtype=object)})
         return out
+
+    def _submit(self, image, opts: dict, on_tokens=None):
+        """Submit one caption item to the scheduler; RequestError for options it refuses."""
+        pipe = self.pipe
+        try:
+            prompt, max_new, min_new, beams = pipe._caption_args(opts.get("prompt"), opts.get("max_new_tokens"),
+                                                                 None, opts.get("num_beams"))
+            cfg = pipe._search_config(max_new_tokens=max_new, min_new_tokens=min_new, num_beams=beams)
+            return self.scheduler.submit(image, pipe.codec.prompt_ids(prompt), cfg, on_tokens)
+        except ValueError as e:
+            raise RequestError(str(e)) from e
+
+    def _caption_steps(self, groups, texts: dict, failed: dict) -> None:
+        """Every item through the step-level scheduler; an item's error fails its own request only."""
+        futures = {}
+        for key, entries in groups.items():
+            for r, k, im in entries:
+                try:
+                    futures[(r, k)] = self._submit(im, dict(key))
+                except RequestError as e:
+                    failed[r] = e
+        for (r, k), f in futures.items():
+            try:
+                res = f.result()
+            except ValueError as e:  # the image or options of this item (ImageError, NaN pixels, ...)
+                failed[r] = RequestError(str(e))
+                continue
+            texts[(r, k)] = self.pipe._caption(res.tokens[0], res.scores[0]).text
+
+    async def caption_stream_steps(self, request: Request) -> AsyncIterator[Response]:
+        """`caption_stream` from the scheduler's shared batch: one response per new piece of text, as the
+        steps that decode it (together with every other active request) produce them."""
+        items = self._caption_items(request)
+        if len(items) != 1:
+            raise RequestError(f"streaming captions one image per request, got {len(items)}")
+        image, opts = items[0]
+        if opts.pop("num_beams", 1) != 1:
+            raise RequestError("streaming yields tokens as they are chosen, which beam search cannot: "
+                               "leave num_beams unset (or 1), or use the `caption` model")
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        opts["num_beams"] = 1
+        fut = self._submit(image, opts, lambda tok: loop.call_soon_threadsafe(queue.put_nowait, int(tok[0])))
+        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, None))
+        pieces = self.pipe.text_pieces()
+        while (tok := await queue.get()) is not None:
+            piece = pieces.add(tok)
+            if piece:
+                yield {"text": np.array([[piece.encode("utf-8")]], dtype=object)}
+        if fut.exception() is not None:
+            e = fut.exception()
+            raise RequestError(str(e)) if isinstance(e, ValueError) else e
 
     def caption_stream(self, request: Request) -> Iterator[Response]:
         """One image's caption as it is generated (greedy): one response per new piece of text."""

@@ -1,6 +1,7 @@
 """bridge_export.runtime.serve.handlers: the request handlers every Triton front end wraps, checked against the Python API."""
 from __future__ import annotations
 
+import asyncio
 import io
 
 import numpy as np
@@ -9,6 +10,7 @@ from PIL import Image
 
 from bridge_export import runtime
 from bridge_export.runtime.serve.handlers import Handlers, RequestError
+from bridge_export.runtime.serve.scheduler import Scheduler
 
 
 def _png(seed: int, size=(40, 52)) -> bytes:
@@ -26,6 +28,20 @@ def _col(*items):
 def served(tiny_text_bundle):
     pipe = runtime.load(tiny_text_bundle)
     yield pipe, Handlers(pipe)
+    pipe.close()
+
+
+@pytest.fixture(scope="module", params=["static", "step"])
+def caption_served(request, tiny_text_bundle):
+    """Handlers with static batching, and with the step-level scheduler running on its thread."""
+    pipe = runtime.load(tiny_text_bundle)
+    sch = None
+    if request.param == "step":
+        sch = Scheduler(pipe, rows=6)  # the default caption takes 5 beams
+        sch.start()
+    yield pipe, Handlers(pipe, scheduler=sch)
+    if sch is not None:
+        sch.close()
     pipe.close()
 
 
@@ -59,8 +75,8 @@ def test_bad_requests_fail_alone(served):
     assert isinstance(caps[0], RequestError) and "num_beams" in str(caps[0])
 
 
-def test_caption_defaults_and_options_equal_pipeline(served):
-    pipe, h = served
+def test_caption_defaults_and_options_equal_pipeline(caption_served):
+    pipe, h = caption_served
     a, b = _png(11), _png(12)
     pa, pb = Image.open(io.BytesIO(a)), Image.open(io.BytesIO(b))
     out = h.caption([{"image": _col(a)},
@@ -69,7 +85,46 @@ def test_caption_defaults_and_options_equal_pipeline(served):
     assert out[0]["text"][0, 0].decode() == pipe.caption(pa).text
     assert out[1]["text"][0, 0].decode() == pipe.caption(pb, "a photo of", max_new_tokens=10, num_beams=2).text
     too_long = h.caption([{"image": _col(a), "max_new_tokens": np.array([[100000]], np.int32)}])
-    assert isinstance(too_long[0], RequestError) and "max_position_embeddings" in str(too_long[0])
+    assert isinstance(too_long[0], RequestError) and "positions exceeds" in str(too_long[0])
+
+
+def test_bad_caption_request_fails_alone(caption_served):
+    pipe, h = caption_served
+    a, b = _png(13), _png(14)
+    out = h.caption([{"image": _col(a)}, {"image": _col(b), "max_new_tokens": np.array([[100000]], np.int32)},
+                     {"image": _col(b"not an image")}, {"image": _col(b), "num_beams": np.array([[2]], np.int32)}])
+    assert out[0]["text"][0, 0].decode() == pipe.caption(Image.open(io.BytesIO(a))).text
+    assert isinstance(out[1], RequestError) and "max_new_tokens" in str(out[1])
+    assert isinstance(out[2], RequestError) and "not a readable image" in str(out[2])
+    assert out[3]["text"][0, 0].decode() == pipe.caption(Image.open(io.BytesIO(b)), num_beams=2).text
+
+
+def test_caption_stream_from_the_shared_batch(tiny_text_bundle):
+    pipe = runtime.load(tiny_text_bundle)
+    sch = Scheduler(pipe, rows=6)
+    sch.start()
+    h = Handlers(pipe, scheduler=sch)
+    images = [_png(30 + i) for i in range(3)]
+
+    async def collect(req):
+        return [r["text"][0, 0].decode() async for r in h.caption_stream_steps(req)]
+
+    async def many():  # three streams at once, with a caption decoding beside them
+        cap = asyncio.get_running_loop().run_in_executor(None, h.caption, [{"image": _col(images[0])}])
+        streams = await asyncio.gather(*(collect({"image": _col(im)}) for im in images))
+        return streams, await cap
+
+    streams, cap = asyncio.run(many())
+    for im, pieces in zip(images, streams):
+        assert pieces and "".join(pieces) == "".join(pipe.caption_stream(Image.open(io.BytesIO(im))))
+    assert cap[0]["text"][0, 0].decode() == pipe.caption(Image.open(io.BytesIO(images[0]))).text
+    with pytest.raises(RequestError, match="beam"):
+        asyncio.run(collect({"image": _col(images[0]), "num_beams": np.array([[3]], np.int32)}))
+    with pytest.raises(RequestError, match="positions exceeds"):
+        asyncio.run(collect({"image": _col(images[0]), "max_new_tokens": np.array([[100000]], np.int32)}))
+    assert sch.stats.requests_done >= 4 and sch.stats.ttft_count >= 4
+    sch.close()
+    pipe.close()
 
 
 def test_caption_stream_equals_pipeline_stream(served):
