@@ -185,6 +185,30 @@ class SharedKVCache:
         self.data[:, :, :n, :, s] = self.data[:, :, src, :, s]
         self.lengths[:n] = self.lengths[src]
 
+    # -- the step-level scheduler's row cache interface (bridge_export.runtime.serve.row_cache.RowKVCache) --
+    @staticmethod
+    def nbytes(rows: int, num_layers: int, num_heads: int, head_dim: int, capacity: int, itemsize: int = 4) -> int:
+        """Bytes the buffer of this shape takes (K and V)."""
+        return 2 * num_layers * rows * num_heads * capacity * head_dim * itemsize
+
+    def load_prefix(self, rows: np.ndarray, prefix: list[np.ndarray]) -> None:
+        """Start `rows` afresh with a visual prefix (per layer K, V [len(rows), heads, Q, head_dim])."""
+        q = prefix[0].shape[2]
+        for i, t in enumerate(prefix):
+            self.data[i // 2, i % 2, rows, :, :q] = t
+        self.lengths[rows] = q
+        self.prefix_len = q
+
+    def copy_rows(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """Rows `dst` take the contents of rows `src` (slots up to the longest; sources read first)."""
+        end = int(self.lengths[src].max())
+        self.data[:, :, dst, :, :end] = self.data[:, :, src, :, :end]
+        self.lengths[dst] = self.lengths[src]
+
+    def free(self, rows) -> None:
+        """Mark `rows` empty (their slots are overwritten when a request takes them)."""
+        self.lengths[rows] = 0
+
     def close(self) -> None:
         """Drop the IOBindings into the buffer (the memory itself is host memory, freed with the object)."""
         self.bindings.clear()
@@ -203,6 +227,12 @@ class FusedStep:
     A finished request's row is reused by `cache.lengths[r] = 0` and a new prefix
     (`cache.write_prefix(prefix, slice(r, r + 1))`).
 
+    SharedKVCache also has RowKVCache's methods (load_prefix, copy_rows, free, lengths, rows, nbytes),
+    and `run_rows(cache, rows, ids)` is the scheduler's `_run(rows, ids)` for this decoder: a
+    scheduler over a fused bundle (`pipe.fused_step` is not None) keeps a SharedKVCache(num_layers,
+    rows, heads, max_length, head_dim, dtype of the graph's past inputs) and steps through
+    `pipe.fused_step.run_rows` instead of building position/mask feeds.
+
     Per call: the cache's buffers are bound as both past and present (no copy of the cache), and
     the feeds and outputs are arrays kept per (rows, width, cache), so a decode step allocates
     nothing but onnxruntime's own scratch.
@@ -219,8 +249,8 @@ class FusedStep:
         self.vocab = out["logits"].shape[1]
         self.hidden = out["hidden_states"].shape[2]
 
-    def _binding(self, cache: SharedKVCache, n: int, width: int):
-        key = (id(self), n, width)
+    def _binding(self, cache: SharedKVCache, start: int, n: int, width: int):
+        key = (id(self), start, n, width)
         if key in cache.bindings:
             return cache.bindings[key]
         if len(cache.bindings) > 8:  # prompt widths vary: keep the decode step's bindings, not every prefill's
@@ -232,7 +262,7 @@ class FusedStep:
             b.bind_input(k, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
         for i, (pk, pv, ok, ov) in enumerate(self.layers):
             for j, (src, dst) in enumerate(((pk, ok), (pv, ov))):
-                block = cache.data[i, j, :n]  # contiguous: rows are the block's first axis
+                block = cache.data[i, j, start:start + n]  # contiguous: rows are the block's first axis
                 b.bind_input(src, "cpu", 0, block.dtype, list(block.shape), block.ctypes.data)
                 b.bind_output(dst, "cpu", 0, block.dtype, list(block.shape), block.ctypes.data)
         outs = {"logits": np.zeros((n, self.vocab), np.float32),
@@ -242,25 +272,40 @@ class FusedStep:
         cache.bindings[key] = (b, feeds, outs)  # lives as long as the buffer its pointers point into
         return cache.bindings[key]
 
-    def run(self, cache: SharedKVCache, ids: np.ndarray, query_lens: np.ndarray, hidden: bool = False):
-        """Append each row's `query_lens[r]` tokens of `ids` [n, width] to rows 0..n-1 of `cache`;
-        returns logits [n, vocab] (and hidden_states [n, width, D] with `hidden`)."""
+    def run(self, cache: SharedKVCache, ids: np.ndarray, query_lens: np.ndarray, hidden: bool = False,
+            start: int = 0):
+        """Append each row's `query_lens[r]` tokens of `ids` [n, width] to rows start..start+n-1 of
+        `cache`; returns logits [n, vocab] (and hidden_states [n, width, D] with `hidden`)."""
         if self.session.sess is None:
             from bridge_export.runtime.errors import SessionClosed
 
             raise SessionClosed(f"{self.session.name}: session is closed; load the bundle again")
         n, width = ids.shape
-        total = cache.lengths[:n] + query_lens
-        if int((cache.lengths[:n] + width).max()) > cache.capacity:
+        lengths = cache.lengths[start:start + n]
+        total = lengths + query_lens
+        if int(lengths.max()) + width > cache.capacity:
             raise ValueError(f"KV cache full ({cache.capacity} slots): raise the request's maximum length")
-        b, feeds, outs = self._binding(cache, n, width)
+        b, feeds, outs = self._binding(cache, start, n, width)
         feeds["input_ids"][...] = ids
         feeds["query_seqlens"][...] = query_lens
         feeds["seqlens_k"][...] = total - 1
         feeds["total_sequence_length"][...] = max(int(total.max()), width)
         self.ort.run_with_iobinding(b)
-        cache.lengths[:n] = total
+        lengths[...] = total
         return (outs["logits"], outs["hidden_states"]) if hidden else outs["logits"]
+
+    def run_rows(self, cache: SharedKVCache, rows, ids: np.ndarray) -> np.ndarray:
+        """RowKVCache's step for the scheduler: rows `rows` (a slice or index array) each feed all of
+        `ids` [len(rows), T] after their own length; logits [len(rows), vocab]. One call over the
+        span of rows they cover, rows between them idle (query length 0)."""
+        idx = np.arange(cache.rows)[rows]
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        if hi - lo == len(idx) and np.array_equal(idx, np.arange(lo, hi)):
+            return self.run(cache, ids, np.full(len(idx), ids.shape[1], np.int32), start=lo)
+        full = np.zeros((hi - lo, ids.shape[1]), np.int64)
+        lens = np.zeros(hi - lo, np.int32)
+        full[idx - lo], lens[idx - lo] = ids, ids.shape[1]
+        return self.run(cache, full, lens, start=lo)[idx - lo]
 
 
 def pack_right(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -208,3 +208,21 @@ def test_fused_step_needs_a_cpu_session():
 
     with pytest.raises(ValueError, match="onnxruntime CPU session"):
         FusedStep(_Device(), None)
+
+
+def test_run_rows_matches_rowwise_runs(fused):
+    """The scheduler's call on rows 1 and 3 of 4 (rows between them idle) equals each row stepped alone."""
+    kv = fused.manifest.kv_layout
+    _, prefix = fused.bridge(fused.vision(_pix(4, seed=9))[0])
+    cache = SharedKVCache(kv.num_layers, 4, kv.num_heads, 30, kv.head_dim)
+    cache.load_prefix(np.arange(4), prefix)
+    ids = np.array([[1, 5, 6], [1, 7, 8]])
+    got = fused.fused_step.run_rows(cache, np.array([1, 3]), ids).copy()
+    assert cache.lengths.tolist() == [kv.prefix_length, kv.prefix_length + 3, kv.prefix_length, kv.prefix_length + 3]
+    cache.copy_rows(np.array([0]), np.array([3]))
+    np.testing.assert_array_equal(cache.data[:, :, 0, :, :cache.lengths[0]], cache.data[:, :, 3, :, :cache.lengths[3]])
+    for j, r in enumerate((1, 3)):
+        alone = SharedKVCache(kv.num_layers, 1, kv.num_heads, 30, kv.head_dim)
+        alone.write_prefix([p[r:r + 1] for p in prefix])
+        np.testing.assert_allclose(fused.fused_step.run(alone, ids[j:j + 1], np.array([3], np.int32)), got[j:j + 1],
+                                   atol=1e-5)
