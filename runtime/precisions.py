@@ -33,10 +33,13 @@ class Precision:
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     Precision("fp32", "full precision: the reference for every accuracy figure", ("tensorrt", "onnxruntime")),
     Precision("fp16", "FP16 weights and compute, sensitive operators kept in fp32", ("tensorrt", "onnxruntime")),
-    Precision("int8", "static Q/DQ INT8 calibrated on your images (TensorRT)", ("tensorrt",)),
+    Precision("int8", "static Q/DQ INT8 calibrated on your images (TensorRT; --target onnxruntime: 7-bit weights "
+              "for onnxruntime CPUs)", ("tensorrt", "onnxruntime")),
     Precision("int8-cpu", "dynamic INT8 MatMuls (onnxruntime CPU)", ("onnxruntime",)),
     Precision("int4-cpu", "4-bit block-quantized weights, MatMulNBits (onnxruntime CPU/CUDA): fastest decode",
               ("onnxruntime",)),
+    Precision("fp8", "E4M3 FP8 Q/DQ calibrated on your images (TensorRT, GPUs of compute capability 8.9+)",
+              ("tensorrt",)),
 )}
 
 

@@ -43,7 +43,7 @@ def _check_target_supported(fn, precision: str, target: str) -> None:
 @click.option("--tokenizer", type=click.Path(path_type=Path, file_okay=False),
               help="directory with tokenizer.model or tokenizer.json (default: the checkpoint's)")
 @int4_options
-@click.option("--calib", type=click.Path(path_type=Path), help="int8: folder of calibration images")
+@click.option("--calib", type=click.Path(path_type=Path), help="int8/fp8: folder of calibration images")
 @click.option("--exporter", "exporter", type=click.Choice(["stream", "torchscript", "dynamo"]), default="stream",
               show_default=True, help="stream: graphs written from the config, weights streamed tensor by "
               "tensor (bounded memory); torchscript/dynamo: trace the model in memory (legacy)")
@@ -70,9 +70,9 @@ def onnx_cmd(checkpoint, preset, seed, out, precision, target, opset, max_batch,
     check_output_dir(out, overwrite)
     if precision != "fp32" and not direct:
         check_output_dir(Path(f"{Path(out).absolute()}-{precision}"), overwrite, flag="--precision output")
-        if precision == "int8" and calib is None:
-            raise click.ClickException("--precision int8 needs --calib IMAGES_DIR: INT8 scales are calibrated on "
-                                       "your images")
+        if precision in ("int8", "fp8") and calib is None:
+            raise click.ClickException(f"--precision {precision} needs --calib IMAGES_DIR: its scales are calibrated "
+                                       "on your images")
     if checkpoint is not None:
         checkpoint = resolve_checkpoint(checkpoint)
     if exporter == "stream":
@@ -99,7 +99,8 @@ def onnx_cmd(checkpoint, preset, seed, out, precision, target, opset, max_batch,
     if precision != "fp32" and not direct:
         from bridge_export.exporter.quantize.precision import make_precision_bundle
 
-        make_precision_bundle(path, Path(f"{path}-{precision}"), precision, calib=calib, overwrite=overwrite, int4=int4)
+        make_precision_bundle(path, Path(f"{path}-{precision}"), precision, calib=calib, overwrite=overwrite, int4=int4,
+                              target=target)
 
 
 def _legacy_precision_flags(f):
@@ -117,7 +118,7 @@ def _legacy_precision_flags(f):
 @_legacy_precision_flags
 @target_option
 @int4_options
-@click.option("--calib", type=click.Path(path_type=Path), help="int8: folder of calibration images")
+@click.option("--calib", type=click.Path(path_type=Path), help="int8/fp8: folder of calibration images")
 @click.option("--calib-texts", type=click.Path(path_type=Path, dir_okay=False),
               help="int8: file of calibration texts, one per line (default: a built-in English set)")
 @click.option("--method", type=click.Choice(["max", "entropy", "percentile"]), default="max", show_default=True,
@@ -131,7 +132,7 @@ def _legacy_precision_flags(f):
 @friendly
 def precision(bundle, precision, legacy, target, block_size, symmetric, accuracy_level, calib, calib_texts, method,
               target_cosine, exclude, out, overwrite):
-    """Convert an fp32 bundle to another precision (fp16, int8, int8-cpu, int4-cpu) and print its accuracy report."""
+    """Convert an fp32 bundle to another precision (fp16, int8, int8-cpu, int4-cpu, fp8) and print its accuracy report."""
     from bridge_export.exporter.quantize.precision import make_precision_bundle
 
     if legacy is not None:
@@ -143,7 +144,7 @@ def precision(bundle, precision, legacy, target, block_size, symmetric, accuracy
         raise click.ClickException("choose a precision: --precision " + "|".join(p for p in PRECISIONS if p != "fp32"))
     target = resolve_precision(precision, target)
     kwargs = {}
-    if target == "onnxruntime" and precision == "fp16":
+    if target == "onnxruntime" and precision in ("fp16", "int8"):  # int8: 7-bit weights for onnxruntime CPUs
         import inspect
 
         if "target" not in inspect.signature(make_precision_bundle).parameters:

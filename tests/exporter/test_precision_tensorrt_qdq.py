@@ -145,3 +145,11 @@ def test_fp8_and_int8_need_calibration_images(tiny_bundle, tmp_path):
     with pytest.raises(ValueError, match="fp16 --target onnxruntime is not written by `precision`"):
         make_precision_bundle(tiny_bundle, tmp_path / "x", "fp16", target="onnxruntime")
     assert not any(tmp_path.iterdir())
+
+
+def test_registry_names_fp8_and_the_int8_onnxruntime_variant():
+    from bridge_export.runtime.precisions import PrecisionError, resolve
+
+    assert resolve("fp8")[1] == "tensorrt" and resolve("int8", "onnxruntime")[1] == "onnxruntime"
+    with pytest.raises(PrecisionError, match="fp8 is written for tensorrt only"):
+        resolve("fp8", "onnxruntime")
