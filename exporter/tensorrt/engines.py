@@ -83,12 +83,18 @@ def refuse_onnxruntime_only(precision: str) -> None:
 
 
 def check_graphs(man, opts: EngineOptions) -> None:
-    """ValueError unless `opts.graphs` names at least one graph, each one of the bundle's."""
+    """ValueError unless `opts.graphs` names at least one graph, each one of the bundle's and portable
+    (a graph whose operator target is onnxruntime, e.g. the fused decoder, is refused in one line)."""
     if not opts.graphs:
         raise ValueError(f"no graphs to build: give --graphs with one or more of {', '.join(man.graphs)}")
     unknown = [g for g in opts.graphs if g not in man.graphs]
     if unknown:
         raise ValueError(f"the bundle has no graph {unknown[0]!r}: choose from {', '.join(man.graphs)}")
+    ort_only = [g for g in opts.graphs if man.graphs[g].operator_target == "onnxruntime"]
+    if ort_only:
+        raise ValueError(f"{ort_only[0]} of this bundle uses onnxruntime's fused operators (operator target "
+                         "onnxruntime), which TensorRT does not parse: export the bundle with --target tensorrt "
+                         f"for engines, or leave {ort_only[0]} out of --graphs")
 
 
 def precision_plan(trt_major: int, precision: str, fp32_layers=(), fallback: str | None = None) -> dict:

@@ -226,3 +226,16 @@ def test_run_rows_matches_rowwise_runs(fused):
         alone.write_prefix([p[r:r + 1] for p in prefix])
         np.testing.assert_allclose(fused.fused_step.run(alone, ids[j:j + 1], np.array([3], np.int32)), got[j:j + 1],
                                    atol=1e-5)
+
+
+def test_engine_refuses_the_fused_decoder(bundles, tmp_path):
+    """`bridge-export engine` refuses onnxruntime-target graphs in one line; the portable graphs of the same
+    bundle still get their trtexec commands."""
+    from bridge_export.exporter.tensorrt.engines import EngineOptions, write_trtexec_script
+
+    b = bundles["fp32", True]
+    with pytest.raises(ValueError, match="text_decoder of this bundle uses onnxruntime's fused operators"):
+        write_trtexec_script(b, tmp_path / "eng", EngineOptions())
+    assert not (tmp_path / "eng").exists()
+    script = write_trtexec_script(b, tmp_path / "eng2", EngineOptions(graphs=["vision_encoder", "query_bridge"]))
+    assert "text_decoder" not in Path(script).read_text()
