@@ -19,14 +19,35 @@ from bridge_export.exporter.cli.common import deprecated_alias, friendly, thread
               help="largest batch the server accepts (Triton's max_batch_size, dynamic batching)")
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(1, 64),
               help="instances of each entry-point model (they share one pipeline)")
+@click.option("--device", default="cpu", show_default=True, help="cpu, or cuda:N (onnxruntime's CUDA provider or "
+              "TensorRT)")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="what runs the graphs (tensorrt: the bundle's engines/, on --device cuda:N)")
+@click.option("--models", default="embed_image,embed_text,caption,caption_stream", show_default=True,
+              help="comma-separated models to serve; only the graphs they need are loaded (embed_image: vision "
+                   "encoder + bridge, embed_text: the decoder)")
+@click.option("--scheduler", type=click.Choice(["step", "static"]), default="step", show_default=True,
+              help="captions: step = every request joins one shared decode batch between steps and leaves when "
+                   "done; static = Triton's batches, each decoded to its end")
+@click.option("--rows", default=8, show_default=True, type=click.IntRange(1, 256),
+              help="--scheduler step: KV cache rows decoding together (a beam request takes num_beams)")
+@click.option("--max-length", type=click.IntRange(2), help="--scheduler step: positions per row (visual queries + "
+              "prompt + new tokens; default queries + 128); longer requests are refused")
+@click.option("--scheduler-metrics-port", default=8003, show_default=True, type=click.IntRange(0, 65535),
+              help="--scheduler step: port of the scheduler's Prometheus metrics (queue, rows, step batch, time "
+                   "to first token) at /metrics; 0: none")
 @threads_option
 @friendly
-def serve(bundle, http_port, grpc_port, metrics_port, max_batch, instances, threads):
+def serve(bundle, http_port, grpc_port, metrics_port, max_batch, instances, device, backend, models, scheduler, rows,
+          max_length, scheduler_metrics_port, threads):
     """Serve a bundle on Triton Inference Server through PyTriton (HTTP, gRPC, metrics)."""
     from bridge_export.runtime.serve.pytriton_server import ServeOptions, serve as run
 
     run(bundle, ServeOptions(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                             max_batch=max_batch, instances=instances, threads=threads))
+                             max_batch=max_batch, instances=instances, threads=threads, device=device,
+                             backend=backend, models=tuple(m.strip() for m in models.split(",") if m.strip()),
+                             scheduler=scheduler, rows=rows, max_length=max_length,
+                             scheduler_metrics_port=scheduler_metrics_port))
 
 
 @main.command("triton-repo", section="deploy")

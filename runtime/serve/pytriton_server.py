@@ -6,9 +6,17 @@ Models (batch axis first; BYTES = encoded image files or UTF-8 text):
   caption         image BYTES [1], optional prompt BYTES [1],
                   max_new_tokens INT32 [1], num_beams INT32 [1]            -> text BYTES [1]
   caption_stream  as caption, decoupled (gRPC streaming): one response per new piece of text (greedy)
-Dynamic batching on; health, readiness and metrics are Triton's own endpoints. Bad requests get
-Triton error responses and the server stays up (a plain exception fails that batch only; PyTriton
-stops the server on PyTritonUnrecoverableError, which is never raised here). SIGTERM and SIGINT stop it.
+`--models` binds a subset, and only the graphs those need are opened (runtime.load(graphs=...)).
+Captions (scheduler "step", the default) go through the step-level scheduler: every caption and
+stream request takes rows of one shared decode batch and is answered when its own rows finish;
+`caption` has `rows` model instances without Triton's batcher (each request its own call, so a bad
+one fails alone) and `caption_stream` is one asynchronous decoupled instance serving every stream.
+Scheduler "static" keeps Triton's dynamic batching (a batch decodes as one generate call, streams
+run one at a time). The embedding models always use the dynamic batcher. Health, readiness and
+Triton's metrics are Triton's own endpoints; the scheduler's gauges are Prometheus text on
+`scheduler_metrics_port` (runtime.serve.metrics). Bad requests get Triton error responses and the
+server stays up (PyTriton stops the server on PyTritonUnrecoverableError, never raised here).
+SIGTERM and SIGINT stop it; requests still decoding then get an error.
 """
 from __future__ import annotations
 
@@ -16,7 +24,7 @@ import logging
 import os
 import signal
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,6 +50,40 @@ class ServeOptions:
     instances: int = 1  # inference callables per model (they share one pipeline: onnxruntime runs them concurrently)
     queue_delay_us: int = 2000  # dynamic batcher's wait for more requests
     threads: int | None = None  # onnxruntime intra-op threads (default: all cores)
+    device: str = "cpu"  # cpu | cuda:N
+    backend: str = "onnxruntime"  # onnxruntime | tensorrt
+    models: tuple[str, ...] = field(default_factory=lambda: MODELS)  # which entry points to serve
+    scheduler: str = "step"  # step (step-level batching of captions) | static (Triton's batches)
+    rows: int = 8  # step: KV cache rows decoding together (a beam request takes num_beams)
+    max_length: int | None = None  # step: positions per row (queries + prompt + new tokens); None: see row_length
+    scheduler_metrics_port: int = 8003  # step: Prometheus text of the scheduler's gauges (0: off)
+
+
+MODELS = ("embed_image", "embed_text", "caption", "caption_stream")
+TASKS = {"embed_image": "embed_image", "embed_text": "embed_text", "caption": "caption", "caption_stream": "caption"}
+ROW_TEXT = 128  # default positions per row after the visual queries: prompt + new tokens
+
+
+def check_options(opts: ServeOptions) -> None:
+    """ValueError naming the first option that cannot work."""
+    bad = [m for m in opts.models if m not in MODELS]
+    if bad or not opts.models:
+        raise ValueError(f"models must name some of {', '.join(MODELS)}, got {','.join(opts.models) or 'none'}")
+    if opts.scheduler not in ("step", "static"):
+        raise ValueError(f"scheduler must be step or static, got {opts.scheduler!r}")
+    if opts.backend not in ("onnxruntime", "tensorrt"):
+        raise ValueError(f"backend must be onnxruntime or tensorrt, got {opts.backend!r}")
+    if isinstance(opts.rows, bool) or not isinstance(opts.rows, int) or not 1 <= opts.rows <= 256:
+        raise ValueError(f"rows must be an integer from 1 to 256, got {opts.rows!r}")
+
+
+def row_length(pipe, opts: ServeOptions) -> int:
+    """Positions per scheduler row: --max-length, else the visual queries + ROW_TEXT (within the model's
+    positions). Every decode step reads each active row's whole buffer, so rows are sized to the
+    captions served, not to max_position_embeddings."""
+    if opts.max_length is not None:
+        return opts.max_length
+    return min(pipe.max_positions, pipe.num_query + ROW_TEXT)
 
 
 def _import_pytriton():
@@ -83,8 +125,23 @@ def _stream_fn(handlers):
     return infer
 
 
+def _stream_steps_fn(handlers):
+    """An asynchronous decoupled callable streaming from the scheduler's shared batch: PyTriton runs it on
+    its event loop, and Triton hands a decoupled model new requests while earlier streams still run,
+    so one instance serves every stream at once."""
+
+    async def infer(requests):
+        if len(requests) != 1:
+            raise ValueError(f"caption_stream takes one request at a time, got {len(requests)}")
+        r = requests[0]
+        async for piece in handlers.caption_stream_steps(dict(r.data) if hasattr(r, "data") else dict(r)):
+            yield [piece]
+
+    return infer
+
+
 def bind_models(triton, handlers, opts: ServeOptions, embed_dim: int) -> None:
-    """Bind embed_image, embed_text, caption and caption_stream to a PyTriton `Triton` instance."""
+    """Bind the chosen models (embed_image, embed_text, caption, caption_stream) to a PyTriton `Triton`."""
     DynamicBatcher, ModelConfig, Tensor, _, _ = _import_pytriton()
     batched = ModelConfig(max_batch_size=opts.max_batch,
                           batcher=DynamicBatcher(max_queue_delay_microseconds=opts.queue_delay_us))
@@ -94,15 +151,21 @@ def bind_models(triton, handlers, opts: ServeOptions, embed_dim: int) -> None:
     caption_in = [image, Tensor(name="prompt", **opt_bytes),
                   Tensor(name="max_new_tokens", dtype=np.int32, shape=(1,), optional=True),
                   Tensor(name="num_beams", dtype=np.int32, shape=(1,), optional=True)]
-    n = opts.instances
-    triton.bind("embed_image", [_batch_fn(handlers.embed_image) for _ in range(n)], inputs=[image, Tensor(name="mode", **opt_bytes)],
-                outputs=embedding, config=batched, strict=True)
-    triton.bind("embed_text", [_batch_fn(handlers.embed_text) for _ in range(n)], inputs=[Tensor(name="text", dtype=bytes, shape=(1,))],
-                outputs=embedding, config=batched, strict=True)
-    triton.bind("caption", [_batch_fn(handlers.caption) for _ in range(n)], inputs=caption_in, outputs=text_out, config=batched,
-                strict=True)
-    triton.bind("caption_stream", [_stream_fn(handlers) for _ in range(n)], inputs=caption_in, outputs=text_out,
-                config=ModelConfig(max_batch_size=1, batching=True, decoupled=True), strict=True)
+    n, step = opts.instances, handlers.scheduler is not None
+    if "embed_image" in opts.models:
+        triton.bind("embed_image", [_batch_fn(handlers.embed_image) for _ in range(n)],
+                    inputs=[image, Tensor(name="mode", **opt_bytes)], outputs=embedding, config=batched, strict=True)
+    if "embed_text" in opts.models:
+        triton.bind("embed_text", [_batch_fn(handlers.embed_text) for _ in range(n)],
+                    inputs=[Tensor(name="text", dtype=bytes, shape=(1,))], outputs=embedding, config=batched, strict=True)
+    if "caption" in opts.models:  # step: each request its own call on one of `rows` instances, no batcher
+        caption_cfg = ModelConfig(max_batch_size=opts.max_batch, batcher=None) if step else batched
+        triton.bind("caption", [_batch_fn(handlers.caption) for _ in range(opts.rows if step else n)],
+                    inputs=caption_in, outputs=text_out, config=caption_cfg, strict=True)
+    if "caption_stream" in opts.models:
+        stream = [_stream_steps_fn(handlers)] if step else [_stream_fn(handlers) for _ in range(n)]
+        triton.bind("caption_stream", stream, inputs=caption_in, outputs=text_out,
+                    config=ModelConfig(max_batch_size=1, batching=True, decoupled=True), strict=True)
 
 
 def use_own_libpython() -> None:
@@ -122,7 +185,16 @@ def serve(bundle, opts: ServeOptions | None = None) -> None:
     from bridge_export.runtime.serve.handlers import Handlers
 
     opts = opts or ServeOptions()
-    pipe = runtime.load(bundle, threads=opts.threads)
+    check_options(opts)
+    graphs = runtime.graphs_for(*dict.fromkeys(TASKS[m] for m in opts.models))
+    pipe = runtime.load(bundle, backend=opts.backend, device=opts.device, threads=opts.threads, graphs=graphs)
+    scheduler = metrics = None
+    try:
+        if opts.scheduler == "step" and {"caption", "caption_stream"} & set(opts.models):
+            scheduler, metrics = _start_scheduler(pipe, opts)
+    except BaseException:
+        pipe.close()
+        raise
     embed_dim = int(pipe.text_projection.shape[1])
     for name in ("pytriton", "tritonclient"):  # per-request INFO lines the user cannot act on
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -135,9 +207,10 @@ def serve(bundle, opts: ServeOptions | None = None) -> None:
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         with Triton(config=config) as triton:
-            bind_models(triton, Handlers(pipe, batch_size=opts.max_batch), opts, embed_dim)
-            log.warning("serving %s: HTTP %d, gRPC %d, metrics %d (SIGTERM or Ctrl-C stops)", bundle,
-                        opts.http_port, opts.grpc_port, opts.metrics_port)
+            bind_models(triton, Handlers(pipe, batch_size=opts.max_batch, scheduler=scheduler), opts, embed_dim)
+            log.warning("serving %s (%s) on %s: HTTP %d, gRPC %d, metrics %d%s (SIGTERM or Ctrl-C stops)", bundle,
+                        ", ".join(opts.models), opts.device, opts.http_port, opts.grpc_port, opts.metrics_port,
+                        f", scheduler metrics {metrics.port}" if metrics else "")
             triton.serve()
     except KeyboardInterrupt:
         pass
@@ -150,5 +223,30 @@ def serve(bundle, opts: ServeOptions | None = None) -> None:
                            "the server log above has the rest)") from e
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if scheduler is not None:
+            scheduler.close()  # requests still decoding get an error; then the sessions can go
+        if metrics is not None:
+            metrics.close()
         pipe.close()
     log.warning("server stopped")
+
+
+def _start_scheduler(pipe, opts: ServeOptions):
+    """The started step-level scheduler, and its metrics server (None with port 0)."""
+    from bridge_export.runtime.serve.metrics import MetricsServer
+    from bridge_export.runtime.serve.scheduler import Scheduler
+
+    beams = pipe.caption_defaults.num_beams
+    if "caption" in opts.models and opts.rows < beams:
+        raise ValueError(f"rows {opts.rows} is fewer than the bundle's default num_beams {beams}: a caption with "
+                         f"default options could never start; serve with --rows {beams} or more")
+    scheduler = Scheduler(pipe, rows=opts.rows, max_length=row_length(pipe, opts))
+    scheduler.start()
+    try:
+        metrics = MetricsServer(opts.scheduler_metrics_port, lambda: scheduler.stats) \
+            if opts.scheduler_metrics_port else None
+    except OSError as e:
+        scheduler.close()
+        raise ServeError(f"cannot serve the scheduler metrics on port {opts.scheduler_metrics_port} ({e}): "
+                         "choose another --scheduler-metrics-port, or 0 for none") from e
+    return scheduler, metrics

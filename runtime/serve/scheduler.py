@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bridge_export.runtime.errors import UserError
+from bridge_export.runtime.kv_cache import SharedKVCache
 from bridge_export.runtime.preprocess import preprocess
 from bridge_export.runtime.search import SearchConfig, SearchResult, stepper
 from bridge_export.runtime.serve.row_cache import RowKVCache
@@ -91,12 +92,24 @@ class Scheduler:
             raise ValueError(f"max_length must be an integer from {q + 1} (the {q} visual queries and a token) to "
                              f"{pipe.max_positions} (max_position_embeddings), got {max_length!r}")
         kv = pipe.manifest.kv_layout
-        size = RowKVCache.nbytes(rows, kv.num_layers, kv.num_heads, kv.head_dim, max_length)
+        dec = pipe._session("text_decoder")
+        # onnxruntime-target bundles: the fused decoder (GroupQueryAttention) appends in place to one shared
+        # buffer whose per-row seqlens_k are these rows' lengths; else the portable graph's per-row masks
+        self.fused = pipe.fused_step
+        shape = (rows, kv.num_layers, kv.num_heads, kv.head_dim, max_length)
+        if self.fused is not None:
+            dtype = np.dtype(dec.inputs[pipe.kv_names[0][0]].dtype)
+            size = SharedKVCache.nbytes(*shape, itemsize=dtype.itemsize)
+        else:
+            size = RowKVCache.nbytes(*shape)
         if size > memory_bytes() // 2:
             raise ValueError(f"{rows} rows x {max_length} positions need {size / 2**30:.1f} GiB of KV cache, more "
                              "than half this machine's memory: use fewer rows or a smaller max_length")
         self.pipe, self.max_length = pipe, max_length
-        self.cache = RowKVCache(rows, kv.num_layers, kv.num_heads, kv.head_dim, max_length)
+        if self.fused is not None:
+            self.cache = SharedKVCache(kv.num_layers, rows, kv.num_heads, max_length, kv.head_dim, dtype, q)
+        else:
+            self.cache = RowKVCache(*shape)
         self.kv_names = pipe.kv_names
         self.owner: list[_Request | None] = [None] * rows  # row -> request; active rows are 0..n-1
         self.active: list[_Request] = []
@@ -159,7 +172,8 @@ class Scheduler:
             self.step()
 
     def close(self) -> None:
-        """Stop the loop and fail every waiting and decoding request with SchedulerClosed (idempotent)."""
+        """Stop the loop, fail every waiting and decoding request with SchedulerClosed (idempotent) and
+        release the cache's bindings."""
         with self._lock:
             self.closed = True
             self._lock.notify_all()
@@ -170,6 +184,8 @@ class Scheduler:
             self.queue.clear()
         for req in waiting:
             self._fail(req, SchedulerClosed("the server stopped before this request finished: send it again"))
+        if hasattr(self.cache, "close"):
+            self.cache.close()
 
     # -- one iteration ------------------------------------------------------------------------
     def step(self) -> None:
@@ -337,6 +353,8 @@ class Scheduler:
     def _run(self, rows, ids: np.ndarray) -> np.ndarray:
         """The decoder over `rows` feeding `ids` [rows, T]; new K/V go to each row's own slots; last logits."""
         c, T = self.cache, ids.shape[1]
+        if self.fused is not None:  # logits are a view of a buffer the next call reuses
+            return self.fused.run_rows(c, rows, ids).copy()
         feeds = {"input_ids": ids, "position_ids": np.ascontiguousarray(c.positions(rows, T)),
                  "attention_mask": c.attention_feed(rows, T)}
         for (pk, pv, _, _), k, v in zip(self.kv_names, *[iter(c.past(rows))] * 2):
