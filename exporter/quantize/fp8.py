@@ -132,7 +132,9 @@ def to_fp8_qdq(src: Path, dst: Path, feeds: list[dict], method: str, exclude, pr
     if not cache.is_file():
         histogram_ranges(src, feeds, methods[method], cache, progress)
     ranges = {k: tuple(np.ravel(r) for r in v.range_value) for k, v in load_tensors_data(cache).items()}
-    model = onnx.load(str(src), load_external_data=True)
+    from bridge_export.exporter.quantize.source_view import load_with_weights
+
+    model = load_with_weights(src)  # hard-linked bundles too (onnx's own loader refuses them)
     quant, skipped = int8_nodes(model, exclude)
     model = with_opset(model)
     done = insert_fp8_qdq(model, quant, ranges, src.parent)

@@ -32,6 +32,7 @@ from bridge_export.exporter.export.checks import check_graph
 from bridge_export.exporter.export.graph_builder import QUANTIZED
 from bridge_export.exporter.export.onnx_export import relink_weights
 from bridge_export.exporter.output import OutputError, check_output_dir, output_dir
+from bridge_export.exporter.quantize.source_view import load_with_weights, source_view
 
 MODES = ("fp16", "int8", "int8-cpu", "int4-cpu", "fp8")
 Q_DQ_MODES = ("int8", "fp8")  # static Q/DQ graphs, calibrated on the user's images
@@ -121,7 +122,7 @@ def to_fp16(src: Path, dst: Path) -> dict:
     """Write an fp16 copy of graph `src` to `dst` (fp32 I/O); returns what was kept fp32."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(src), load_external_data=True)
+    model = load_with_weights(src)
     block = fp16_block_list(model)
     out = convert_float_to_float16(model, keep_io_types=True, node_block_list=sorted(block),
                                    disable_shape_infer=False)
@@ -189,15 +190,17 @@ def to_int8_qdq(src: Path, dst: Path, feeds: list[dict], method: str, exclude, p
         histogram_ranges(src, feeds, methods[method], cache, progress)
         reader = None
     if not quant:  # an empty nodes_to_quantize would mean "every node" to quantize_static
-        onnx.save_model(onnx.load(str(src), load_external_data=True), str(dst), save_as_external_data=True,
+        onnx.save_model(load_with_weights(src), str(dst), save_as_external_data=True,
                         location=dst.name + ".data")
     else:
-        quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        nodes_to_quantize=quant, op_types_to_quantize=QUANT_OPS, use_external_data_format=True,
-                        calibrate_method=methods[method], calibration_cache_path=cache, reduce_range=reduce_range,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                       "CalibMovingAverage": False, "DedicatedQDQPair": False})
+        with source_view(src, dst.parent) as view:  # its -inferred.onnx lands beside the output, not the source
+            quantize_static(str(view), str(dst), reader, quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            nodes_to_quantize=quant, op_types_to_quantize=QUANT_OPS, use_external_data_format=True,
+                            calibrate_method=methods[method], calibration_cache_path=cache,
+                            reduce_range=reduce_range,
+                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                           "CalibMovingAverage": False, "DedicatedQDQPair": False})
     return {"method": f"onnxruntime.quantization.quantize_static QDQ, symmetric, per-channel "
                       f"{'7-bit (reduce_range)' if reduce_range else '8-bit'} weights, calibration {method}", "quantized_nodes": len(quant), "excluded_nodes": total - len(quant),
             "quantized_fraction": round(len(quant) / max(1, total), 4),
@@ -211,9 +214,10 @@ def to_int8_dynamic(src: Path, dst: Path, exclude) -> dict:
 
     model = onnx.load(str(src), load_external_data=False)
     quant, skipped = int8_nodes(model, [e for e in (exclude or ["norm", "clip_projector"])])
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8, nodes_to_quantize=quant, per_channel=True,
-                     op_types_to_quantize=["MatMul"], use_external_data_format=True,
-                     extra_options={"MatMulConstBOnly": True})
+    with source_view(src, dst.parent) as view:  # its -inferred.onnx lands beside the output, not the source
+        quantize_dynamic(str(view), str(dst), weight_type=QuantType.QUInt8, nodes_to_quantize=quant,
+                         per_channel=True, op_types_to_quantize=["MatMul"], use_external_data_format=True,
+                         extra_options={"MatMulConstBOnly": True})
     return {"method": "onnxruntime.quantization.quantize_dynamic, MatMulInteger, uint8 weights",
             "quantized_nodes": len(quant), "excluded_nodes": len(skipped), "tensorrt": False}
 
@@ -222,7 +226,7 @@ def to_int4(src: Path, dst: Path, opts) -> dict:
     """INT4 weight-only graph `src` -> `dst` (MatMulNBits) with onnxruntime's maintained quantizer."""
     from bridge_export.exporter.quantize.int4 import quantize_graph
 
-    model, record = quantize_graph(onnx.load(str(src), load_external_data=True), opts)
+    model, record = quantize_graph(load_with_weights(src), opts)
     onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
     return record
 

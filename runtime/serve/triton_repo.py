@@ -20,7 +20,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from bridge_export.runtime.errors import MissingDependency
+from bridge_export.runtime.errors import MissingDependency, UserError
+from bridge_export.runtime.write_guard import OutputLock, abandoned, temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ ENTRY_TENSORS = {
 }
 
 
-class RepoError(ValueError):
+class RepoError(UserError, ValueError):
     """The repository cannot be written as asked: the message says what to change."""
 
 
@@ -173,6 +174,37 @@ def parse_config(text: str):
         raise RepoError(f"generated config.pbtxt does not parse as Triton's ModelConfig: {e}") from e
 
 
+def _check_options(opts: RepoOptions) -> None:
+    """RepoError naming the first option out of range (before anything is read or written)."""
+    for name, value, lo, hi in (("instances", opts.instances, 1, 64), ("entry_instances", opts.entry_instances, 1, 64),
+                                ("max_batch", opts.max_batch, 1, 4096), ("threads", opts.threads, 0, 1024),
+                                ("queue_delay_us", opts.queue_delay_us, 0, 10_000_000)):
+        if value is None and name == "max_batch":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise RepoError(f"{name} must be an integer from {lo} to {hi}, got {value!r}")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """RepoError unless `out` is absent, or (with overwrite) a repository triton-repo wrote holding nothing else."""
+    if out.is_symlink():
+        raise RepoError(f"--out {out} is a symbolic link: give the real path (links are never replaced)")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise RepoError(f"{out} exists: choose another --out or pass --overwrite")
+    if not out.is_dir() or not (out / MARKER).is_file():
+        raise RepoError(f"{out} exists and was not written by triton-repo: choose another --out (it is left as is)")
+    try:
+        models = set(json.loads((out / MARKER).read_text()).get("models") or [])
+    except (OSError, ValueError, AttributeError):
+        models = set()
+    extra = sorted(p.name for p in out.iterdir() if p.name not in models | {MARKER})
+    if extra:
+        raise RepoError(f"{out} also holds files triton-repo did not write ({', '.join(extra[:8])}): --overwrite "
+                        "would delete them; move them out or choose another --out")
+
+
 def _link_or_copy(src: Path, dst: Path) -> bool:
     """Hard-link src to dst (same filesystem) or copy it; True when linked."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -184,10 +216,14 @@ def _link_or_copy(src: Path, dst: Path) -> bool:
         return False
 
 
-def _place_bundle(bundle: Path, dst: Path, with_engines: bool, tally: dict) -> None:
-    for f in sorted(bundle.iterdir()):
-        if f.is_file():
-            tally["linked" if _link_or_copy(f, dst / f.name) else "copied"] += f.stat().st_size
+def _place_bundle(bundle: Path, dst: Path, with_engines: bool, tally: dict, manifest=None) -> None:
+    """The bundle's own files (manifest.json and what it lists, each confined to the bundle), not whatever
+    else its folder holds: a user's files, special files or links leading out are never carried along."""
+    from bridge_export.runtime.manifest import MANIFEST, read_manifest
+
+    manifest = manifest or read_manifest(bundle)
+    for f in [bundle / MANIFEST] + [manifest.path(rel) for rel in sorted(manifest.files)]:
+        tally["linked" if _link_or_copy(f, dst / f.name) else "copied"] += f.stat().st_size
     if with_engines:
         for f in sorted((bundle / "engines").iterdir()):
             tally["linked" if _link_or_copy(f, dst / "engines" / f.name) else "copied"] += f.stat().st_size
@@ -211,6 +247,7 @@ def write_repo(bundle, out, opts: RepoOptions | None = None, entries=ENTRIES, ov
     unknown = sorted(set(entries) - set(ENTRIES))
     if unknown:
         raise RepoError(f"unknown entry points {unknown}: choose from {', '.join(ENTRIES)}")
+    _check_options(opts)
     bundle, out = Path(bundle), Path(out).absolute()
     manifest = read_manifest(bundle, verify_checksums=False)
     graphs = manifest.graphs
@@ -227,12 +264,12 @@ def write_repo(bundle, out, opts: RepoOptions | None = None, entries=ENTRIES, ov
     if opts.backend == "tensorrt" and max_batch > limit:
         raise RepoError(f"--max-batch {max_batch} exceeds the engines' largest profile batch {limit}: "
                         "rebuild the engines with a larger --max-batch")
-    if out.exists() and not overwrite:
-        raise RepoError(f"{out} exists: choose another --out or pass --overwrite")
-    if out.exists() and not (out / MARKER).is_file():
-        raise RepoError(f"{out} exists and was not written by triton-repo: choose another --out (it is left as is)")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _check_out(out, overwrite)
+    lock = OutputLock(out).acquire()  # a second triton-repo run on the same --out refuses, naming this one
+    for left in abandoned(out):  # temporaries of a killed run here (same host, PID gone)
+        shutil.rmtree(left, ignore_errors=True) if left.is_dir() else left.unlink(missing_ok=True)
+    tmp = out.with_name(temp_prefix(out, "partial") + "repo")
+    tmp.mkdir()
     tally = {"linked": 0, "copied": 0}
     embed_dim = next(t.shape[-1] for t in graphs["vision_encoder"].outputs if t.name == "image_embeds_c")
     configs = {}
@@ -252,14 +289,14 @@ def write_repo(bundle, out, opts: RepoOptions | None = None, entries=ENTRIES, ov
                 tally["linked" if _link_or_copy(src, vdir / "model.plan") else "copied"] += src.stat().st_size
             else:
                 _copy_code(vdir, "graph_model.py")
-                _place_bundle(bundle, vdir / "bundle", False, tally)
+                _place_bundle(bundle, vdir / "bundle", False, tally, manifest)
             configs[g] = graph_config(g, graphs[g], opts, max_batch)
         bls = {g: g for g in GRAPH_MODELS}
         for e in entries:
             vdir = tmp / e / "1"
             vdir.mkdir(parents=True)
             _copy_code(vdir, "entry_model.py")
-            _place_bundle(bundle, vdir / "bundle", opts.backend == "tensorrt", tally)
+            _place_bundle(bundle, vdir / "bundle", opts.backend == "tensorrt", tally, manifest)
             configs[e] = entry_config(e, embed_dim, opts, max_batch, bls)
         if validate and _model_config_pb2() is None:
             log.warning("tritonclient is not installed: config.pbtxt files written without validation "
@@ -272,11 +309,18 @@ def write_repo(bundle, out, opts: RepoOptions | None = None, entries=ENTRIES, ov
         (tmp / MARKER).write_text(json.dumps({"bundle": str(bundle.absolute()), "backend": opts.backend,
                                               "models": sorted(configs)}, indent=2))
         if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+            _check_out(out, overwrite)  # still ours now that the new one is ready
+            old = out.with_name(temp_prefix(out, "old") + "repo")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        lock.release()
     log.info("wrote %s: %d models, %.1f MB hard-linked, %.1f MB copied", out, len(configs),
              tally["linked"] / 1e6, tally["copied"] / 1e6)
     return out
