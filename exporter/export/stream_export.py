@@ -164,6 +164,7 @@ def export_streamed(source, config: InternVLConfig, out, *, precision: str = "fp
             from bridge_export.exporter.quantize.int4 import Int4Options
 
             int4 = int4 or Int4Options()
+        fuse_vision = target == "onnxruntime"  # vision encoder and bridge (whatever the decoder falls back to)
         if target == "onnxruntime" and fused_decoder is not False and (why := fused_unsupported(config)):
             progress(f"[export] text_decoder: {why}: the portable decoder is written instead")
         if fused_decoder is False or fused_unsupported(config):
@@ -173,6 +174,10 @@ def export_streamed(source, config: InternVLConfig, out, *, precision: str = "fp
         for name, b in builders.items():
             check_against_spec(b, specs[name])
         models = {name: b.model(opset, shapes) for name, b in builders.items()}
+        if fuse_vision:
+            from bridge_export.exporter.export.fused_vision import fuse_models
+
+            fuse_models(models, progress)
         refs = {name: b.weights for name, b in builders.items()}
         progress(f"[export] graphs built in {time.perf_counter() - t0:.1f}s "
                  f"({', '.join(f'{n}: {len(m.graph.node)} nodes' for n, m in models.items())})")
