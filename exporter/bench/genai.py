@@ -1,7 +1,7 @@
 """Our text decoder against onnxruntime-genai's, same LLaMA shape, same precision, one process.
 
     python -m bridge_export.exporter.bench.genai --preset small --precision int4-cpu,fp32
-    bridge-export bench-genai --preset small --precision int4-cpu
+    bridge-export tools genai-bench --preset small --precision int4-cpu
 
 onnxruntime-genai cannot build InternVL-14B (its model builder has no cross-attention, query
 tokens or pooling heads), but our text decoder step is a plain LLaMA step, so the yardstick is a
@@ -13,10 +13,12 @@ of the same preset and precision. Both decoders are timed interleaved in one pro
 
 - `graph`: bare onnxruntime sessions (same session options) running one decode step at the given
   past, feeds made once;
-- `api`: whole tokens as a user gets them: our `Pipeline.generate` against genai's `og.Generator`
-  loop, greedy, each side timed for n tokens and for 1 token after the same prompt, the difference
-  divided by n - 1 (prefill, and on our side the vision encoder and bridge, subtracted). Our
-  context always starts with the visual prefix (the query tokens), so a past shorter than it is
+- `api`: whole tokens as a user gets them: our public generation loop (`Pipeline.iter_generate`, the
+  loop `Pipeline.generate` runs: search -> iter_tokens_with) against genai's `og.Generator` loop
+  (`generate_next_token` + `get_next_tokens`), greedy; each token's arrival is stamped and the rate
+  counts the tokens after the first, so the prefill (and on our side the vision encoder and bridge)
+  is left out. Our context always starts with the visual prefix (the query tokens), so a past
+  shorter than it is
   raised to prefix + 1 on both sides; the table prints the past used.
 
 onnxruntime-genai is the `bench` extra (pip install 'bridge-export[bench]'), never a dependency of
@@ -221,6 +223,21 @@ def graph_rates(ours: Path, genai: Path, batches, pasts, threads: int, steps: in
     return rows
 
 
+def _decode_rates(fns: dict, batch: int, tokens: int, rounds: int) -> dict:
+    """Best tokens/s of each generation callable, called in turn `rounds` times after one warm-up;
+    a call returns the time each token arrived, and its rate counts the tokens after the first (the
+    first waits for the prefill)."""
+    best = {k: 0.0 for k in fns}
+    for r in range(rounds + 1):
+        for k, fn in fns.items():
+            stamps = fn()
+            if len(stamps) != tokens:
+                raise RuntimeError(f"{k} produced {len(stamps)} tokens, not {tokens}")
+            if r:
+                best[k] = max(best[k], batch * (tokens - 1) / (stamps[-1] - stamps[0]))
+    return best
+
+
 # -- as a user gets them ----------------------------------------------------------------------------
 def api_rates(ours: Path, genai: Path, batches, pasts, threads: int, tokens: int, rounds: int) -> list[dict]:
     """Tokens/s of whole greedy tokens: our Pipeline.generate against genai's Generator loop."""
@@ -241,23 +258,26 @@ def api_rates(ours: Path, genai: Path, batches, pasts, threads: int, tokens: int
                 prompt = rng.integers(3, vocab, (b, past - q))
                 genai_ids = np.concatenate([np.ones((b, q), np.int64) * 3, prompt], axis=1).astype(np.int32)
 
-                def ours_call(n, prompt=prompt, px=px):
-                    return pipe.generate(px, prompt, max_new_tokens=n, min_new_tokens=n)
+                def ours_decode(prompt=prompt, px=px):
+                    stamps = []  # the loop Pipeline.generate runs (search -> iter_tokens_with), token by token
+                    for _ in pipe.iter_generate(px, prompt, max_new_tokens=tokens, min_new_tokens=tokens):
+                        stamps.append(time.perf_counter())
+                    return stamps
 
-                def genai_call(n, ids=genai_ids, b=b, past=past):
+                def genai_decode(ids=genai_ids, b=b, past=past):
                     params = og.GeneratorParams(model)
-                    params.set_search_options(max_length=past + n, min_length=past + n, batch_size=b,
+                    params.set_search_options(max_length=past + tokens, min_length=past + tokens, batch_size=b,
                                               do_sample=False)
                     gen = og.Generator(model, params)
                     gen.append_tokens(ids)
-                    for _ in range(n):
+                    stamps = []
+                    while not gen.is_done():
                         gen.generate_next_token()
-                    return gen.get_sequence(0)
+                        gen.get_next_tokens()
+                        stamps.append(time.perf_counter())
+                    return stamps
 
-                fns = {(s, n): (lambda f=f, n=n: f(n)) for s, f in (("ours", ours_call), ("genai", genai_call))
-                       for n in (1, tokens)}
-                best = _interleaved(fns, rounds)
-                rate = {s: b * (tokens - 1) / (best[(s, tokens)] - best[(s, 1)]) for s in ("ours", "genai")}
+                rate = _decode_rates({"ours": ours_decode, "genai": genai_decode}, b, tokens, rounds)
                 rows.append(_row("api", man.precision.mode, b, past, rate["ours"], rate["genai"]))
     finally:
         pipe.close()
@@ -295,7 +315,7 @@ class Settings:
     pasts: tuple[int, ...] = (16, 256)
     threads: int = 2
     steps: int = 8        # graph mode: decode steps per timed call
-    tokens: int = 17      # api mode: tokens per long call (16 decode steps after the first token)
+    tokens: int = 17      # api mode: tokens per generation (16 decode steps after the first token)
     rounds: int = 3
     modes: tuple[str, ...] = ("graph", "api")
 
@@ -310,7 +330,7 @@ def run(s: Settings, work: Path | None = None, keep: bool = False, rebuild_ours:
         if p not in PRECISIONS:
             raise UserError(f"precision {p!r} is not benchmarked against genai: use {' or '.join(PRECISIONS)}")
     if s.tokens < 2:
-        raise UserError("tokens must be at least 2 (the rate is the difference between n tokens and 1)")
+        raise UserError("tokens must be at least 2 (the rate counts the tokens after the first)")
     q = preset_config(s.preset).qllama
     if q.head_dim % 8:
         raise UserError(f"preset {s.preset!r} has head_dim {q.head_dim}; onnxruntime-genai's GroupQueryAttention "
@@ -359,7 +379,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--pasts", default="16,256")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=17, help="api mode: tokens of the long call")
+    ap.add_argument("--tokens", type=int, default=17, help="api mode: tokens per generation (the first is not timed)")
     ap.add_argument("--steps", type=int, default=8, help="graph mode: steps per timed call")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default="graph,api")
