@@ -202,12 +202,29 @@ class OrtSession(Session):
             binding.bind_input(k, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
         for k in self.output_names:
             binding.bind_output(k, "cpu")
-        self.sess.run_with_iobinding(binding)
+        try:
+            self.sess.run_with_iobinding(binding)
+        except Exception as e:  # onnxruntime's RuntimeException: its arena's allocation failure is a user matter
+            raise out_of_memory(e, self.name, feeds) or e
         return self.finite(dict(zip(self.output_names, binding.copy_outputs_to_cpu())))
 
     def close(self) -> None:
         """Release the backend's resources."""
         self.sess = None
+
+
+class OutOfMemory(UserError, MemoryError):
+    """A graph ran out of memory: the message names the graph and the batch; the caller lowers its batch."""
+
+
+def out_of_memory(e: BaseException, graph: str, feeds: dict) -> OutOfMemory | None:
+    """OutOfMemory for an onnxruntime failure that is an allocation failure, else None."""
+    text = str(e)
+    if not any(m in text for m in ("Failed to allocate memory", "bad_alloc", "out of memory", "OUT_OF_MEMORY")):
+        return None
+    batch = next((a.shape[0] for a in feeds.values() if getattr(a, "ndim", 0)), None)
+    return OutOfMemory(f"onnxruntime ran out of memory running {graph}" +
+                       (f" on a batch of {batch}" if batch else ""))
 
 
 def check_providers(providers) -> None:

@@ -9,7 +9,7 @@ from typing import Iterator
 import numpy as np
 
 from bridge_export.runtime.errors import UserError
-from bridge_export.runtime.manifest import ExactBPEInfo
+from bridge_export.runtime.manifest import BundleError, ExactBPEInfo
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +162,26 @@ class TextCodec:
         if path is not None:
             from tokenizers import Tokenizer
 
-            self.tok = Tokenizer.from_file(str(path))
+            try:
+                self.tok = Tokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises a plain Exception with serde's message
+                raise BundleError(f"tokenizer file {path} cannot be read by `tokenizers` "
+                                  f"({str(e).splitlines()[0][:120]}): the file is damaged; run `bridge-export "
+                                  "verify --checksums` on the bundle, then re-copy or re-export it") from None
             if exact_bpe:
                 specials = [t.content for t in self.tok.get_added_tokens_decoder().values()]
-                scores = np.load(Path(root or Path(path).parent) / exact_bpe.scores, allow_pickle=False)
-                self.exact = ExactBPE(self.tok.get_vocab(), scores, specials, exact_bpe.whitespace_only_pieces)
+                scores_path = Path(root or Path(path).parent) / exact_bpe.scores
+                try:
+                    scores = np.load(scores_path, allow_pickle=False)
+                except (OSError, ValueError, EOFError) as e:
+                    raise BundleError(f"tokenizer scores {scores_path} cannot be read ({str(e)[:120]}): the file is "
+                                      "damaged; re-copy or re-export the bundle") from None
+                vocab = self.tok.get_vocab()
+                if scores.ndim != 1 or scores.dtype.kind != "f" or len(scores) < max(vocab.values(), default=-1) + 1:
+                    raise BundleError(f"tokenizer scores {scores_path} hold {scores.dtype} {list(scores.shape)}, not "
+                                      f"one float per token of the {len(vocab)}-token vocabulary: the file is "
+                                      "damaged or from another model; re-export the bundle")
+                self.exact = ExactBPE(vocab, scores, specials, exact_bpe.whitespace_only_pieces)
 
     @classmethod
     def from_manifest(cls, manifest) -> "TextCodec":

@@ -11,7 +11,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bridge_export.runtime.manifest import GRAPHS, read_manifest
+from bridge_export.runtime.manifest import GRAPHS, read_manifest, sample_sha256
 from bridge_export.runtime.sessions import ort_session_options
 from bridge_export.runtime.progress import get_logger
 
@@ -38,11 +38,15 @@ def measure_load(bundle, repeats: int = 3, threads: int | None = None, checksums
 
     from bridge_export.runtime.text import TextCodec
 
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a whole number of timed rounds, at least 1, got {repeats!r}")
     man = read_manifest(bundle)
     tasks = {"onnxruntime": open_graphs(bundle, threads),
              "runtime.load": lambda: runtime.load(bundle, threads=threads),
              # part of runtime.load (on a thread beside onnxruntime): a fixed cost, whatever the weights' size
-             "  of which: tokenizer parse": lambda: TextCodec.from_manifest(man)}
+             "  of which: tokenizer parse": lambda: TextCodec.from_manifest(man),
+             # part of runtime.load's default checks: 64 blocks of 64 KiB hashed per file (damage at load)
+             "  of which: sampled digests": lambda: [sample_sha256(man.path(rel)) for rel in man.files]}
     if checksums:
         tasks["runtime.load(verify_checksums=True)"] = lambda: runtime.load(bundle, threads=threads,
                                                                             verify_checksums=True)

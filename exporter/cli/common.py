@@ -24,7 +24,7 @@ def _one_line(e: BaseException) -> str:
         return f"{e.strerror}{where}" + (" (free some disk space or choose another --out)"
                                          if e.errno == errno.ENOSPC else "")
     if isinstance(e, MemoryError):
-        return "out of memory: use a smaller --batch-size or fewer --beams"
+        return _out_of_memory(e)
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -51,12 +51,44 @@ def missing_extra(e: ModuleNotFoundError) -> str | None:
     return f'this command needs {top}, which is not installed: pip install "bridge-export[{extra}]"'
 
 
+# Options that lower a command's peak memory, in the order the advice names them.
+MEMORY_OPTIONS = ("--batch-size", "--beams", "--max-new-tokens", "--threads")
+# Parameters holding file names, which need not be UTF-8 (POSIX allows any bytes): not checked as text.
+FILE_PARAMS = ("bundle", "images")
+
+
+def _out_of_memory(e: BaseException) -> str:
+    """One line for running out of memory, naming only options the current command has."""
+    ctx = click.get_current_context(silent=True)
+    have = {o for p in (ctx.command.params if ctx else []) for o in p.opts}
+    lower = [o for o in MEMORY_OPTIONS if o in have]
+    what = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+    advice = f"lower {' or '.join(lower)}" if lower else "close other programs or use a machine with more memory"
+    return f"{what}: {advice}"
+
+
+def _check_text_arguments(kwargs: dict) -> None:
+    """ClickException naming an argument whose text is not valid UTF-8 (the shell passed raw bytes, which
+    Python keeps as lone surrogates that no tokenizer can encode)."""
+    for name, value in kwargs.items():
+        values = value if isinstance(value, (tuple, list)) else [value]
+        for v in values:
+            if name not in FILE_PARAMS and isinstance(v, str):
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    shown = v.encode("utf-8", "backslashreplace").decode()[:40]
+                    raise click.ClickException(f"--{name.replace('_', '-')} {shown!r} is not valid UTF-8 text: "
+                                               "pass it in UTF-8 (check the terminal's or file's encoding)") from None
+
+
 def friendly(fn):
     """Turn user errors into one-line messages and Ctrl-C into a clean exit (code 130); --debug: tracebacks."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _check_text_arguments(kwargs)
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written (partial output removed)", err=True)
