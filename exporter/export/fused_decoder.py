@@ -19,7 +19,10 @@ Contract (`fused_decoder_spec`; the runtime drives it in bridge_export.runtime.k
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import onnx
 from onnx import TensorProto
 
 from bridge_export.reference_model.config import InternVLConfig
@@ -138,3 +141,25 @@ def build_fused_decoder(config: InternVLConfig, precision: str, int4=None) -> Gr
     n = 2 * L
     b.outputs[:] = b.outputs[n:] + b.outputs[:n]
     return b
+
+
+def write_from_bundle(src_manifest, precision: str, folder: Path, int4=None) -> Path:
+    """The fused decoder of `precision` rebuilt from an fp32 streamed bundle's weights (`bridge-export
+    precision`), written with its own weights.bin into the new `folder`; returns the graph's path."""
+    from bridge_export.exporter.export.bundle_source import decoder_source
+    from bridge_export.exporter.export.internvl_graphs import check_against_spec
+    from bridge_export.exporter.export.onnx_export import WEIGHTS_FILE
+    from bridge_export.exporter.export.stream_export import stream_weights
+
+    config = InternVLConfig.from_dict(src_manifest.model)
+    b = build_fused_decoder(config, precision, int4)
+    check_against_spec(b, fused_decoder_spec(config, precision))
+    keys = sorted({k for r in b.weights.values() for k in (r.parts or (r.key,))})
+    source, mapping = decoder_source(src_manifest, keys)
+    model = b.model(int(src_manifest.versions.get("opset", 17)), {k: source.shape(k) for k in keys})
+    folder.mkdir(parents=True)
+    stream_weights({"text_decoder": model}, {"text_decoder": b.weights}, source, mapping, folder / WEIGHTS_FILE,
+                   show_progress=False)
+    path = folder / "text_decoder.onnx"
+    onnx.save_model(model, str(path))
+    return path

@@ -273,6 +273,8 @@ def _convert_graphs(src, tmp: Path, manifest, mode: str, progress, *, feeds=None
             from bridge_export.exporter.quantize.fp8 import to_fp8_qdq
 
             how = to_fp8_qdq(srcp, dst, feeds[name], method, exclude, progress)
+        elif name == "text_decoder" and mode in ONNXRUNTIME_ONLY and _fusable(manifest):
+            dst, how = _fused_decoder(src, tmp, manifest, mode, int4)
         elif mode == "int4-cpu":
             from bridge_export.exporter.quantize.int4 import Int4Options
 
@@ -283,8 +285,41 @@ def _convert_graphs(src, tmp: Path, manifest, mode: str, progress, *, feeds=None
         g.precision, g.how = mode, how
         progress(f"[precision] {name} done in {time.perf_counter() - t0:.1f}s")
     relink_weights(paths, tmp)
+    shutil.rmtree(tmp / ".fused", ignore_errors=True)
     for g in manifest.graphs.values():
         g.checks = check_graph(tmp / g.file, tensorrt=mode not in ONNXRUNTIME_ONLY)
+        if mode in ONNXRUNTIME_ONLY:
+            g.target = "onnxruntime"
+
+
+def _fusable(manifest) -> bool:
+    """The decoder can be GroupQueryAttention's (head_dim a multiple of 8); else it is quantized as written."""
+    from bridge_export.exporter.export.fused_decoder import fused_unsupported
+    from bridge_export.reference_model.config import InternVLConfig
+
+    return fused_unsupported(InternVLConfig.from_dict(manifest.model)) is None
+
+
+def _fused_decoder(src, tmp: Path, manifest, mode: str, int4) -> tuple[Path, dict]:
+    """int8-cpu/int4-cpu decoders are the fused one (onnxruntime target), rebuilt from the fp32 bundle's
+    weights by the streamed exporter's own path; the manifest entry takes its inputs and outputs."""
+    from bridge_export.exporter.export.bundle import graph_info
+    from bridge_export.exporter.export.fused_decoder import fused_decoder_spec, write_from_bundle
+    from bridge_export.exporter.export.stream_export import HOW
+    from bridge_export.exporter.quantize.int4 import Int4Options
+    from bridge_export.reference_model.config import InternVLConfig
+
+    int4 = (int4 or Int4Options()) if mode == "int4-cpu" else None
+    path = write_from_bundle(src, mode, tmp / ".fused", int4)
+    config = InternVLConfig.from_dict(manifest.model)
+    g = manifest.graphs["text_decoder"]
+    info = graph_info(fused_decoder_spec(config, mode), config, manifest.limits, mode)
+    g.inputs, g.outputs, g.tensorrt_profiles = info.inputs, info.outputs, []
+    how = {**HOW[mode], "decoder": "fused (GroupQueryAttention, SkipSimplifiedLayerNormalization, one q/k/v "
+                                   "MatMul), rebuilt from the fp32 bundle's weights"}
+    if int4 is not None:
+        how.update(int4.as_dict())
+    return path, how
 
 
 def report_session_config(mode: str, target: str) -> dict[str, str] | None:
@@ -346,6 +381,9 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
     check_output_dir(out, overwrite)  # before calibration: refused outputs cost no work
     if src.precision.mode != "fp32":
         raise ValueError(f"{bundle} is already {src.precision.mode}: make precision bundles from an fp32 bundle")
+    if "text_decoder" in src.graphs and src.graph("text_decoder").fused:
+        raise ValueError(f"{bundle} has the fused onnxruntime decoder: make precision bundles from the portable fp32 "
+                         "bundle (exported without --target onnxruntime)")
     if mode in Q_DQ_MODES and calib is None:
         raise ValueError(f"--precision {mode} needs --calib IMAGES_DIR: its scales are calibrated on your images")
     if target_cosine is not None and mode != "int8":

@@ -239,3 +239,22 @@ def test_engine_refuses_the_fused_decoder(bundles, tmp_path):
     assert not (tmp_path / "eng").exists()
     script = write_trtexec_script(b, tmp_path / "eng2", EngineOptions(graphs=["vision_encoder", "query_bridge"]))
     assert "text_decoder" not in Path(script).read_text()
+
+
+def test_precision_from_fp32_bundle_writes_the_fused_decoder(bundles, model16, tok_dir, tmp_path):
+    """`bridge-export precision int4-cpu` from an fp32 bundle gives the same fused decoder as the streamed
+    int4-cpu export (same tokens and scores); a fused fp32 bundle is refused as a source in one line."""
+    from bridge_export.exporter.quantize.precision import make_precision_bundle
+
+    fp32 = _export(model16, tmp_path / "fp32", "fp32", tok_dir)
+    out = make_precision_bundle(fp32, tmp_path / "int4", "int4-cpu", progress=lambda s: None, report=False)
+    man = runtime.read_manifest(out)
+    assert man.graph("text_decoder").fused and all(g.target == "onnxruntime" for g in man.graphs.values())
+    a, b = runtime.load(out), runtime.load(bundles["int4-cpu", True])
+    x, prompt = _pix(2, seed=2), np.array([[1, 5, 6, 7]] * 2)
+    ta, sa = a.generate(x, prompt, max_new_tokens=6, num_beams=2, return_scores=True)
+    tb, sb = b.generate(x, prompt, max_new_tokens=6, num_beams=2, return_scores=True)
+    np.testing.assert_array_equal(ta, tb)
+    np.testing.assert_allclose(sa, sb, atol=1e-5)
+    with pytest.raises(ValueError, match="has the fused onnxruntime decoder"):
+        make_precision_bundle(bundles["fp32", True], tmp_path / "x", "int8-cpu", progress=lambda s: None)
