@@ -15,7 +15,9 @@ Scheduler "static" keeps Triton's dynamic batching (a batch decodes as one gener
 run one at a time). The embedding models always use the dynamic batcher. Health, readiness and
 Triton's metrics are Triton's own endpoints; the scheduler's gauges are Prometheus text on
 `scheduler_metrics_port` (runtime.serve.metrics). Bad requests get Triton error responses and the
-server stays up (PyTriton stops the server on PyTritonUnrecoverableError, never raised here).
+server stays up (PyTriton stops the server on PyTritonUnrecoverableError, never raised here);
+their text is one line without the server's traceback (runtime.serve.client_errors), though
+PyTriton answers every error with Triton's INTERNAL status (triton-repo's models answer 400).
 SIGTERM and SIGINT stop it; requests still decoding then get an error.
 """
 from __future__ import annotations
@@ -24,13 +26,17 @@ import logging
 import os
 import signal
 import sysconfig
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from bridge_export.runtime.errors import MissingDependency, UserError
+from bridge_export.runtime.progress import is_verbose
 
 from bridge_export.runtime.serve import SERVE_EXTRA
+from bridge_export.runtime.serve.client_errors import clean_errors
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +115,7 @@ def _batch_fn(handler):
             raise RequestError(where + str(err))
         return results
 
-    return infer
+    return clean_errors(infer)  # one line to the client, no server traceback
 
 
 def _stream_fn(handlers):
@@ -122,7 +128,7 @@ def _stream_fn(handlers):
         for piece in handlers.caption_stream(dict(r.data) if hasattr(r, "data") else dict(r)):
             yield [piece]
 
-    return infer
+    return clean_errors(infer)  # one line to the client, no server traceback
 
 
 def _stream_steps_fn(handlers):
@@ -137,7 +143,7 @@ def _stream_steps_fn(handlers):
         async for piece in handlers.caption_stream_steps(dict(r.data) if hasattr(r, "data") else dict(r)):
             yield [piece]
 
-    return infer
+    return clean_errors(infer)  # one line to the client, no server traceback
 
 
 def bind_models(triton, handlers, opts: ServeOptions, embed_dim: int) -> None:
@@ -198,8 +204,11 @@ def serve(bundle, opts: ServeOptions | None = None) -> None:
     embed_dim = int(pipe.text_projection.shape[1])
     for name in ("pytriton", "tritonclient"):  # per-request INFO lines the user cannot act on
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Triton prints ~70 lines of start-up tables and CUDA probing on a healthy start: they go to a log
+    # file unless --verbose, and a failure to load names that file.
+    triton_log = None if is_verbose() else Path(tempfile.mkdtemp(prefix="bridge-export-triton-")) / "tritonserver.log"
     config = TritonConfig(http_port=opts.http_port, grpc_port=opts.grpc_port, metrics_port=opts.metrics_port,
-                          exit_timeout_secs=5)
+                          exit_timeout_secs=5, log_file=triton_log)
 
     def stop(signum, frame):  # Triton.serve() leaves its loop on KeyboardInterrupt and stops cleanly
         raise KeyboardInterrupt
@@ -211,6 +220,8 @@ def serve(bundle, opts: ServeOptions | None = None) -> None:
             log.warning("serving %s (%s) on %s: HTTP %d, gRPC %d, metrics %d%s (SIGTERM or Ctrl-C stops)", bundle,
                         ", ".join(opts.models), opts.device, opts.http_port, opts.grpc_port, opts.metrics_port,
                         f", scheduler metrics {metrics.port}" if metrics else "")
+            if triton_log is not None:
+                log.info("Triton's own log: %s (--verbose shows it here)", triton_log)
             triton.serve()
     except KeyboardInterrupt:
         pass
@@ -220,7 +231,8 @@ def serve(bundle, opts: ServeOptions | None = None) -> None:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         cause = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else str(e))
         raise ServeError(f"Triton could not load the models: {cause} ({lines[0][:100] if lines else ''}...; "
-                           "the server log above has the rest)") from e
+                           + (f"{triton_log} has the rest)" if triton_log else "the server log above has the rest)")
+                           ) from e
     finally:
         signal.signal(signal.SIGTERM, previous)
         if scheduler is not None:
