@@ -243,12 +243,12 @@ def write_sharded(directory: Path, specs: list[TensorSpec],
     `pieces(shard_specs)` yields the shard's tensors in order (whole or as flat chunks) as they are
     written, so only the pieces in flight are ever in memory.
     """
-    from tqdm import tqdm
+    from bridge_export.runtime.progress import progress as progress_bar
 
     shards = plan_shards(specs, parse_size(shard_size))
     names = shard_names(len(shards))
     total = sum(s.nbytes for s in specs)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not progress, file=sys.stderr) as bar:
+    with progress_bar(total=total, unit="B", unit_scale=True, desc="writing", enabled=progress) as bar:
         for name, shard in zip(names, shards):
             log.info("writing %s (%d tensors)", name, len(shard))
             write_safetensors(directory / name, shard, pieces(shard), bar.update)

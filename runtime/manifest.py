@@ -485,9 +485,9 @@ class Manifest(Record):
         total = sum(e.size for e in self.files.values())
         bar = None
         if progress:
-            from tqdm import tqdm
+            from bridge_export.runtime.progress import progress as progress_bar
 
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="sha256", leave=False)
+            bar = progress_bar(total=total, unit="B", unit_scale=True, desc="sha256")
         try:
             for rel, entry in self.files.items():
                 got = sha256_file(self.path(rel), progress=bar.update if bar else None)

@@ -188,3 +188,13 @@ class _Silent:
 
     def info(self, *args, **kwargs) -> None:
         """Drop the message."""
+
+
+def progress_iter(iterable, total=None, desc: str = "", unit: str = "it", enabled: bool = True):
+    """Iterate `iterable` with progress (see `progress`): a drop-in for `tqdm(iterable, ...)`."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    with progress(total=total, desc=desc, unit=unit, enabled=enabled) as bar:
+        for item in iterable:
+            yield item
+            bar.update(1)

@@ -8,7 +8,6 @@ that precision (graph_builder), so no fp32 bundle is made first.
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,11 +15,10 @@ from typing import Callable
 import numpy as np
 import onnx
 import torch
-from tqdm import tqdm
 
 from bridge_export.reference_model.config import InternVLConfig
 
-from bridge_export.runtime.progress import get_logger, reporter
+from bridge_export.runtime.progress import get_logger, progress_iter, reporter
 
 from bridge_export.exporter.export.bundle import (build_manifest, caption_defaults, check_export_args, operator_target,
                                                   write_manifest)
@@ -111,7 +109,7 @@ def stream_weights(models: dict[str, onnx.ModelProto], refs: dict[str, dict[str,
         ordered = _ordered_refs(models, refs)
         if hasattr(source, "location"):  # read the shards front to back
             ordered.sort(key=lambda r: source.location(mapping[r.parts[0] if r.parts else r.key]))
-        for ref in tqdm(ordered, desc="weights", unit="tensor", disable=not show_progress, file=sys.stderr):
+        for ref in progress_iter(ordered, desc="weights", unit="tensor", enabled=show_progress):
             phys = (tuple(mapping[k] for k in ref.parts) or mapping[ref.key], ref.transpose, ref.storage)
             if phys not in by_phys:
                 arrays = materialize(ref, _read(source, mapping, ref))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bridge_export.runtime.errors import MissingDependency
+from bridge_export.runtime.progress import is_verbose
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,16 @@ def embed_with_ray(bundle, paths, out, mode: str = "C", opts: RayOptions | None 
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists: choose another --out or pass --overwrite")
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-stage chatter; errors still surface
+    verbose = is_verbose()
+    if not verbose:
+        # Ray's start-up advice (token authentication) is not the user's to act on; failures still
+        # raise in Python. --verbose shows it.
+        logging.getLogger("ray").setLevel(logging.ERROR)
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=opts.address, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=False, configure_logging=True)
+        ray.init(address=opts.address, include_dashboard=False,
+                 logging_level=logging.INFO if verbose else logging.ERROR,
+                 log_to_driver=verbose, configure_logging=True)
     try:
         cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         threads = opts.threads or max(1, cpus // opts.workers)
