@@ -195,8 +195,9 @@ def random_checkpoint(preset, dtype, out, seed, shard_size, overwrite, threads, 
 @click.option("--out", type=click.Path(path_type=Path), help="engine directory (default: BUNDLE/engines)")
 @click.option("--emit-trtexec", is_flag=True, help="only write build_engines.sh with trtexec commands (and sidecar "
               "templates the script stamps after each build, so the runtime accepts the engines)")
-@click.option("--trt-major", type=click.Choice(["10", "11"]), default="10", show_default=True,
-              help="--emit-trtexec: TensorRT version on the device (10: JetPack 6, 11: JetPack 7)")
+@click.option("--trt-major", type=click.Choice(["8", "10", "11"]), default="10", show_default=True,
+              help="--emit-trtexec: TensorRT version on the device (10: JetPack 6, 11: JetPack 7: strongly typed; "
+                   "8: JetPack 5: weakly typed with the fp32 islands pinned)")
 @friendly
 def engine(bundle, graphs, max_batch, max_seq, workspace, timing_cache, version_compatible, hardware_compatible,
            out, emit_trtexec, trt_major):
