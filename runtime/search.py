@@ -148,7 +148,10 @@ class TokenStepper:
         cfg, i = self.cfg, len(self.history)
         if self.done is None:
             self.done = np.zeros(logits.shape[0], bool)
-        scores = _process(logits.astype(np.float32, copy=True), self.history, i, cfg)
+        if cfg.do_sample or cfg.repetition_penalty != 1.0 or i < cfg.min_new_tokens:
+            scores = _process(logits.astype(np.float32, copy=True), self.history, i, cfg)
+        else:  # greedy with nothing to adjust: the argmax of the logits as they are (no per-step copy)
+            scores = logits
         tok = _warp_and_sample(scores, cfg, self.rng) if cfg.do_sample else scores.argmax(-1).astype(np.int64)
         tok = np.where(self.done, cfg.pad_token_id, tok)
         self.history.append(tok)
