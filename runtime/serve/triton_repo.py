@@ -121,8 +121,10 @@ def graph_config(name: str, graph, opts: RepoOptions, max_batch: int) -> str:
     return text
 
 
-def entry_config(entry: str, embed_dim: int, opts: RepoOptions, max_batch: int, bls: dict[str, str]) -> str:
-    """config.pbtxt of a Python-backend entry point."""
+def entry_config(entry: str, embed_dim: int, opts: RepoOptions, max_batch: int, bls: dict[str, str],
+                 decoder_target: str = "tensorrt") -> str:
+    """config.pbtxt of a Python-backend entry point; a decoder whose operator target is onnxruntime (the
+    fused decoder) runs on onnxruntime whatever the graph models' backend."""
     ins, outs = ENTRY_TENSORS[entry]
     stream = entry == "caption_stream"
     text = f'name: {_q(entry)}\nbackend: "python"\nmax_batch_size: {1 if stream else max_batch}\n'
@@ -133,7 +135,7 @@ def entry_config(entry: str, embed_dim: int, opts: RepoOptions, max_batch: int, 
     else:
         text += f"dynamic_batching {{ max_queue_delay_microseconds: {opts.queue_delay_us} }}\n"
     text += _instances(opts.entry_instances, opts.gpu and opts.backend != "python")
-    decoder = "tensorrt" if opts.backend == "tensorrt" else "onnxruntime"
+    decoder = "tensorrt" if opts.backend == "tensorrt" and decoder_target == "tensorrt" else "onnxruntime"
     text += _params({"entry": entry, "bls_models": json.dumps(bls), "bls_max_batch": str(max_batch),
                      "decoder_backend": decoder, "threads": str(opts.threads)})
     return text
@@ -254,7 +256,13 @@ def write_repo(bundle, out, opts: RepoOptions | None = None, entries=ENTRIES, ov
     limit = manifest.limits.max_batch or 8
     engines = bundle / "engines"
     if opts.backend == "tensorrt":
-        missing = [g for g in (*GRAPH_MODELS, "text_decoder") if not (engines / f"{g}.engine").is_file()]
+        ort_only = [g for g in GRAPH_MODELS if graphs[g].operator_target == "onnxruntime"]
+        if ort_only:
+            raise RepoError(f"{ort_only[0]} of this bundle is onnxruntime-only (operator target onnxruntime), "
+                            "which TensorRT does not build: use --backend onnxruntime, or a bundle exported "
+                            "with --target tensorrt")
+        portable = [g for g in ("text_decoder",) if graphs[g].operator_target == "tensorrt"]  # else: onnxruntime
+        missing = [g for g in (*GRAPH_MODELS, *portable) if not (engines / f"{g}.engine").is_file()]
         if missing:
             raise RepoError(f"{engines} lacks {', '.join(m + '.engine' for m in missing)}: build the engines on a "
                             f"GPU of the serving kind first (bridge-export engine {bundle}), or use "
@@ -297,7 +305,8 @@ def write_repo(bundle, out, opts: RepoOptions | None = None, entries=ENTRIES, ov
             vdir.mkdir(parents=True)
             _copy_code(vdir, "entry_model.py")
             _place_bundle(bundle, vdir / "bundle", opts.backend == "tensorrt", tally, manifest)
-            configs[e] = entry_config(e, embed_dim, opts, max_batch, bls)
+            configs[e] = entry_config(e, embed_dim, opts, max_batch, bls,
+                                      graphs["text_decoder"].operator_target)
         if validate and _model_config_pb2() is None:
             log.warning("tritonclient is not installed: config.pbtxt files written without validation "
                         "(pip install tritonclient to check them against Triton's ModelConfig)")

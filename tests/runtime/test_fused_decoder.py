@@ -258,3 +258,16 @@ def test_precision_from_fp32_bundle_writes_the_fused_decoder(bundles, model16, t
     np.testing.assert_allclose(sa, sb, atol=1e-5)
     with pytest.raises(ValueError, match="has the fused onnxruntime decoder"):
         make_precision_bundle(bundles["fp32", True], tmp_path / "x", "int8-cpu", progress=lambda s: None)
+
+
+def test_triton_repo_runs_the_fused_decoder_on_onnxruntime(bundles, tmp_path):
+    """The repository writer gives an onnxruntime-target decoder the onnxruntime backend, even beside
+    TensorRT graph models."""
+    from bridge_export.runtime.serve.triton_repo import RepoOptions, entry_config, write_repo
+
+    cfg = entry_config("caption", 24, RepoOptions(backend="tensorrt"), 8, {}, decoder_target="onnxruntime")
+    assert 'key: "decoder_backend"' in cfg and 'string_value: "onnxruntime"' in cfg.split('key: "decoder_backend"')[1]
+    assert '"tensorrt"' in entry_config("caption", 24, RepoOptions(backend="tensorrt"), 8, {}).split(
+        'key: "decoder_backend"')[1].split("}")[0]
+    repo = write_repo(bundles["int4-cpu", True], tmp_path / "repo", RepoOptions(backend="onnxruntime"))
+    assert 'string_value: "onnxruntime"' in (repo / "caption" / "config.pbtxt").read_text()
