@@ -170,3 +170,22 @@ def test_weak_trtexec_script_for_old_tensorrt_pins_layers(tiny_bundle, tmp_path)
     line = next(line for line in text.splitlines() if "text_decoder.onnx" in line)
     assert "--fp16" in line and "--precisionConstraints=obey" in line and "--layerPrecisions=/a/norm:fp32" in line
     assert "--stronglyTyped" not in line
+
+
+@pytest.mark.parametrize("major", [10, 11])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "fp8"])
+def test_loader_flags_per_tensorrt_major_and_precision(major, precision, tmp_path):
+    """What reaches Polygraphy: a strongly typed network and no precision flag, for every precision."""
+    save = engine_loader(fake_trt(f"{major}.0.0"), "g.onnx", tmp_path / "g.engine", [{"x": ([1], [1], [1])}],
+                         precision_plan(major, precision), EngineOptions())
+    config = save._engine._config
+    assert save._engine._network.strongly_typed
+    assert (config.fp16, config.int8, config.fp8, config.tf32, config.bf16) == (False,) * 5
+
+
+@pytest.mark.parametrize("precision,flag", [("fp16", "fp16"), ("int8", "int8"), ("fp8", "fp8")])
+def test_loader_flags_of_the_weak_fallback(precision, flag, tmp_path):
+    save = engine_loader(fake_trt(), "g.onnx", tmp_path / "g.engine", [{"x": ([1], [1], [1])}],
+                         precision_plan(10, precision, ["n"], fallback="f"), EngineOptions())
+    config = save._engine._config
+    assert {f for f in ("fp16", "int8", "fp8") if getattr(config, f)} == {flag} and not config.tf32
