@@ -2,7 +2,9 @@
 
     python -m bridge_export.exporter.bench.fullsize run --work /big/disk/dir [--preset internvl-14b-224px]
     python -m bridge_export.exporter.bench.fullsize measure BUNDLE     # the runtime figures of one bundle
-    python -m bridge_export.exporter.bench.fullsize decode A B         # decode speed of A and B, interleaved
+    python -m bridge_export.exporter.bench.fullsize decode A B         # decode speed of A and B, interleaved,
+                                                                       # as a fraction of GEMV bandwidth
+    python -m bridge_export.exporter.bench.fullsize profile BUNDLE     # per-operator share of a decode step
 
 `run` does the whole sequence, deleting as it goes (at most the checkpoint plus the int4-cpu and
 int8-cpu bundles exist at once: 27.7 + 8 + 14.8 GB at 14B): random bf16 checkpoint -> int4-cpu and
@@ -22,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,35 +73,55 @@ def _need_disk(path: Path, gb: float, what: str) -> None:
 
 
 # -- the runtime measurement (runs in its own process so its peak RSS is its own) ------------------
-def gemv_bandwidth(threads: int, gib: float = 1.0) -> float:
-    """GB/s a large fp32 GEMV reaches in onnxruntime here (weights far larger than any cache)."""
+def gemv_probe(threads: int, gib: float = 1.0, int4: bool = False):
+    """(run, bytes): a callable running one batch-1 GEMV over a weight far larger than any cache, and
+    the bytes of weight it reads. fp32: a MatMul over a [4096, N] fp32 weight; int4: a MatMulNBits over
+    the same shape packed as int4-cpu packs it (block 32, 4-bit zero points, accuracy level 4: the
+    decoder's own kernel), reading `bytes` = packed weights + scales + zero points."""
     import numpy as np
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     k = 4096
-    n = int(gib * (1 << 30) / 4 / k)
-    w = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
-                          [numpy_helper.from_array(w, "w")])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    rng = np.random.default_rng(0)
+    if not int4:
+        n = int(gib * (1 << 30) / 4 / k)
+        inits = [numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), "w")]
+        node = helper.make_node("MatMul", ["x", "w"], ["y"])
+        nbytes = k * n * 4
+    else:
+        blocks, bs = k // 32, 32
+        per_col = blocks * bs // 2 + blocks * 4 + (blocks + 1) // 2  # packed nibbles + fp32 scales + zero points
+        n = int(gib * (1 << 30) / per_col)
+        inits = [numpy_helper.from_array(rng.integers(0, 255, (n, blocks, bs // 2), dtype=np.uint8), "w"),
+                 numpy_helper.from_array(rng.random((n * blocks,), dtype=np.float32) * 0.01, "s"),
+                 numpy_helper.from_array(np.full((n * ((blocks + 1) // 2),), 0x88, np.uint8), "z")]
+        node = helper.make_node("MatMulNBits", ["x", "w", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n,
+                                bits=4, block_size=bs, accuracy_level=4)
+        nbytes = n * per_col
+    g = helper.make_graph([node], "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     s = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    del m, g, w
+    del m, g, inits
     x = np.ones((1, k), np.float32)
     for _ in range(3):
         s.run(None, {"x": x})
+    return (lambda: s.run(None, {"x": x})), nbytes
+
+
+def gemv_bandwidth(threads: int, gib: float = 1.0) -> float:
+    """GB/s a large fp32 GEMV reaches in onnxruntime here (weights far larger than any cache)."""
+    run, nbytes = gemv_probe(threads, gib)
     best = []
     for _ in range(10):
         t0 = time.perf_counter()
-        s.run(None, {"x": x})
+        run()
         best.append(time.perf_counter() - t0)
     best.sort()
-    return k * n * 4 / best[len(best) // 2] / 1e9
+    return nbytes / best[len(best) // 2] / 1e9
 
 
 def decoder_weight_bytes(bundle: Path) -> int:
@@ -164,13 +187,12 @@ def measure(bundle: Path, threads: int, new_tokens: int = 20, no_prepack: tuple[
     res["caption_tokens"] = [int(t) for t in np.asarray(toks)[0]]
     res["pss_after_caption_gb"] = _pss_gb()
     # decode speed alone: steps timed through the decoder session with a growing cache
-    dec = pipe.sessions["text_decoder"]
-    feeds = decode_step_feeds(man.kv_layout)
-    dec.run(feeds)
+    step_fn = decode_step(pipe)
+    step_fn()
     steps = []
     for _ in range(new_tokens):
         t0 = time.perf_counter()
-        dec.run(feeds)
+        step_fn()
         steps.append(time.perf_counter() - t0)
     steps.sort()
     step = steps[len(steps) // 2]
@@ -186,50 +208,147 @@ def measure(bundle: Path, threads: int, new_tokens: int = 20, no_prepack: tuple[
     return res
 
 
-def decode_step_feeds(kv) -> dict:
-    """A batch-1 decode step's feeds at past = visual prefix + 4 (zero K/V: the timing is the same)."""
+def decode_step_feeds(kv, batch: int = 1, past: int | None = None) -> dict:
+    """A portable decoder step's feeds at `past` (default: visual prefix + 4; zero K/V: the timing is the same)."""
     import numpy as np
 
-    P = kv.prefix_length + 4
-    feeds = {"input_ids": np.array([[5]]), "position_ids": np.array([[P]]),
-             "attention_mask": np.ones((1, P + 1), np.int64)}
+    P = kv.prefix_length + 4 if past is None else past
+    feeds = {"input_ids": np.full((batch, 1), 5, np.int64), "position_ids": np.full((batch, 1), P, np.int64),
+             "attention_mask": np.ones((batch, P + 1), np.int64)}
     for i in range(kv.num_layers):
         for name in kv.past(i):  # key, value
-            feeds[name] = np.zeros((1, kv.num_heads, P, kv.head_dim), np.float32)
+            feeds[name] = np.zeros((batch, kv.num_heads, P, kv.head_dim), np.float32)
     return feeds
 
 
-def decode_compare(bundles: list[Path], threads: int, steps: int = 8, rounds: int = 5) -> dict:
+def decode_step(pipe, batch: int = 1, past: int | None = None):
+    """A callable running one decode step of a loaded pipeline's text decoder as the runtime runs it:
+    the fused decoder through FusedStep on a shared KV buffer holding `past` slots (rewritten in place
+    each call), the portable one through its session with `past` positions of K/V. `past` defaults
+    to the visual prefix + 4."""
+    import numpy as np
+
+    kv = pipe.manifest.kv_layout
+    past = kv.prefix_length + 4 if past is None else past
+    ids = np.full((batch, 1), 5, np.int64)
+    if getattr(pipe, "fused_step", None) is not None:
+        from bridge_export.runtime.kv_cache import SharedKVCache
+
+        dtype = pipe.sessions["text_decoder"].inputs[kv.past(0)[0]].dtype
+        cache = SharedKVCache(kv.num_layers, batch, kv.num_heads, past + 1, kv.head_dim, dtype)
+        ones = np.ones(batch, np.int32)
+
+        def step():
+            cache.lengths[:] = past
+            pipe.fused_step.run(cache, ids, ones)
+        return step
+    feeds = decode_step_feeds(kv, batch, past)
+    sess = pipe.sessions["text_decoder"]
+    return lambda: sess.run(feeds)
+
+
+def decode_compare(bundles: list[Path], threads: int, steps: int = 8, rounds: int = 5, gemv_gib: float = 1.0) -> dict:
     """Decode tokens/s of each bundle's text_decoder alone (the other graphs are not loaded, so two
-    14B bundles fit in memory; onnxruntime's prepacking on, as runtime.load does), timed in turns:
-    each round runs `steps` steps of every bundle in turn at past = visual prefix + 4; a bundle's
-    figure is its best round. Returns {bundle name: tokens/s} plus each one's ratio to the first."""
-    from bridge_export.runtime.manifest import read_manifest
-    from bridge_export.runtime.sessions import OrtSession
+    14B bundles fit in memory; onnxruntime's prepacking on, as runtime.load does), timed in turns with
+    two bandwidth probes in the same process: each round runs `steps` steps of every bundle and of an
+    fp32 and an int4 (MatMulNBits) GEMV over `gemv_gib` GiB; every figure is its best round. Returns
+    {bundle name: tokens/s, ratio to the first, weight bytes per token, the fraction of the fp32 GEMV's
+    bandwidth that decode reaches (tokens/s x bytes per token / GEMV GB/s) and of the int4 GEMV's},
+    plus {"gemv": the probes' GB/s}."""
+    from bridge_export import runtime
 
     runs = []
     for b in bundles:
-        man = read_manifest(b)
-        feeds = decode_step_feeds(man.kv_layout)
         t0 = time.perf_counter()
-        sess = OrtSession(man.graph_path("text_decoder"), threads=threads)
+        pipe = runtime.load(b, threads=threads, graphs=("text_decoder",))
         print(f"[decode] {Path(b).name}: text_decoder opened in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-        sess.run(feeds)  # warm-up: pages in the weights
-        runs.append((Path(b).name, man.precision.mode, sess, feeds))
-    best = {name: float("inf") for name, *_ in runs}
+        step = decode_step(pipe)
+        step()  # warm-up: pages in the weights
+        runs.append((Path(b).name, pipe.manifest.precision.mode, pipe, step))
+    probes = {f"{kind} GEMV": gemv_probe(threads, gemv_gib, int4=kind == "int4") for kind in ("fp32", "int4")}
+    best = {name: float("inf") for name in [r[0] for r in runs] + list(probes)}
+    tasks = [(name, step, steps) for name, _, _, step in runs] + [(k, run, 3) for k, (run, _) in probes.items()]
     for r in range(rounds):
-        for name, _, sess, feeds in runs:
+        for name, fn, n in tasks:
             t0 = time.perf_counter()
-            for _ in range(steps):
-                sess.run(feeds)
-            best[name] = min(best[name], (time.perf_counter() - t0) / steps)
-        print(f"[decode] round {r + 1}/{rounds}: " + ", ".join(f"{n} {1 / t:.3f} tok/s" for n, t in best.items()),
+            for _ in range(n):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / n)
+        print(f"[decode] round {r + 1}/{rounds}: " + ", ".join(f"{n} {1 / t:.3f}/s" for n, t in best.items()),
               file=sys.stderr)
+    gbs = {k: nbytes / best[k] / 1e9 for k, (_, nbytes) in probes.items()}
     first = runs[0][0]
-    return {name: {"precision": mode, "decode_tokens_per_s": round(1 / best[name], 3),
-                   "vs_first": round(best[first] / best[name], 3),
-                   "weight_bytes_per_token_gb": round(decoder_weight_bytes(Path(b)) / 1e9, 4)}
-            for (name, mode, _, _), b in zip(runs, bundles)}
+    out = {"gemv": {k: round(v, 2) for k, v in gbs.items()}}
+    for (name, mode, pipe, _), b in zip(runs, bundles):
+        wb = decoder_weight_bytes(Path(b))
+        read = wb / best[name] / 1e9  # GB/s the decode step reads its weights at
+        out[name] = {"precision": mode, "fused": getattr(pipe, "fused_step", None) is not None,
+                     "decode_tokens_per_s": round(1 / best[name], 3), "vs_first": round(best[first] / best[name], 3),
+                     "weight_bytes_per_token": wb, "weight_bytes_per_token_gb": round(wb / 1e9, 4),
+                     "weights_read_gb_s": round(read, 2),
+                     "fraction_of_fp32_gemv": round(read / gbs["fp32 GEMV"], 3),
+                     "fraction_of_int4_gemv": round(read / gbs["int4 GEMV"], 3)}
+        pipe.close()
+    return out
+
+
+def format_decode(d: dict) -> str:
+    """The decode comparison as a markdown table (fractions as the JSON has them)."""
+    rows = ["| bundle | precision | fused | decode tok/s | weight GB/token | weights read GB/s | "
+            "of fp32 GEMV | of int4 GEMV |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in d.items():
+        if name != "gemv":
+            rows.append(f"| {name} | {r['precision']} | {r['fused']} | {r['decode_tokens_per_s']} | "
+                        f"{r['weight_bytes_per_token_gb']} | {r['weights_read_gb_s']} | {r['fraction_of_fp32_gemv']} | "
+                        f"{r['fraction_of_int4_gemv']} |")
+    rows.append("GEMV probes (same process, same rounds): "
+                + ", ".join(f"{k} {v} GB/s" for k, v in d["gemv"].items()))
+    return "\n".join(rows)
+
+
+def profile_decode(bundle: Path, threads: int, steps: int = 16, top: int = 8) -> dict:
+    """Per-operator share of a decode step's kernel time (onnxruntime's profiler, `steps` steps at
+    past = prefix + 4, batch 1, as decode_step runs them): {op type: {"share", "ms_per_step"}}."""
+    import json as _json
+
+    from bridge_export import runtime
+
+    pipe = runtime.load(bundle, threads=threads, graphs=("text_decoder",))
+    sess = pipe.sessions["text_decoder"]
+    path = Path(bundle).absolute() / "text_decoder.onnx"
+    import onnxruntime as ort
+
+    from bridge_export.runtime.sessions import ort_session_options
+
+    opts = ort_session_options(threads)
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(Path(tempfile.gettempdir()) / "decode-profile")
+    sess.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])  # same graph, profiled
+    if getattr(pipe, "fused_step", None) is not None:  # the fused step drives the profiled session
+        from bridge_export.runtime.kv_cache import FusedStep
+
+        pipe.fused_step = FusedStep(sess, pipe.manifest.kv_layout)
+    step = decode_step(pipe)
+    for _ in range(3):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    wall = (time.perf_counter() - t0) / steps
+    trace = Path(sess.sess.end_profiling())
+    events = _json.loads(trace.read_text())
+    trace.unlink()
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            per_op[op] = per_op.get(op, 0.0) + e["dur"]
+    pipe.close()
+    total = sum(per_op.values())
+    n_runs = steps + 3
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
+    return {"step_ms_wall": round(wall * 1e3, 3), "kernel_ms_per_step": round(total / 1e3 / n_runs, 3),
+            "ops": {op: {"share": round(us / total, 3), "ms_per_step": round(us / 1e3 / n_runs, 3)} for op, us in ranked}}
 
 
 def _pss_gb() -> float:
@@ -313,7 +432,7 @@ def format_table(t: dict) -> str:
     for label, k in keys:
         rows.append(f"| {label} | " + " | ".join(str(t[c].get(k, "-")) for c in cols) + " |")
     for name, d in t.get("decode", {}).items():
-        if isinstance(d, dict):
+        if isinstance(d, dict) and name != "gemv":
             rows.append(f"| decoders interleaved: {d['precision']} tokens/s (vs int8-cpu) | "
                         f"{d['decode_tokens_per_s']} ({d['vs_first']}x) |" + " |" * (len(cols) - 1))
     return "\n".join(rows)
@@ -335,6 +454,11 @@ def main(argv=None) -> None:
     d.add_argument("--threads", type=int, default=os.cpu_count())
     d.add_argument("--steps", type=int, default=8)
     d.add_argument("--rounds", type=int, default=5)
+    d.add_argument("--gemv-gib", type=float, default=1.0, help="size of the bandwidth probes' weights")
+    pr = sub.add_parser("profile", help="per-operator share of a decode step's kernel time (onnxruntime's profiler)")
+    pr.add_argument("bundle", type=Path)
+    pr.add_argument("--threads", type=int, default=os.cpu_count())
+    pr.add_argument("--steps", type=int, default=16)
     m = sub.add_parser("measure")
     m.add_argument("bundle", type=Path)
     m.add_argument("--threads", type=int, default=os.cpu_count())
@@ -344,7 +468,12 @@ def main(argv=None) -> None:
     m.add_argument("--gemv-gib", type=float, default=1.0, help="size of the bandwidth probe's weight")
     args = ap.parse_args(argv)
     if args.cmd == "decode":
-        print(json.dumps(decode_compare(args.bundles, args.threads, args.steps, args.rounds)))
+        d = decode_compare(args.bundles, args.threads, args.steps, args.rounds, args.gemv_gib)
+        print(format_decode(d), file=sys.stderr)
+        print(json.dumps(d))  # last line: what `run` reads
+        return
+    if args.cmd == "profile":
+        print(json.dumps(profile_decode(args.bundle, args.threads, args.steps), indent=1))
         return
     if args.cmd == "measure":
         print(json.dumps(measure(args.bundle, args.threads,
