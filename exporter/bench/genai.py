@@ -114,16 +114,19 @@ def build_genai(preset: str, precision: str, out: Path, threads: int, work: Path
     return out
 
 
-def export_ours(preset: str, precision: str, out: Path, work: Path, target: str | None = None) -> Path:
+def export_ours(preset: str, precision: str, out: Path, work: Path, target: str | None = None,
+                portable_decoder: bool = False) -> Path:
     """Our bundle of the preset at `precision`, streamed as `bridge-export onnx --preset` writes it (in its
     own process, so the reference model's memory is gone before the timing starts)."""
     cmd = [sys.executable, "-m", "bridge_export.exporter.bench.genai", "ours-bundle", "--preset", preset,
            "--precision", precision, "--out", str(out)]
-    _run(cmd + (["--target", target] if target else []), work / f"ours-{preset}-{precision}.log")
+    cmd += (["--target", target] if target else []) + (["--portable-decoder"] if portable_decoder else [])
+    _run(cmd, work / f"ours-{preset}-{precision}.log")
     return out
 
 
-def write_ours(preset: str, precision: str, out: Path, target: str | None = None) -> Path:
+def write_ours(preset: str, precision: str, out: Path, target: str | None = None,
+               portable_decoder: bool = False) -> Path:
     """The streamed exporter on the preset's seeded reference model (int4 at its defaults: block 32,
     asymmetric, accuracy level 4, the settings genai's builder is given)."""
     import inspect
@@ -136,6 +139,8 @@ def write_ours(preset: str, precision: str, out: Path, target: str | None = None
         if "target" not in inspect.signature(export_streamed).parameters:
             raise UserError("this exporter has no operator target choice yet: leave --target out")
         kw["target"] = target
+    if portable_decoder:
+        kw["fused_decoder"] = False
     model, source = load_source(None, preset, 0)
     return export_model(model, out, source_desc=source, precision=precision, overwrite=True, **kw)
 
@@ -318,6 +323,8 @@ class Settings:
     tokens: int = 17      # api mode: tokens per generation (16 decode steps after the first token)
     rounds: int = 3
     modes: tuple[str, ...] = ("graph", "api")
+    target: str | None = None  # our bundles' operator target (None: the precision's default)
+    portable_decoder: bool = False  # keep our portable decoder in an onnxruntime-target bundle
 
 
 def run(s: Settings, work: Path | None = None, keep: bool = False, rebuild_ours: bool = False) -> dict:
@@ -345,9 +352,11 @@ def run(s: Settings, work: Path | None = None, keep: bool = False, rebuild_ours:
     result = {"settings": asdict(s), "shapes": {}, "rows": []}
     try:
         for p in s.precisions:
-            ours, genai = work / f"ours-{s.preset}-{p}", work / f"genai-{s.preset}-{p}"
+            ours = work / (f"ours-{s.preset}-{p}" + (f"-{s.target}" if s.target else "")
+                           + ("-portable" if s.portable_decoder else ""))
+            genai = work / f"genai-{s.preset}-{p}"
             if rebuild_ours or not (ours / "manifest.json").is_file():
-                export_ours(s.preset, p, ours, work)
+                export_ours(s.preset, p, ours, work, s.target, s.portable_decoder)
             if not (genai / "genai_config.json").is_file():
                 build_genai(s.preset, p, genai, s.threads, work)
             result["shapes"][p] = shapes(ours, genai)
@@ -383,7 +392,11 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=8, help="graph mode: steps per timed call")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default="graph,api")
+    ap.add_argument("--target", choices=("onnxruntime", "tensorrt"),
+                    help="our bundles' operator target (default: the precision's; fp32 is portable)")
     ap.add_argument("--work", type=Path, help="keep both sides' models here (reused when present)")
+    ap.add_argument("--portable-decoder", action="store_true",
+                    help="our portable decoder even where the fused one applies (the figures before it)")
     ap.add_argument("--rebuild-ours", action="store_true", help="re-export our bundles even if --work holds them")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     o = sub.add_parser("ours-bundle", help="(internal) export our bundle of the preset")
@@ -391,16 +404,17 @@ def main(argv=None) -> None:
     o.add_argument("--precision", required=True)
     o.add_argument("--out", required=True, type=Path)
     o.add_argument("--target")
+    o.add_argument("--portable-decoder", action="store_true")
     args = ap.parse_args(argv)
     if args.cmd == "ours-bundle":
-        write_ours(args.preset, args.precision, args.out, args.target)
+        write_ours(args.preset, args.precision, args.out, args.target, args.portable_decoder)
         return
     if args.cmd == "hf-model":
         write_hf_llama(args.preset, args.out)
         return
     s = Settings(args.preset, tuple(p for p in args.precision.split(",") if p), _ints(args.batches),
                  _ints(args.pasts), args.threads, args.steps, args.tokens, args.rounds,
-                 tuple(m for m in args.modes.split(",") if m))
+                 tuple(m for m in args.modes.split(",") if m), args.target, args.portable_decoder)
     res = run(s, args.work, keep=args.work is not None, rebuild_ours=args.rebuild_ours)
     print(format_table(res["rows"], s.preset))
     if args.json:
