@@ -271,3 +271,20 @@ def test_triton_repo_runs_the_fused_decoder_on_onnxruntime(bundles, tmp_path):
         'key: "decoder_backend"')[1].split("}")[0]
     repo = write_repo(bundles["int4-cpu", True], tmp_path / "repo", RepoOptions(backend="onnxruntime"))
     assert 'string_value: "onnxruntime"' in (repo / "caption" / "config.pbtxt").read_text()
+
+
+@pytest.mark.parametrize("precision,atol", [("fp16", 2e-3), ("int8-cpu", 1e-3)])
+def test_fp16_and_int8_fused_equal_portable(model16, tok_dir, tmp_path, precision, atol):
+    """fp16 (KV buffer in fp16) and int8-cpu: the fused decoder makes the portable one's tokens; text
+    embeddings agree within the precision's own noise (int8's activation scales are per tensor, so
+    unpadded texts are compared)."""
+    kw = {"target": "onnxruntime"} if precision == "fp16" else {}
+    f = runtime.load(_export(model16, tmp_path / "f", precision, tok_dir, **kw))
+    p = runtime.load(_export(model16, tmp_path / "p", precision, tok_dir, fused_decoder=False))
+    assert f.fused_step is not None and p.fused_step is None
+    x, prompt = _pix(2, seed=6), np.array([[1, 5, 6, 7]] * 2)
+    for beams in (1, 3):
+        np.testing.assert_array_equal(f.generate(x, prompt, max_new_tokens=8, num_beams=beams),
+                                      p.generate(x, prompt, max_new_tokens=8, num_beams=beams))
+    ids = np.array([[1, 5, 9, 2], [1, 7, 8, 2]])
+    np.testing.assert_allclose(f.encode_text(ids), p.encode_text(ids), atol=atol)
