@@ -288,3 +288,39 @@ def test_fp16_and_int8_fused_equal_portable(model16, tok_dir, tmp_path, precisio
                                       p.generate(x, prompt, max_new_tokens=8, num_beams=beams))
     ids = np.array([[1, 5, 9, 2], [1, 7, 8, 2]])
     np.testing.assert_allclose(f.encode_text(ids), p.encode_text(ids), atol=atol)
+
+
+class _ArrayRunner:
+    """The demo's BundleRunner with classify as a probability matrix (evaluate takes argmax of it)."""
+
+    def __init__(self, pipe):
+        from bridge_export.exporter.demo import BundleRunner
+
+        self.inner = BundleRunner(pipe)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def classify(self, images, labels, template, mode):
+        return np.asarray(self.inner.classify(images, labels, template, mode))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["int4-cpu", "int8-cpu"])
+def test_demo_model_fused_keeps_accuracy(tmp_path, precision):
+    """The shipped digits model (head_dim 16: fused) at int4-cpu / int8-cpu: zero-shot >= 95% on both heads
+    and captions within a point of the fp32 portable bundle."""
+    from bridge_export import reference_model
+    from bridge_export.exporter.export.stream_export import export_checkpoint
+    from bridge_export.reference_model.digits import evaluate, load_test_split
+
+    ckpt = reference_model.DEMO_CHECKPOINT
+    fused = runtime.load(export_checkpoint(ckpt, tmp_path / "q", precision=precision, progress=lambda s: None))
+    fp32 = runtime.load(export_checkpoint(ckpt, tmp_path / "f", precision="fp32", progress=lambda s: None))
+    assert fused.fused_step is not None and fp32.fused_step is None
+    images, labels = load_test_split(ckpt)
+    r = evaluate(_ArrayRunner(fused), fused.codec, images, labels)
+    ref = evaluate(_ArrayRunner(fp32), fp32.codec, images, labels)
+    assert r["zero_shot_C"] >= 0.95 and r["zero_shot_G"] >= 0.95, r
+    for k in ("zero_shot_C", "zero_shot_G", "caption"):
+        assert r[k] >= ref[k] - 0.01, (k, r, ref)
