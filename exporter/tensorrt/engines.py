@@ -129,21 +129,17 @@ def precision_plan(trt_major: int, precision: str, fp32_layers=(), fallback: str
 
 
 def fp32_islands(man, graph: str) -> list[str]:
-    """Node names an fp16 graph keeps in fp32 (recorded by `precision --precision fp16`; recomputed from the
-    graph with onnx for bundles that lack the record). Empty for other precisions."""
+    """Node names an fp16 graph keeps in fp32, as `precision --precision fp16` recorded them (`how.fp32_node_names`).
+    Empty for other precisions, and (with a warning) for fp16 bundles made before the names were recorded:
+    reading them from the graph would need onnx, which `engine` does not (it runs on a bare Jetson)."""
     if man.graph(graph).precision != "fp16" and man.precision.mode != "fp16":
         return []
     names = (man.graph(graph).how or {}).get("fp32_node_names")
-    if names is not None:
-        return list(names)
-    try:
-        import onnx
-
-        from bridge_export.exporter.quantize.precision import fp16_block_list
-    except ImportError:
-        log.warning("%s: the bundle does not list its fp32 layers and onnx is not installed: none pinned", graph)
+    if names is None:
+        log.warning("%s: the bundle does not list its fp32 layers (make the fp16 bundle again to record them): "
+                    "none pinned", graph)
         return []
-    return sorted(fp16_block_list(onnx.load(str(man.graph_path(graph)), load_external_data=False)))
+    return list(names)
 
 
 def _shape(s) -> str:
