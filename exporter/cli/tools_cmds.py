@@ -32,7 +32,8 @@ def demo(out, limit, precisions):
 # name -> (module whose main(argv) runs it, one-line description). The description is the tool's.
 TOOLS = {
     "gpu-check": ("bridge_export.runtime.gpu.check",
-                  "Check the device KV cache (and optionally a bundle on onnxruntime CUDA) on a real GPU"),
+                  "Check copy geometry, stream order and the device KV cache at full shape on a real GPU "
+                  "(PASS/FAIL per item)"),
     "trt-stamp": ("bridge_export.runtime.gpu.trt_compat",
                   "Stamp a trtexec-built engine's sidecar on the device: trt-stamp stamp GRAPH.json.in"),
     "tritonserver": ("bridge_export.runtime.serve.tritonserver",
@@ -49,6 +50,8 @@ TOOLS = {
                     "Our text decoder against onnxruntime-genai's on the same LLaMA shape, interleaved"),
     "vision-bench": ("bridge_export.exporter.bench.vision_fused",
                      "Image embeddings/s, fused (onnxruntime target) vision encoder and bridge vs portable"),
+    "qdq-variants": ("bridge_export.exporter.bench.qdq_variants",
+                     "INT8 8-bit (TensorRT) / 7-bit (onnxruntime) / FP8 from one bundle: cosines and demo accuracy"),
     "int4-sweep": ("bridge_export.exporter.bench.int4_sweep",
                    "INT4 settings side by side: block size, symmetric or not, lm_head and embeddings"),
     "train-demo": ("bridge_export.reference_model.train_demo",
