@@ -29,7 +29,7 @@ def format_manifest(man) -> str:
         f"patch {v.get('patch_size', '?')}",
         f"qllama      {kv.num_layers} layers x {dims.text_hidden_size}  heads {kv.num_heads}  "
         f"vocab {dims.vocab_size}  positions {dims.max_positions}  queries {dims.num_query_token}",
-        "tokenizer   " + (f"{tok.file}" + (" + SentencePiece merge order (tied scores)" if tok.exact_bpe else "")
+        "tokenizer   " + (f"{tok.file}" + (f" + {tok.sentencepiece} (SentencePiece encodes)" if tok.sentencepiece else "")
                           if tok else "none (array API only)"),
         f"caption     {cap.prompt!r}  beams {cap.num_beams}  new tokens {cap.min_new_tokens}..{cap.max_new_tokens}",
         f"limits      max batch {man.limits.max_batch}  max seq {man.limits.max_seq or dims.max_positions}",

@@ -366,7 +366,7 @@ class Preprocessing(Record):
 
 @dataclass
 class ExactBPEInfo(Record):
-    """SentencePiece merge scores for tokenizers whose pieces tie on score (bridge_export.runtime.text.ExactBPE)."""
+    """Merge scores an older layout kept beside tokenizer.json (read only to ask for a re-export)."""
 
     scores: str
     whitespace_only_pieces: bool = True
@@ -374,10 +374,11 @@ class ExactBPEInfo(Record):
 
 @dataclass
 class TokenizerInfo(Record):
-    """The bundle's tokenizer.json and, when needed, its exact-merge-order scores."""
+    """The bundle's tokenizer.json and, for a SentencePiece tokenizer, the original model that encodes."""
 
     file: str
-    exact_bpe: ExactBPEInfo | None = None
+    exact_bpe: ExactBPEInfo | None = None  # older bundles only
+    sentencepiece: str | None = None  # tokenizer.model: encoding exactly as the original (runtime.text)
 
 
 @dataclass
@@ -528,6 +529,8 @@ def named_files(man: "Manifest") -> list[tuple[str, str]]:
         out.append(("tokenizer", man.tokenizer.file))
         if man.tokenizer.exact_bpe is not None:
             out.append(("tokenizer scores", man.tokenizer.exact_bpe.scores))
+        if man.tokenizer.sentencepiece is not None:
+            out.append(("tokenizer model", man.tokenizer.sentencepiece))
     out += [(f"host tensor {k}", v) for k, v in man.host_tensors.items()]
     return out
 

@@ -1,86 +1,70 @@
-"""Tokenizer speed, side by side in one run: exact-BPE merge loop (old quadratic vs heap) and `tokenizers`.
+"""Tokenizer check and speed, side by side in one run: the runtime's encoder against SentencePiece and `tokenizers`.
 
-    python -m bridge_export.exporter.bench.tokenizer --tokenizer ../shared/data/internvl-tokenizer --chars 30000
+    bridge-export tools tokenizer-bench --tokenizer DIR_WITH_TOKENIZER_MODEL [--strings 2000] [--chars 30000]
 
-Prints seconds per encode and the ratios, and checks that every variant returns the same ids as
-SentencePiece itself (the original slow LlamaTokenizer's engine).
+The runtime encodes with the bundle's copy of the original SentencePiece model; this prints how many
+of N random mixed-script strings (Latin, CJK, digits, punctuation, emoji, runs of spaces) get other
+ids than SentencePiece itself and than the converted tokenizer.json (`tokenizers`' BPE, which breaks
+ties between equal-score pieces differently), and the time per encode of one long CJK text and one
+long English text for each, as the best of interleaved rounds.
 """
 from __future__ import annotations
 
+import string
 import tempfile
 import time
 from pathlib import Path
 
 import click
 
-from bridge_export.runtime.text import ExactBPE
 
-
-def quadratic_word(bpe: ExactBPE, word: str) -> list[int]:
-    """The merge loop before the heap (kept here as the baseline): rescans every pair after each merge."""
-    syms = list(word)
-    while len(syms) > 1:
-        best, at = None, -1
-        for i in range(len(syms) - 1):
-            sc = bpe.score.get(syms[i] + syms[i + 1])
-            if sc is not None and (best is None or sc > best):
-                best, at = sc, i
-        if best is None:
-            break
-        syms[at:at + 2] = [syms[at] + syms[at + 1]]
-    out = []
-    for s in syms:
-        out.extend([bpe.vocab[s]] if s in bpe.score else [bpe.byte_ids[b] for b in s.encode("utf-8")])
-    return out
-
-
-def _time(fn, repeat: int) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, result
+def _best(fns: dict, rounds: int) -> dict:
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):  # interleaved: a drifting shared CPU hits every variant alike
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
 
 
 @click.command()
-@click.option("--tokenizer", "tok_dir", required=True, type=click.Path(path_type=Path, exists=True),
+@click.option("--tokenizer", "tok_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="directory with the original tokenizer.model")
-@click.option("--chars", default=30000, show_default=True, help="characters of the test text")
-@click.option("--old-chars", default=0, help="characters for the old loop (0: same as --chars; it is slow)")
-@click.option("--repeat", default=3, show_default=True)
-def main(tok_dir, chars, old_chars, repeat):
-    """Time one long CJK text and one long spaced English text through each tokenizer."""
+@click.option("--strings", default=2000, show_default=True, help="random mixed-script strings compared id for id")
+@click.option("--chars", default=30000, show_default=True, help="characters of each long test text")
+@click.option("--repeat", default=5, show_default=True, help="interleaved timing rounds (best kept)")
+def main(tok_dir, strings, chars, repeat):
+    """Compare the runtime's ids with SentencePiece's and time one long CJK and one long English text."""
     import numpy as np
     import sentencepiece as spm
-    from tokenizers import Tokenizer
 
     from bridge_export.exporter.export.tokenizer import write_tokenizer
+    from bridge_export.runtime.manifest import SpecialTokens, TextConventions
+    from bridge_export.runtime.text import TextCodec
 
+    sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
     with tempfile.TemporaryDirectory() as d:
         entry = write_tokenizer(None, tok_dir, Path(d))
-        fast = Tokenizer.from_file(str(Path(d) / entry["file"]))
-        scores = np.load(Path(d) / entry["exact_bpe"]["scores"])
-    specials = [t.content for t in fast.get_added_tokens_decoder().values()]
-    bpe = ExactBPE(fast.get_vocab(), scores, specials, entry["exact_bpe"]["whitespace_only_pieces"])
-    sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
-    cjk = "".join(np.random.default_rng(0).choice(list("中文测试一只猫在公园里放风筝的女孩是我们你好世界图片"), chars))
-    eng = " ".join(["a photo of a cat sitting on the mat"] * (chars // 36 + 1))[:chars]
-    old_n = old_chars or chars
-    print(f"{'text':<8}{'chars':>7}{'old loop s':>12}{'heap s':>10}{'fast s':>10}{'old/heap':>10}{'heap/fast':>11}"
-          f"{'trunc80 s':>11}  ids equal sentencepiece")
+        codec = TextCodec(Path(d) / entry["file"], TextConventions(SpecialTokens(bos=1, eos=2, pad=0)),
+                          Path(d) / entry["sentencepiece"])
+    rng = np.random.default_rng(0)
+    alphabet = (list(string.ascii_letters + string.digits + string.punctuation + "   \t\n")
+                + list("中文测试一只猫在公园里放风筝的女孩是我们你好世界。，！？") + ["é", "ü", "ß", "😀", "☃", "€"])
+    texts = ["".join(rng.choice(alphabet, rng.integers(1, 40))) for _ in range(strings)]
+    runtime_off = sum(codec.exact.encode(t) != sp.encode(t) for t in texts)
+    bpe_off = sum(codec.tok.encode(t, add_special_tokens=False).ids != sp.encode(t) for t in texts)
+    print(f"{strings} mixed-script strings: runtime ids differ from SentencePiece on {runtime_off}; "
+          f"tokenizer.json's BPE differs on {bpe_off}")
+    cjk = "".join(rng.choice(list("中文测试一只猫在公园里放风筝的女孩是我们你好世界0123456789"), chars))
+    eng = (" ".join(["photograph"] * (chars // 10 + 1)))[:chars]
+    print(f"{'text':<8}{'chars':>7}{'runtime ms':>12}{'sentencepiece ms':>18}{'tokenizers ms':>15}{'same ids':>10}")
     for name, text in (("CJK", cjk), ("English", eng)):
-        old_text = text[:old_n]
-        t_old, ids_old = _time(lambda: [i for w in bpe._words_text(old_text) for i in quadratic_word(bpe, w)], 1)
-        t_new_old, ids_new_old = _time(lambda: bpe.encode(old_text), repeat)
-        t_new, ids_new = _time(lambda: bpe.encode(text), repeat)
-        t_fast, _ = _time(lambda: fast.encode(text, add_special_tokens=False).ids, repeat)
-        t_trunc, ids_trunc = _time(lambda: bpe.encode(text, max_tokens=80), repeat)
-        ok = ids_new == sp.encode(text) and ids_old == ids_new_old and ids_trunc[:80] == ids_new[:80]
-        ratio = t_old / t_new_old
-        print(f"{name:<8}{len(text):>7}{t_old:>12.3f}{t_new:>10.4f}{t_fast:>10.4f}{ratio:>9.0f}x"
-              f"{t_new / t_fast:>10.1f}x"
-              f"{t_trunc:>11.5f}  {ok}" + (f"  (old loop on the first {old_n} chars)" if old_n != len(text) else ""))
+        best = _best({"runtime": lambda: codec.exact.encode(text), "sp": lambda: sp.encode(text),
+                      "tokenizers": lambda: codec.tok.encode(text, add_special_tokens=False)}, repeat)
+        same = codec.exact.encode(text) == sp.encode(text)
+        print(f"{name:<8}{len(text):>7}{best['runtime'] * 1e3:>12.2f}{best['sp'] * 1e3:>18.2f}"
+              f"{best['tokenizers'] * 1e3:>15.2f}{str(same):>10}")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def _debug() -> bool:
 
 # Top-level modules of each optional extra: a command that needs a missing one says which extra to install.
 EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export",
-          "transformers": "export", "sentencepiece": "export", "google": "export",
+          "transformers": "export", "google": "export",
           "tensorrt": "tensorrt", "polygraphy": "tensorrt", "cuda": "tensorrt", "sklearn": "train",
           "pyarrow": "ray", "ray": "ray", "pytriton": "serve", "tritonclient": "serve"}
 

@@ -2,8 +2,9 @@
 
 Built directly with the `tokenizers` library the way transformers' LlamaConverter (legacy mode)
 does: BPE with byte fallback, merges recovered from the piece scores, `▁` prepended and
-spaces replaced, `<s>` added in front. The runtime then needs neither sentencepiece nor
-transformers, and its ids equal the original slow LlamaTokenizer's (tested token for token).
+spaces replaced, `<s>` added in front. The bundle keeps the original tokenizer.model too: the
+runtime encodes with SentencePiece itself (the converted BPE disagrees where pieces tie on score)
+and uses tokenizer.json for the vocabulary and decoding. No transformers at run time.
 """
 from __future__ import annotations
 
@@ -12,36 +13,11 @@ from pathlib import Path
 from bridge_export.runtime.errors import UserError
 
 
-BPE_SCORES = "tokenizer_bpe_scores.npy"
+SENTENCEPIECE = "tokenizer.model"  # the original model, copied into the bundle: the runtime encodes with it
 
 
 class TokenizerError(UserError, ValueError):
     """A tokenizer that cannot be found or converted."""
-
-
-def whitespace_only_pieces(model_file: Path) -> bool:
-    """The model's trainer_spec.allow_whitespace_only_pieces (runs of spaces stay in one word)."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    m = pb.ModelProto()
-    m.ParseFromString(Path(model_file).read_bytes())
-    return bool(m.trainer_spec.allow_whitespace_only_pieces)
-
-
-def bpe_scores(model_file: Path):
-    """Per-id merge scores (-inf for pieces merges never produce), when pieces tie on score; else None.
-
-    The runtime uses them to merge in SentencePiece's order (bridge_export.runtime.text.ExactBPE).
-    """
-    import numpy as np
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    n = sp.get_piece_size()
-    normal = [not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i)) for i in range(n)]
-    scores = np.array([sp.get_score(i) if normal[i] else -np.inf for i in range(n)], np.float32)
-    finite = scores[np.isfinite(scores)]
-    return scores if len(np.unique(finite)) < len(finite) else None
 
 
 def convert_sentencepiece(model_file: Path):
@@ -80,7 +56,8 @@ def write_tokenizer(checkpoint: Path | None, tokenizer_dir: Path | None, out_dir
                     vocab_size: int | None = None) -> dict | None:
     """Put `tokenizer.json` into the bundle from --tokenizer DIR or the checkpoint; None if neither has one.
 
-    Returns the manifest's tokenizer entry: {"file", "exact_bpe": {"scores", "whitespace_only_pieces"} | None}.
+    Returns the manifest's tokenizer entry: {"file": "tokenizer.json", "sentencepiece": "tokenizer.model" | None}
+    (a SentencePiece source is copied too: the runtime encodes with it, exactly as the original).
     A tokenizer with more pieces than the model's `vocab_size` is refused (it belongs to another model).
     """
     entry = _write_tokenizer(checkpoint, tokenizer_dir, out_dir)
@@ -109,18 +86,13 @@ def _write_tokenizer(checkpoint, tokenizer_dir, out_dir) -> dict | None:
                 Tokenizer.from_file(str(src / "tokenizer.json")).save(str(out_dir / "tokenizer.json"))
             except Exception as e:
                 raise TokenizerError(f"{src / 'tokenizer.json'} cannot be read by `tokenizers`: {e}") from e
-            return {"file": "tokenizer.json", "exact_bpe": None}
+            return {"file": "tokenizer.json"}
         if (src / "tokenizer.model").is_file():
-            import numpy as np
+            import shutil
 
             convert_sentencepiece(src / "tokenizer.model").save(str(out_dir / "tokenizer.json"))
-            scores = bpe_scores(src / "tokenizer.model")
-            exact = None
-            if scores is not None:
-                np.save(out_dir / BPE_SCORES, scores)
-                exact = {"scores": BPE_SCORES,
-                         "whitespace_only_pieces": whitespace_only_pieces(src / "tokenizer.model")}
-            return {"file": "tokenizer.json", "exact_bpe": exact}
+            shutil.copyfile(src / "tokenizer.model", out_dir / SENTENCEPIECE)
+            return {"file": "tokenizer.json", "sentencepiece": SENTENCEPIECE}
         if given:
             raise TokenizerError(f"--tokenizer {src} holds neither tokenizer.json nor tokenizer.model")
     return None

@@ -23,8 +23,8 @@ def codec(tokenizer_dir, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tok")
     entry = write_tokenizer(None, tokenizer_dir, d)
-    assert entry["exact_bpe"] == {"scores": "tokenizer_bpe_scores.npy", "whitespace_only_pieces": True}
-    return TextCodec(d / entry["file"], MANIFEST, entry["exact_bpe"])
+    assert entry == {"file": "tokenizer.json", "sentencepiece": "tokenizer.model"}
+    return TextCodec(d / entry["file"], MANIFEST, d / entry["sentencepiece"])
 
 
 def test_embedding_ids_as_original(codec, sp):
@@ -60,26 +60,39 @@ def test_long_texts_truncated_like_the_original(codec, sp):
     assert len(row) == 80 and row.tolist() == want
 
 
-def test_long_words_heap_merge_equals_sentencepiece(codec, sp):
-    """Words far longer than the short-word path (CJK runs, digits, no spaces) go through the heap merge."""
-    from bridge_export.exporter.bench.tokenizer import quadratic_word
-
+def test_long_words_equal_sentencepiece(codec, sp):
+    """Long runs without spaces (CJK, digits) and tied-score strings, through the bundle's encoder."""
     rng = np.random.default_rng(1)
     alphabet = list("中文测试一只猫在公园里放风筝的女孩是我们你好世界0123456789.,abcxyz😀é")
     texts = ["".join(rng.choice(alphabet, n)) for n in (13, 50, 200, 1000, 3000)]
     texts.append("456.78" * 300)
     for t in texts:
         assert codec.exact.encode(t) == sp.encode(t)
-    for w in codec.exact._words_text(texts[3]):
-        assert codec.exact._word(w) == quadratic_word(codec.exact, w)
+
+
+def test_special_token_strings_map_to_their_ids(codec, sp):
+    """As LlamaTokenizer(legacy=True): '</s>' in a text is the EOS id, the text around it encoded apart."""
+    assert codec.exact.encode("a cat</s>a dog") == sp.encode("a cat") + [2] + sp.encode("a dog")
 
 
 def test_early_truncation_keeps_the_prefix(codec, sp):
-    """encode(max_tokens=k) returns (at least k of) the same first ids without tokenizing the whole text."""
-    text = "a photo of a cat " * 50 + "中文测试" * 500
-    full = sp.encode(text)
+    """encode(max_tokens=k) returns (at least k of) the same first ids; after a special token it stops."""
+    text = "a photo of a cat " * 50 + "</s>" + "中文测试" * 500
+    full = codec.exact.encode(text)
     for k in (1, 5, 80, 200):
         part = codec.exact.encode(text, max_tokens=k)
         assert len(part) >= k and part == full[: len(part)]
-        assert len(part) < len(full)  # it stopped early
+        assert len(part) < len(full)  # the text after the special token was never encoded
     assert codec.exact.encode(text, max_tokens=10 ** 6) == full
+
+
+def test_an_older_tokenizer_layout_asks_for_a_re_export(tmp_path):
+    """Bundles that kept merge scores instead of the SentencePiece model are refused in one line."""
+    from types import SimpleNamespace
+
+    from bridge_export.runtime.manifest import BundleError, ExactBPEInfo, TokenizerInfo
+
+    man = SimpleNamespace(tokenizer=TokenizerInfo("tokenizer.json", ExactBPEInfo("tokenizer_bpe_scores.npy")),
+                          root=tmp_path, special_tokens=MANIFEST.special_tokens, prompts=MANIFEST.prompts)
+    with pytest.raises(BundleError, match="older layout.*re-export the bundle"):
+        TextCodec.from_manifest(man)
