@@ -28,7 +28,10 @@ class KVCache:
             buf = np.zeros((rows, heads, capacity, head_dim), np.float32)
             buf[:, :, :q_len] = t
             self.buffers.append(buf)
-        self.mask = np.zeros((rows, capacity), np.int64)
+        # the decode step's attention_mask feed, [slots' mask | the new token's 1]: `mask` is a view of it,
+        # so a one-token step feeds it as is instead of concatenating a new array every step
+        self._feed = np.zeros((rows, capacity + 1), np.int64)
+        self.mask = self._feed[:, :capacity]
         self.mask[:, :q_len] = 1
         self.length = q_len
         self.capacity = capacity
@@ -51,12 +54,16 @@ class KVCache:
 
     def attention_feed(self, step_mask: np.ndarray) -> np.ndarray:
         """The decoder's attention_mask for a step: the slots' mask, then the step's."""
+        if step_mask.shape[1] == 1:
+            self._feed[:, -1:] = step_mask
+            return self._feed
         return np.concatenate([self.mask, step_mask], axis=1)
 
     def repeat(self, n: int) -> None:
         """Repeat each row n times (the beams of one image share one prefix copy per beam, made once)."""
         self.buffers = [np.repeat(b, n, axis=0) for b in self.buffers]
-        self.mask = np.repeat(self.mask, n, axis=0)
+        self._feed = np.repeat(self._feed, n, axis=0)
+        self.mask = self._feed[:, :self.capacity]
 
     def reorder(self, src: np.ndarray) -> None:
         """Beam reorder: rows take the text slots of rows `src`; the shared visual prefix is untouched."""
