@@ -121,9 +121,10 @@ def precision_plan(trt_major: int, precision: str, fp32_layers=(), fallback: str
     pinned = sorted(fp32_layers) if precision == "fp16" else []
     flags = {"fp32": [], "fp16": ["FP16", "OBEY_PRECISION_CONSTRAINTS"], "int8": ["INT8"], "fp8": ["FP8"]}[precision]
     trtexec = [f"--{f.lower()}" for f in flags if f != "OBEY_PRECISION_CONSTRAINTS"] + ["--noTF32"]
-    if pinned:
-        trtexec += ["--precisionConstraints=obey", "--layerPrecisions=" + ",".join(f"{n}:fp32" for n in pinned),
-                    "--layerOutputTypes=" + ",".join(f"{n}:fp32" for n in pinned)]
+    listed = [n for n in pinned if "," not in n]  # trtexec splits its layer lists at commas
+    if listed:
+        trtexec += ["--precisionConstraints=obey", "--layerPrecisions=" + ",".join(f"{n}:fp32" for n in listed),
+                    "--layerOutputTypes=" + ",".join(f"{n}:fp32" for n in listed)]
     return {"typing": "weak", "strongly_typed": False, "builder_flags": flags, "pinned_fp32": pinned,
             "trtexec_flags": trtexec, "fallback": reason}
 
