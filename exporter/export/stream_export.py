@@ -206,20 +206,21 @@ def export_streamed(source, config: InternVLConfig, out, *, precision: str = "fp
     return out
 
 
-def export_checkpoint(checkpoint, out, lora_alpha: float | None = None, **kwargs) -> Path:
+def export_checkpoint(checkpoint, out, lora_alpha: float | None = None, target: str | None = None, **kwargs) -> Path:
     """Stream an original-format checkpoint directory into a bundle (see export_streamed).
 
     LoRA fine-tunes (peft key names) are merged per tensor; `lora_alpha` as in load_pretrained."""
     config = read_config(checkpoint)
     source = CheckpointSource(checkpoint, config, lora_alpha)
     try:
-        return export_streamed(source, config, out, checkpoint=Path(checkpoint),
+        return export_streamed(source, config, out, checkpoint=Path(checkpoint), target=target,
                                source_desc=f"checkpoint:{Path(checkpoint).absolute()}", **kwargs)
     finally:
         source.close()
 
 
-def export_model(model: torch.nn.Module, out, **kwargs) -> Path:
-    """Stream an in-memory reference model's state dict into a bundle (presets, tests)."""
+def export_model(model: torch.nn.Module, out, target: str | None = None, **kwargs) -> Path:
+    """Stream an in-memory reference model's state dict into a bundle (presets, tests); `target` as in
+    export_streamed."""
     kwargs.setdefault("source_desc", "in-memory model")
-    return export_streamed(StateDictSource(model.state_dict()), model.config, out, **kwargs)
+    return export_streamed(StateDictSource(model.state_dict()), model.config, out, target=target, **kwargs)
