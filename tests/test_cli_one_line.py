@@ -55,7 +55,19 @@ CASES = [
     ("triton-repo --instances 0", None, "triton-repo {b} --out {t}/r --instances 0", 2, "--instances"),
     ("triton-repo --max-batch 0", None, "triton-repo {b} --out {t}/r --max-batch 0", 2, "--max-batch"),
     ("a FIFO among the images", None, "embed {b} {t}/pipe.png", 1, r"is a named pipe \(FIFO\)"),
+    ("only a FIFO in --calib", lambda m, e: _calib_fifo(e), "precision {b} --precision int8 --calib {t}/calib "
+     "--out {t}/p", 1, r"none of its 1 images could be read"),
+    ("--calib-texts not UTF-8", lambda m, e: (e["t"] / "texts.txt").write_bytes(b"a cat\n\xff\xfe\n"),
+     "precision {b} --precision int8 --calib {img} --calib-texts {t}/texts.txt --out {t}/p", 1,
+     r"texts.txt is not UTF-8 text \(byte 6\)"),
 ]
+
+
+def _calib_fifo(env):
+    import os
+
+    (env["t"] / "calib").mkdir()
+    os.mkfifo(env["t"] / "calib" / "0.png")  # read with Image.open, this blocked forever
 
 
 @pytest.fixture

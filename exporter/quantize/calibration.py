@@ -28,8 +28,12 @@ class CalibrationError(UserError, ValueError):
 
 
 def read_image_folder(folder, limit: int | None = None) -> list:
-    """Readable RGB images from `folder` (sorted); raises for a missing, empty or unreadable folder."""
-    from PIL import Image
+    """Readable RGB images from `folder` (sorted); raises for a missing, empty or unreadable folder.
+
+    Read as the runtime reads images (runtime.preprocess.to_pil): special files (a FIFO would block),
+    decompression bombs and unreadable files are skipped, transparency is composited the same way.
+    """
+    from bridge_export.runtime.preprocess import ImageError, to_pil
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -40,9 +44,8 @@ def read_image_folder(folder, limit: int | None = None) -> list:
     images, bad = [], []
     for p in files[:limit] if limit else files:
         try:
-            with Image.open(p) as im:
-                images.append(im.convert("RGB"))
-        except (OSError, ValueError):
+            images.append(to_pil(p))
+        except ImageError:
             bad.append(p.name)
     if not images:
         raise CalibrationError(f"--calib {folder}: none of its {len(files)} images could be read ({bad[:3]}...)")
@@ -54,7 +57,11 @@ def read_texts(path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise CalibrationError(f"--calib-texts {p} is not a file: give a text file, one text per line")
-    lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"--calib-texts {p} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise CalibrationError(f"--calib-texts {p} is empty")
     return lines
