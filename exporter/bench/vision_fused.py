@@ -63,7 +63,7 @@ def measure(preset: str, batch: int, rounds: int, threads: int, work: Path, ort_
             export_ours(preset, "fp32", paths[side], work, target)
     s = cfg.image_size
     x = np.random.default_rng(0).standard_normal((batch, 3, s, s), dtype=np.float32)
-    pipes = {k: runtime.load(p, threads=threads) for k, p in paths.items()}
+    pipes = {k: runtime.load(p, threads=threads, graphs=("vision_encoder", "query_bridge")) for k, p in paths.items()}
     res = {"preset": preset, "batch": batch, "threads": threads, "rows": []}
     try:
         emb = {k: {m: p.encode_image(x, m) for m in ("C", "G")} for k, p in pipes.items()}
