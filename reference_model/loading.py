@@ -1,17 +1,16 @@
 """Build on the meta device, load original-format checkpoints with assign=True, save them back."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from bridge_export.reference_model.checkpoint_reader import CheckpointError  # noqa: F401 (re-exported)
 from bridge_export.reference_model.checkpoint_reader import IGNORED_PREFIXES, iter_checkpoint_tensors, read_config
 from bridge_export.reference_model.config import InternVLConfig, preset_config
 from bridge_export.reference_model.model import InternVLModel
+from bridge_export.reference_model.saving import save_pretrained  # noqa: F401 (re-exported)
 
 log = logging.getLogger("reference_model")
 
@@ -107,17 +106,3 @@ def from_preset(name: str, seed: int = 0, device=None, dtype=torch.float32) -> I
     if config.tie_word_embeddings:
         model.qllama.lm_head.weight = model.qllama.model.embed_tokens.weight
     return model.to(device=device or "cpu", dtype=dtype).eval()
-
-
-def save_pretrained(model: nn.Module, directory) -> None:
-    """Write config.json + model.safetensors (original key names) atomically into `directory`."""
-    from safetensors.torch import save_file
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = d / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.chmod(0o644)
-    tmp.replace(d / "model.safetensors")
-    (d / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))

@@ -119,7 +119,7 @@ class InternVLModel(nn.Module):
 
     def save_pretrained(self, directory) -> None:
         """Write config.json + model.safetensors in the original layout."""
-        from bridge_export.reference_model.loading import save_pretrained
+        from bridge_export.reference_model.saving import save_pretrained
 
         save_pretrained(self, directory)
 

@@ -93,8 +93,8 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
     unpacked (logged). Prepacking is what makes onnxruntime's integer kernels fast (unpacked, a
     decode step was 3.5x slower in int8-cpu and 100x in int4-cpu), so the decoder always keeps it.
     """
-    from bridge_export.runtime.sessions import (NO_PREPACK, BackendUnavailable, check_threads, open_session, prepacking_plan,
-                           tensorrt_available)
+    from bridge_export.runtime.backends import open_session, tensorrt_available
+    from bridge_export.runtime.sessions import NO_PREPACK, BackendUnavailable, check_threads, prepacking_plan
 
     if backend not in ("onnxruntime", "tensorrt"):
         raise ValueError(f"unknown backend {backend!r}: use 'onnxruntime' or 'tensorrt'")

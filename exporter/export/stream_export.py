@@ -20,8 +20,8 @@ from bridge_export.reference_model.config import InternVLConfig
 
 from bridge_export.runtime.progress import get_logger, progress_iter, reporter
 
-from bridge_export.exporter.export.bundle import (build_manifest, caption_defaults, check_export_args, operator_target,
-                                                  write_manifest)
+from bridge_export.exporter.export.manifest_build import (build_manifest, caption_defaults, check_export_args, operator_target,
+                                                          write_manifest)
 from bridge_export.exporter.errors import ExportError
 from bridge_export.exporter.output import output_dir
 from bridge_export.exporter.export.checks import check_graph

@@ -163,7 +163,7 @@ class OneSessionAtATime(Mapping):
 
     def activate(self, name: str):
         """The real session of `name`, opened now if needed (closing the open one first)."""
-        from bridge_export.runtime.sessions import open_session
+        from bridge_export.runtime.backends import open_session
 
         if self.open_name != name:
             self.release(self.open_name)

@@ -197,7 +197,7 @@ def test_bad_load_arguments(tiny_bundle, kw, exc, match):
 
 def test_tensorrt_backend_without_tensorrt(tiny_bundle):
     from bridge_export.runtime.errors import UserError
-    from bridge_export.runtime.sessions import tensorrt_available
+    from bridge_export.runtime.backends import tensorrt_available
 
     if tensorrt_available():
         pytest.skip("TensorRT is installed here: this checks the message where it is not")

@@ -20,7 +20,8 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from bridge_export.runtime import read_manifest  # noqa: E402
 from bridge_export.runtime.pipeline import Pipeline  # noqa: E402
 from bridge_export.runtime.serve.handlers import Handlers, RequestError  # noqa: E402
-from bridge_export.runtime.sessions import Session, TensorMeta, open_session  # noqa: E402
+from bridge_export.runtime.backends import open_session  # noqa: E402
+from bridge_export.runtime.sessions import Session, TensorMeta  # noqa: E402
 from bridge_export.runtime.text import TextCodec  # noqa: E402
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
