@@ -14,8 +14,10 @@ from bridge_export.runtime.errors import UserError
 
 # ORG/NAME as the hub spells repo ids (letters, digits, '-', '_', '.'), optionally @REVISION
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[\w./-]+))?$")
-# The published checkpoints ship safetensors shards; other weight formats would only double the download.
+# InternVL-14B-224px ships safetensors shards beside its pytorch_model-*.bin ones: fetch one set, not both
+# (27.7 GB each). A repo without safetensors (some fine-tunes) gets its .bin shards in a second pass.
 IGNORE = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx"]
+BIN_ONLY = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
 
 class CheckpointNotFound(UserError, FileNotFoundError):
@@ -54,7 +56,10 @@ def resolve_checkpoint(value: str | Path) -> Path:
 
     get_logger(__name__).info(f"checkpoint: {repo} from the Hugging Face cache (downloading what is missing)")
     try:
-        return Path(snapshot_download(repo, revision=revision, ignore_patterns=IGNORE))
+        path = Path(snapshot_download(repo, revision=revision, ignore_patterns=IGNORE))
+        if not any(path.glob("*.safetensors")):
+            path = Path(snapshot_download(repo, revision=revision, allow_patterns=BIN_ONLY))
+        return path
     except GatedRepoError:
         raise CheckpointNotFound(f"{repo} is gated: accept its terms on huggingface.co and log in (hf auth login)"
                                  ) from None
