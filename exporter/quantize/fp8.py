@@ -3,7 +3,10 @@
 The same MatMul/Conv/Gemm nodes as INT8 (`precision.int8_nodes`, same exclusions) get
 QuantizeLinear/DequantizeLinear pairs with float8e4m3fn zero points (opset 19): activations per
 tensor, scale = calibrated max|x| / 448 (the same calibration as INT8: `precision.histogram_ranges`,
-same feeds and method), weights per output channel, scale = max|w| / 448, stored as float8e4m3fn.
+same feeds and method), weights per tensor too, scale = max|w| / 448, stored as float8e4m3fn.
+Per-tensor weight scales because TensorRT runs FP8 GEMMs with per-channel weight scales only from
+10.6 and on Hopper, while per-tensor ones run on every FP8 GPU (Ada and Hopper) from TensorRT 10.0;
+E4M3 being a float format, one scale per tensor costs little (`per_channel=True` is available).
 TensorRT 10 parses exactly this (FP8 Q/DQ, zero point 0), and onnxruntime's CPU provider runs it
 (QuantizeLinear/DequantizeLinear for float8 types), which is how the accuracy report is measured.
 
@@ -46,9 +49,11 @@ def _weight_axis(node: onnx.NodeProto, w: np.ndarray) -> int | None:
     return 0 if trans_b else 1
 
 
-def insert_fp8_qdq(model: onnx.ModelProto, nodes: list[str], ranges: dict[str, tuple], base_dir: Path) -> list[str]:
-    """Put E4M3 Q/DQ on the activation input and the weight of each node in `nodes` (in place); returns the
-    nodes quantized (those with a calibrated activation range and a 2-D (Conv: any) constant weight)."""
+def insert_fp8_qdq(model: onnx.ModelProto, nodes: list[str], ranges: dict[str, tuple], base_dir: Path,
+                   per_channel: bool = False) -> list[str]:
+    """Put E4M3 Q/DQ on the activation input and the weight of each node in `nodes` (in place): weights with
+    one scale, or one per output channel with `per_channel`; returns the nodes quantized (those with a
+    calibrated activation range and a 2-D (Conv: any) constant weight)."""
     inits = {t.name: t for t in model.graph.initializer}
     by_name = {n.name: n for n in model.graph.node}
     new_nodes: dict[str, list[onnx.NodeProto]] = {}  # inserted before the node that first needs them
@@ -80,17 +85,21 @@ def insert_fp8_qdq(model: onnx.ModelProto, nodes: list[str], ranges: dict[str, t
             n.input[0], n.input[1] = act_dq[x], w_dq[w_name]
             done.append(name)
             continue
-        reduce = tuple(i for i in range(w.ndim) if i != axis)
-        sw = _scale(np.abs(w).max(axis=reduce))
-        shape = [1] * w.ndim
-        shape[axis] = -1
-        wq = to_e4m3(w / sw.reshape(shape))
+        if per_channel:
+            sw = _scale(np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis)))
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            wq = to_e4m3(w / sw.reshape(shape))
+        else:
+            sw = _scale(np.abs(w).max())
+            wq = to_e4m3(w / sw)
         base = f"{w_name}_fp8"
         model.graph.initializer.extend([numpy_helper.from_array(wq, f"{base}_q"),
                                         numpy_helper.from_array(sw, f"{base}_scale"),
                                         numpy_helper.from_array(to_e4m3(np.zeros(sw.shape, np.float32)), f"{base}_zp")])
         inserted.append(helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_scale", f"{base}_zp"],
-                                         [f"{base}_dq"], name=f"{base}_DequantizeLinear", axis=axis))
+                                         [f"{base}_dq"], name=f"{base}_DequantizeLinear",
+                                         **({"axis": axis} if per_channel else {})))
         w_dq[w_name] = f"{base}_dq"
         n.input[0], n.input[1] = act_dq[x], f"{base}_dq"
         done.append(name)
@@ -141,7 +150,7 @@ def to_fp8_qdq(src: Path, dst: Path, feeds: list[dict], method: str, exclude, pr
     onnx.save_model(toposort(model), str(dst), save_as_external_data=True, location=dst.name + ".data")
     total = len(quant) + len(skipped)
     return {"method": "E4M3 (float8e4m3fn) Q/DQ, zero point 0: activations per tensor (calibrated max|x| / 448), "
-                      f"weights per output channel (max|w| / 448), calibration {method}, opset {FP8_OPSET}",
+                      f"weights per tensor (max|w| / 448), calibration {method}, opset {FP8_OPSET}",
             "quantized_nodes": len(done), "excluded_nodes": total - len(done),
             "quantized_fraction": round(len(done) / max(1, total), 4), "calibration_batches": len(feeds),
             "calibration_ranges": cache.name, "exclude": DEFAULT_INT8_EXCLUDE if exclude is None else exclude}

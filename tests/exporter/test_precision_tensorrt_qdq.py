@@ -100,6 +100,8 @@ def test_fp8_bundle_is_e4m3_qdq_at_opset_19(qdq):
         for n in dq:
             zp = inits[n.input[2]]
             assert zp.data_type == TensorProto.FLOAT8E4M3FN
+            # one scale per tensor (weights too): FP8 GEMMs on every FP8 GPU from TensorRT 10.0
+            assert int(np.prod(inits[n.input[1]].dims)) == 1 and not n.attribute
             assert not numpy_helper.to_array(zp, base_dir=str(path.parent)).astype(np.float32).any()
         assert (qdq["fp8"] / man.graphs[name].how["calibration_ranges"]).is_file()
     rep = man.precision.accuracy
@@ -115,8 +117,9 @@ def test_fp8_runs_in_the_runtime_and_stays_close(qdq, tiny_bundle):
         assert 0.95 < c < 1.0, (m, c)  # close, and really quantized
 
 
-def test_insert_fp8_qdq_matches_numpy():
-    """One MatMul: per-tensor activation and per-channel weight scales from max / 448, saturating rounding."""
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_insert_fp8_qdq_matches_numpy(per_channel):
+    """One MatMul: per-tensor activation scale and per-tensor (or per-channel) weight scales from max / 448."""
     import onnxruntime as ort
 
     rng = np.random.default_rng(1)
@@ -127,12 +130,13 @@ def test_insert_fp8_qdq_matches_numpy():
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
                           [numpy_helper.from_array(w, "w")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
-    assert insert_fp8_qdq(model, ["mm"], {"x": (np.float32(-2.0), np.float32(4.0))}, base_dir=".") == ["mm"]
+    assert insert_fp8_qdq(model, ["mm"], {"x": (np.float32(-2.0), np.float32(4.0))}, base_dir=".",
+                          per_channel=per_channel) == ["mm"]
     onnx.checker.check_model(model)
     assert "w" not in {t.name for t in model.graph.initializer}  # the fp32 weight is stored as fp8 only
     x = rng.standard_normal((3, k)).astype(np.float32) * 3
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    sx, sw = 4.0 / E4M3_MAX, np.abs(w).max(0) / E4M3_MAX
+    sx, sw = 4.0 / E4M3_MAX, (np.abs(w).max(0) if per_channel else np.abs(w).max()) / E4M3_MAX
     expect = (to_e4m3(x / sx).astype(np.float32) * sx) @ (to_e4m3(w / sw).astype(np.float32) * sw)
     np.testing.assert_allclose(y, expect, rtol=1e-5, atol=1e-5)
     assert np.isfinite(to_e4m3(np.array([1e6], np.float32)).astype(np.float32)).all()  # saturates, no NaN
