@@ -1,7 +1,8 @@
 """The step-level scheduler's KV cache: one buffer of N rows that requests share, each row at its own length.
 
 Laid out for the portable decoder graph (past K/V [rows, heads, capacity, head_dim] and a per-row
-attention mask): every row keeps its visual prefix in slots 0..Q-1, then its prompt and new tokens;
+attention mask): every row keeps its visual prefix in slots 0..Q-1, then its prompt and new tokens (a prompt prefilled
+beside longer ones is left-padded: its pad slots stay masked, and positions count real slots only);
 a decode step reads rows 0..n-1 in place (the active rows are kept first, so that is a view, no
 copy) and writes each row's new K/V at that row's own length. Empty slots are masked, so a row
 attends to exactly what it would attend to alone. The scheduler only uses the methods below, so a
@@ -41,17 +42,20 @@ class RowKVCache:
         """The past K/V feeds of `rows`: a slice is a view of the buffers (no copy), an index array a copy."""
         return [buf[rows] for buf in self.buffers]
 
-    def attention_feed(self, rows, new: int) -> np.ndarray:
-        """The decoder's attention mask for `rows` feeding `new` tokens each: their slots' mask, then ones."""
-        m = self.mask[rows]
-        return np.concatenate([m, np.ones((m.shape[0], new), np.int64)], axis=1)
+    def attention_feed(self, rows, step_mask: np.ndarray) -> np.ndarray:
+        """The decoder's attention mask for `rows` feeding a step whose own mask is `step_mask` [rows, T]
+        (0 for left padding): their slots' mask, then the step's."""
+        return np.concatenate([self.mask[rows], step_mask], axis=1)
 
-    def positions(self, rows, new: int) -> np.ndarray:
-        """Position ids [len(rows), new]: each row continues from its own length (no padding inside a row)."""
-        return self.lengths[rows][:, None] + np.arange(new)[None, :]
+    def positions(self, rows, step_mask: np.ndarray) -> np.ndarray:
+        """Position ids [rows, T]: a token's position counts the real (unmasked) slots before it, as the
+        original's cumsum of the attention mask; pads get 1 (transformers' convention; they are masked)."""
+        pos = self.mask[rows].sum(1)[:, None] + step_mask.cumsum(1) - 1
+        return np.where(step_mask == 0, 1, pos)
 
-    def write(self, rows, present: list[np.ndarray]) -> None:
-        """Store each row's new K/V (present [len(rows), heads, T, head_dim]) at that row's own length."""
+    def write(self, rows, present: list[np.ndarray], step_mask: np.ndarray) -> None:
+        """Store each row's new K/V (present [len(rows), heads, T, head_dim]) at that row's own length; the
+        step's pad slots (step_mask 0) stay masked."""
         idx = np.arange(self.rows)[rows]
         T = present[0].shape[2]
         if (self.lengths[idx] + T > self.capacity).any():
@@ -60,7 +64,7 @@ class RowKVCache:
         r = idx[:, None]
         for buf, new in zip(self.buffers, present):
             buf[r, :, slots] = new.transpose(0, 2, 1, 3)  # advanced indices first: (n, T, heads, head_dim)
-        self.mask[r, slots] = 1
+        self.mask[r, slots] = step_mask
         self.lengths[idx] += T
 
     def copy_rows(self, dst: np.ndarray, src: np.ndarray) -> None:

@@ -189,12 +189,14 @@ class Scheduler:
 
     # -- one iteration ------------------------------------------------------------------------
     def step(self) -> None:
-        """Admit what fits in the free rows, then run one decode step over every active row."""
-        admitted = self._admit()
-        if admitted:
-            self._start(admitted)
-        if self.active:
-            self._decode()
+        """Admit what fits in the free rows (vision + bridge batched), then one decoder call: every decoding
+        row's next token and the new requests' prompts (the portable decoder prefills in a call of its own)."""
+        decoding = [r for r in self.active if r.pending is not None]
+        new = self._start(self._admit())
+        entries = [(r, r.rows, r.pending[:, None]) for r in decoding] + [(r, r.rows[:1], r.prompt_ids) for r in new]
+        if entries:
+            self._feed(entries)
+        self._compact()
         self._update_stats()
 
     def _free_rows(self) -> int:
@@ -213,8 +215,8 @@ class Scheduler:
                 out.append(req)
         return out
 
-    def _start(self, admitted: list[_Request]) -> None:
-        """Vision + bridge for the admitted requests in one batch, then each prompt's prefill and first choice."""
+    def _start(self, admitted: list[_Request]) -> list[_Request]:
+        """Vision + bridge for the admitted requests in one batch; each takes its rows with its visual prefix."""
         pix = []
         for req in admitted:  # a bad image fails its own request only
             try:
@@ -223,58 +225,69 @@ class Scheduler:
                 self._fail(req, e)
         admitted = [r for r in admitted if not r.future.done()]
         if not admitted:
-            return
+            return []
         try:
             _, prefix = self._prefix(np.concatenate(pix))
         except Exception as e:  # noqa: BLE001 - the graphs failed: every request of this batch gets the error
             for req in admitted:
                 self._fail(req, e)
-            return
+            return []
         n = self.cache.rows - self._free_rows()
         for i, req in enumerate(admitted):  # rows n.. are free: active rows stay first
             req.rows = list(range(n, n + req.cfg.num_beams))
             n += len(req.rows)
             for r in req.rows:
                 self.owner[r] = req
-            self.cache.load_prefix(np.array(req.rows[:1]), [p[i:i + 1] for p in prefix])
+            # every row gets the prefix (beams too): a fused call's idle rows must hold a valid length
+            self.cache.load_prefix(np.array(req.rows), [np.repeat(p[i:i + 1], len(req.rows), 0) for p in prefix])
             req.state = stepper(req.cfg)
             self.active.append(req)
-        by_len: dict[int, list[_Request]] = {}
-        for req in admitted:  # prompts of one length prefill together
-            by_len.setdefault(req.prompt_ids.shape[1], []).append(req)
-        for group in by_len.values():
-            rows = np.array([req.rows[0] for req in group])
+        return admitted
+
+    def _feed(self, entries: list[tuple[_Request, list[int], np.ndarray]]) -> None:
+        """Run the decoder over every entry (request, its rows, ids [rows, T]) in as few calls as the cache
+        allows, then let each request choose from its logits (a prompt's first row, copied to its beams)."""
+        for group in self._calls(entries):
+            rows = [r for _, rs, _ in group for r in rs]
             try:
-                logits = self._run(rows, np.concatenate([req.prompt_ids for req in group]))
-            except Exception as e:  # noqa: BLE001
-                for req in group:
+                logits = self._run(rows, [ids for _, _, ids in group])
+            except Exception as e:  # noqa: BLE001 - the decoder failed: these requests get the error, the loop goes on
+                for req, _, _ in group:
                     self._fail(req, e)
                 continue
-            for req, lg in zip(group, logits):
-                if len(req.rows) > 1:  # beams: every row starts from the prompt's cache
+            self.stats.steps += 1
+            self.stats.last_step_batch = len(rows)
+            self.stats.step_rows_total += len(rows)
+            at = 0
+            for req, rs, _ in group:
+                lg = logits[at:at + len(rs)]
+                at += len(rs)
+                if req.pending is None and len(req.rows) > 1:  # a prompt: every beam starts from its cache
                     self.cache.copy_rows(np.array(req.rows[1:]), np.array([req.rows[0]] * (len(req.rows) - 1)))
-                self._choose(req, lg[None])
-        self._compact()
+                self._choose(req, lg)
 
-    def _decode(self) -> None:
-        """One decode step over rows 0..n-1 (every active row), then each request's next choice."""
-        n = sum(len(r.rows) for r in self.active)
-        tokens = np.zeros((n, 1), np.int64)
-        for req in self.active:
-            tokens[req.rows, 0] = req.pending
-        try:
-            logits = self._run(slice(0, n), tokens)
-        except Exception as e:  # noqa: BLE001 - the decoder failed: its requests get the error, the loop goes on
-            for req in list(self.active):
-                self._fail(req, e)
-            self._compact()
-            return
-        self.stats.steps += 1
-        self.stats.last_step_batch = n
-        self.stats.step_rows_total += n
-        for req in list(self.active):
-            self._choose(req, logits[req.rows])
-        self._compact()
+    def _calls(self, entries):
+        """Entries grouped into decoder calls. Fused decoder: one call (each row feeds its own number of
+        tokens), split in two only where onnxruntime's rule (every row's length + the call's width within
+        the capacity) would fail. Portable decoder: rows feeding one token together, prompts left-padded
+        together as long as each row's pad slots still leave it room for its max_new_tokens."""
+        if self.fused is not None:
+            width = max(ids.shape[1] for _, _, ids in entries)
+            span = [r for _, rs, _ in entries for r in rs]
+            lo, hi = min(span), max(span) + 1
+            if int(self.cache.lengths[lo:hi].max()) + width <= self.cache.capacity:
+                return [entries]
+            return [[e for e in entries if e[0].pending is not None], [e for e in entries if e[0].pending is None]]
+        steps = [e for e in entries if e[2].shape[1] == 1 and e[0].pending is not None]
+        prompts = sorted((e for e in entries if e[0].pending is None), key=lambda e: -e[2].shape[1])
+        calls = [steps] if steps else []
+        for e in prompts:
+            width = calls[-1][0][2].shape[1] if calls and calls[-1] is not steps else 0
+            if width and self.pipe.num_query + width + e[0].cfg.max_new_tokens <= self.max_length:
+                calls[-1].append(e)
+            else:
+                calls.append([e])
+        return calls
 
     def _choose(self, req: _Request, logits: np.ndarray) -> None:
         """The request's search picks its next tokens; finished requests complete and leave their rows."""
@@ -350,17 +363,30 @@ class Scheduler:
         return (np.concatenate([g for g, _ in parts]),
                 [np.concatenate([p[j] for _, p in parts]) for j in range(len(parts[0][1]))])
 
-    def _run(self, rows, ids: np.ndarray) -> np.ndarray:
-        """The decoder over `rows` feeding `ids` [rows, T]; new K/V go to each row's own slots; last logits."""
-        c, T = self.cache, ids.shape[1]
-        if self.fused is not None:  # logits are a view of a buffer the next call reuses
-            return self.fused.run_rows(c, rows, ids).copy()
-        feeds = {"input_ids": ids, "position_ids": np.ascontiguousarray(c.positions(rows, T)),
-                 "attention_mask": c.attention_feed(rows, T)}
-        for (pk, pv, _, _), k, v in zip(self.kv_names, *[iter(c.past(rows))] * 2):
+    def _run(self, rows: list[int], seqs: list[np.ndarray]) -> np.ndarray:
+        """One decoder call: `rows` (in order) feed the ids of `seqs` ([rows of the entry, T_i] each) after their
+        own lengths; returns each row's logits of its last token [len(rows), vocab]."""
+        c, rows = self.cache, np.asarray(rows)
+        ids = [row for s in seqs for row in s]
+        width = max(len(x) for x in ids)
+        if self.fused is not None:  # right-padded, each row's own query length; rows between them idle
+            lo, hi = int(rows.min()), int(rows.max()) + 1
+            full = np.zeros((hi - lo, width), np.int64)
+            lens = np.zeros(hi - lo, np.int32)
+            for r, x in zip(rows, ids):
+                full[r - lo, :len(x)], lens[r - lo] = x, len(x)
+            return self.fused.run(c, full, lens, start=lo)[rows - lo]  # a copy (fancy index) of a reused buffer
+        feed = np.zeros((len(rows), width), np.int64)  # left-padded: each row's last token is the call's last
+        step_mask = np.zeros((len(rows), width), np.int64)
+        for i, x in enumerate(ids):
+            feed[i, width - len(x):], step_mask[i, width - len(x):] = x, 1
+        sel = slice(int(rows[0]), int(rows[-1]) + 1) if np.array_equal(rows, np.arange(rows[0], rows[-1] + 1)) else rows
+        feeds = {"input_ids": feed, "position_ids": c.positions(sel, step_mask),
+                 "attention_mask": c.attention_feed(sel, step_mask)}
+        for (pk, pv, _, _), k, v in zip(self.kv_names, *[iter(c.past(sel))] * 2):
             feeds[pk], feeds[pv] = k, v
         out = self.pipe._run("text_decoder", feeds)
-        c.write(rows, [out[n] for names in self.kv_names for n in names[2:]])
+        c.write(sel, [out[n] for names in self.kv_names for n in names[2:]], step_mask)
         return out["logits"]
 
     def _update_stats(self) -> None:
