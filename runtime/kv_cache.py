@@ -246,23 +246,32 @@ class FusedStep:
     """
 
     def __init__(self, session, layout):
-        self.ort = getattr(session, "sess", None)
-        if self.ort is None or getattr(session, "memory", None) is not None:
+        if getattr(session, "memory", None) is not None:
             raise ValueError("the fused decoder runs on an onnxruntime CPU session (device sessions keep the "
                              "portable decoder's cache)")
         self.session = session
         self.layers = [layout.past(i) + layout.present(i) for i in range(layout.num_layers)]
-        out = {o.name: o for o in self.ort.get_outputs()}
-        self.vocab = out["logits"].shape[1]
-        self.hidden = out["hidden_states"].shape[2]
 
-    def _binding(self, cache: SharedKVCache, start: int, n: int, width: int):
-        key = (id(self), start, n, width)
+    def _ort(self):
+        """The onnxruntime InferenceSession now open for the decoder (a session wrapper that opens its graph
+        on use, as verify's one-session-at-a-time pipeline, provides `ort_session()`)."""
+        s = self.session
+        ort = s.ort_session() if hasattr(s, "ort_session") else getattr(s, "sess", None)
+        if ort is None:
+            from bridge_export.runtime.errors import SessionClosed
+
+            raise SessionClosed(f"{getattr(s, 'name', 'text_decoder')}: session is closed; load the bundle again")
+        return ort
+
+    def _binding(self, ort, cache: SharedKVCache, start: int, n: int, width: int):
+        key = (id(ort), start, n, width)
         if key in cache.bindings:
             return cache.bindings[key]
         if len(cache.bindings) > 8:  # prompt widths vary: keep the decode step's bindings, not every prefill's
             cache.bindings.clear()
-        b = self.ort.io_binding()
+        out = {o.name: o for o in ort.get_outputs()}
+        vocab, hidden = out["logits"].shape[1], out["hidden_states"].shape[2]
+        b = ort.io_binding()
         feeds = {"input_ids": np.zeros((n, width), np.int64), "seqlens_k": np.zeros(n, np.int32),
                  "query_seqlens": np.zeros(n, np.int32), "total_sequence_length": np.zeros((), np.int32)}
         for k, a in feeds.items():
@@ -272,32 +281,28 @@ class FusedStep:
                 block = cache.data[i, j, start:start + n]  # contiguous: rows are the block's first axis
                 b.bind_input(src, "cpu", 0, block.dtype, list(block.shape), block.ctypes.data)
                 b.bind_output(dst, "cpu", 0, block.dtype, list(block.shape), block.ctypes.data)
-        outs = {"logits": np.zeros((n, self.vocab), np.float32),
-                "hidden_states": np.zeros((n, width, self.hidden), np.float32)}
+        outs = {"logits": np.zeros((n, vocab), np.float32), "hidden_states": np.zeros((n, width, hidden), np.float32)}
         for k, a in outs.items():
             b.bind_output(k, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
-        cache.bindings[key] = (b, feeds, outs)  # lives as long as the buffer its pointers point into
+        cache.bindings[key] = (b, feeds, outs, ort)  # lives as long as the buffer its pointers point into
         return cache.bindings[key]
 
     def run(self, cache: SharedKVCache, ids: np.ndarray, query_lens: np.ndarray, hidden: bool = False,
             start: int = 0):
         """Append each row's `query_lens[r]` tokens of `ids` [n, width] to rows start..start+n-1 of
         `cache`; returns logits [n, vocab] (and hidden_states [n, width, D] with `hidden`)."""
-        if self.session.sess is None:
-            from bridge_export.runtime.errors import SessionClosed
-
-            raise SessionClosed(f"{self.session.name}: session is closed; load the bundle again")
+        ort = self._ort()
         n, width = ids.shape
         lengths = cache.lengths[start:start + n]
         total = lengths + query_lens
         if int(lengths.max()) + width > cache.capacity:
             raise ValueError(f"KV cache full ({cache.capacity} slots): raise the request's maximum length")
-        b, feeds, outs = self._binding(cache, start, n, width)
+        b, feeds, outs, _ = self._binding(ort, cache, start, n, width)
         feeds["input_ids"][...] = ids
         feeds["query_seqlens"][...] = query_lens
         feeds["seqlens_k"][...] = total - 1
         feeds["total_sequence_length"][...] = max(int(total.max()), width)
-        self.ort.run_with_iobinding(b)
+        ort.run_with_iobinding(b)
         lengths[...] = total
         return (outs["logits"], outs["hidden_states"]) if hidden else outs["logits"]
 

@@ -179,7 +179,12 @@ def verify_graphs(bundle, model, report: VerifyReport, batch_sizes=(1, 2), seed:
         del module, part
         gc.collect()
         with open_session(manifest.graph_path(spec.name), "onnxruntime") as sess:
-            gots = [sess.run(feeds) for feeds in cases[spec.name]]
+            if spec.name == "text_decoder" and manifest.graph(spec.name).fused:  # the cases through its KV buffer
+                from bridge_export.exporter.verify.fused import run_fused_cases
+
+                gots, refs = run_fused_cases(sess, manifest.kv_layout, cases[spec.name], refs)
+            else:
+                gots = [sess.run(feeds) for feeds in cases[spec.name]]
         gc.collect()
         for i, (feeds, ref, got) in enumerate(zip(cases[spec.name], refs, gots)):
             shape = "x".join(str(d) for d in next(iter(feeds.values())).shape)

@@ -144,6 +144,10 @@ class _LazySession:
         """Run the graph (opening it first if another one is open)."""
         return self._real().run(feeds, **kw)
 
+    def ort_session(self):
+        """The onnxruntime InferenceSession of the graph, opened (the fused decoder binds its buffers there)."""
+        return self._real().sess
+
     def close(self) -> None:
         """Close the graph if it is the open one."""
         self.owner.release(self.name)

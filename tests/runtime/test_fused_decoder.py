@@ -324,3 +324,14 @@ def test_demo_model_fused_keeps_accuracy(tmp_path, precision):
     assert r["zero_shot_C"] >= 0.95 and r["zero_shot_G"] >= 0.95, r
     for k in ("zero_shot_C", "zero_shot_G", "caption"):
         assert r[k] >= ref[k] - 0.01, (k, r, ref)
+
+
+def test_verify_passes_on_the_fused_bundle(bundles, model16):
+    """`verify`: every graph against PyTorch (the decoder's cases through the shared buffer, padded positions
+    left out) and end to end (embeddings, similarity, greedy and beam captions)."""
+    from bridge_export.exporter.verify.parity import verify_bundle
+
+    report = verify_bundle(bundles["fp32", True], model16, progress=lambda s: None)
+    decoder = [o for o in report.outputs if o.where.startswith("text_decoder")]
+    assert decoder and {o.name for o in decoder} >= {"logits", "hidden_states", "present.0.key"}
+    assert report.passed, report.format()
