@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from bridge_export.runtime.kv_cache import CachedDecoder, KVCache
+from bridge_export.runtime.kv_cache import CachedDecoder, FusedCachedDecoder, KVCache, SharedKVCache
 from bridge_export.runtime.progress import get_logger
 
 log = get_logger(__name__)
@@ -55,9 +55,15 @@ def runtime_tasks(pipe, pasts: list[int], steps: int, image_batch: int = 8, text
         prefix = [rng.standard_normal((1, H, past, Dh), dtype=np.float32) for _ in range(2 * L)]
 
         def run(prefix=prefix, past=past):
-            dec = CachedDecoder(pipe.sessions["text_decoder"], pipe.kv_names, KVCache(prefix, past + steps + 1),
-                                prompt[:, :1], np.ones((1, 1), np.int64))
-            dec.next_pos = np.array([[past]])
+            if pipe.fused_step is not None:  # onnxruntime target: the shared buffer, `past` slots filled
+                cache = SharedKVCache(L, 1, H, past + steps + 1, Dh,
+                                      pipe.sessions["text_decoder"].inputs[kv.past(0)[0]].dtype)
+                cache.write_prefix(prefix)
+                dec = FusedCachedDecoder(pipe.fused_step, cache, prompt[:, :1], np.ones((1, 1), np.int64))
+            else:
+                dec = CachedDecoder(pipe.sessions["text_decoder"], pipe.kv_names, KVCache(prefix, past + steps + 1),
+                                    prompt[:, :1], np.ones((1, 1), np.int64))
+                dec.next_pos = np.array([[past]])
             tok = np.array([5])
             for _ in range(steps):
                 tok = dec.step(tok, None).argmax(-1)
