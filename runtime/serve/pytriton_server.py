@@ -68,6 +68,9 @@ class ServeOptions:
 MODELS = ("embed_image", "embed_text", "caption", "caption_stream")
 TASKS = {"embed_image": "embed_image", "embed_text": "embed_text", "caption": "caption", "caption_stream": "caption"}
 ROW_TEXT = 128  # default positions per row after the visual queries: prompt + new tokens
+# PyTriton 0.7 gives each model instance 1 s to reach its model's handshake socket; step scheduling
+# binds --rows caption instances, and on a busy machine one of them can miss it: Triton is started again
+START_TRIES = 3
 
 
 def check_options(opts: ServeOptions) -> None:
@@ -215,14 +218,24 @@ def serve(bundle, opts: ServeOptions | None = None) -> None:
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        with Triton(config=config) as triton:
-            bind_models(triton, Handlers(pipe, batch_size=opts.max_batch, scheduler=scheduler), opts, embed_dim)
-            log.warning("serving %s (%s) on %s: HTTP %d, gRPC %d, metrics %d%s (SIGTERM or Ctrl-C stops)", bundle,
-                        ", ".join(opts.models), opts.device, opts.http_port, opts.grpc_port, opts.metrics_port,
-                        f", scheduler metrics {metrics.port}" if metrics else "")
-            if triton_log is not None:
-                log.info("Triton's own log: %s (--verbose shows it here)", triton_log)
-            triton.serve()
+        for attempt in range(1, START_TRIES + 1):
+            try:
+                with Triton(config=config) as triton:
+                    bind_models(triton, Handlers(pipe, batch_size=opts.max_batch, scheduler=scheduler), opts,
+                                embed_dim)
+                    log.warning("serving %s (%s) on %s: HTTP %d, gRPC %d, metrics %d%s (SIGTERM or Ctrl-C stops)",
+                                bundle, ", ".join(opts.models), opts.device, opts.http_port, opts.grpc_port,
+                                opts.metrics_port, f", scheduler metrics {metrics.port}" if metrics else "")
+                    if triton_log is not None:
+                        log.info("Triton's own log: %s (--verbose shows it here)", triton_log)
+                    triton.serve()
+                break
+            except Exception as e:  # noqa: BLE001 - only PyTriton's start-up handshake timeout is retried
+                if attempt == START_TRIES or type(e).__name__ != "InferenceServerException" \
+                        or "-config.sock" not in str(e):
+                    raise
+                log.warning("a model instance missed PyTriton's fixed 1 s start-up handshake (a busy machine): "
+                            "starting Triton again (try %d of %d)", attempt + 1, START_TRIES)
     except KeyboardInterrupt:
         pass
     except Exception as e:  # tritonclient's InferenceServerException: Triton failed to load a model
