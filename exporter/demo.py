@@ -21,7 +21,7 @@ class BundleRunner:
 
     def classify(self, images, labels, template, mode):
         """Similarities or probabilities [N, len(labels)] (argmax = predicted label)."""
-        return self.p.classify(images, labels, template=template, mode=mode)
+        return np.asarray(self.p.classify(images, labels, template=template, mode=mode))
 
     def caption_tokens(self, images, max_new_tokens):
         """Greedy caption tokens [N, n] for the images."""

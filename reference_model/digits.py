@@ -105,7 +105,7 @@ def evaluate(runner, codec, images, labels, batch: int = 128) -> dict:
     res = {}
     t0 = time.perf_counter()
     for mode in ("C", "G"):
-        preds = np.concatenate([runner.classify(images[i:i + batch], WORDS, TEMPLATE, mode).argmax(1)
+        preds = np.concatenate([np.asarray(runner.classify(images[i:i + batch], WORDS, TEMPLATE, mode)).argmax(1)
                                 for i in range(0, len(images), batch)])
         res[f"zero_shot_{mode}"] = float((preds == labels).mean())
         if mode == "C":
