@@ -143,6 +143,18 @@ def build_fused_decoder(config: InternVLConfig, precision: str, int4=None) -> Gr
     return b
 
 
+def bundle_keys(src_manifest, precision: str, int4=None) -> tuple[InternVLConfig, GraphBuilder, list[str]]:
+    """(config, the fused decoder's builder, the checkpoint keys it reads) for a rebuild from `src_manifest`;
+    ExportError in one line when that fp32 bundle does not hold them by name (a traced export)."""
+    from bridge_export.exporter.export.bundle_source import decoder_source
+
+    config = InternVLConfig.from_dict(src_manifest.model)
+    b = build_fused_decoder(config, precision, int4)
+    keys = sorted({k for r in b.weights.values() for k in (r.parts or (r.key,))})
+    decoder_source(src_manifest, keys)  # refuses before any work
+    return config, b, keys
+
+
 def write_from_bundle(src_manifest, precision: str, folder: Path, int4=None) -> Path:
     """The fused decoder of `precision` rebuilt from an fp32 streamed bundle's weights (`bridge-export
     precision`), written with its own weights.bin into the new `folder`; returns the graph's path."""
@@ -151,10 +163,8 @@ def write_from_bundle(src_manifest, precision: str, folder: Path, int4=None) -> 
     from bridge_export.exporter.export.onnx_export import WEIGHTS_FILE
     from bridge_export.exporter.export.stream_export import stream_weights
 
-    config = InternVLConfig.from_dict(src_manifest.model)
-    b = build_fused_decoder(config, precision, int4)
+    config, b, keys = bundle_keys(src_manifest, precision, int4)
     check_against_spec(b, fused_decoder_spec(config, precision))
-    keys = sorted({k for r in b.weights.values() for k in (r.parts or (r.key,))})
     source, mapping = decoder_source(src_manifest, keys)
     model = b.model(int(src_manifest.versions.get("opset", 17)), {k: source.shape(k) for k in keys})
     folder.mkdir(parents=True)

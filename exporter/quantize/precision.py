@@ -384,6 +384,10 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
     if "text_decoder" in src.graphs and src.graph("text_decoder").fused:
         raise ValueError(f"{bundle} has the fused onnxruntime decoder: make precision bundles from the portable fp32 "
                          "bundle (exported without --target onnxruntime)")
+    if mode in ONNXRUNTIME_ONLY and _fusable(src):  # the fused decoder is rebuilt from the weights' key names
+        from bridge_export.exporter.export.fused_decoder import bundle_keys
+
+        bundle_keys(src, mode)
     if mode in Q_DQ_MODES and calib is None:
         raise ValueError(f"--precision {mode} needs --calib IMAGES_DIR: its scales are calibrated on your images")
     if target_cosine is not None and mode != "int8":

@@ -335,3 +335,15 @@ def test_verify_passes_on_the_fused_bundle(bundles, model16):
     decoder = [o for o in report.outputs if o.where.startswith("text_decoder")]
     assert decoder and {o.name for o in decoder} >= {"logits", "hidden_states", "present.0.key"}
     assert report.passed, report.format()
+
+
+def test_precision_refuses_a_traced_fp32_bundle_for_the_fused_decoder(model16, tmp_path):
+    """A traced fp32 bundle has lost the weights' key names: int4-cpu from it is refused in one line, first."""
+    from bridge_export.exporter.errors import ExportError
+    from bridge_export.exporter.export.bundle import export_bundle
+    from bridge_export.exporter.quantize.precision import make_precision_bundle
+
+    traced = export_bundle(model16, tmp_path / "traced", exporter="torchscript", progress=lambda s: None)
+    with pytest.raises(ExportError, match="traced names") as e:
+        make_precision_bundle(traced, tmp_path / "q", "int4-cpu", progress=lambda s: None)
+    assert "\n" not in str(e.value) and not (tmp_path / "q").exists()
