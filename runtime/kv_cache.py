@@ -304,6 +304,10 @@ class FusedStep:
         feeds["total_sequence_length"][...] = max(int(total.max()), width)
         ort.run_with_iobinding(b)
         lengths[...] = total
+        if hasattr(self.session, "finite"):  # damaged weights: refused, never returned (idle rows' logits are not read)
+            active = np.asarray(query_lens) > 0
+            self.session.finite({"logits": outs["logits"][active]} |
+                                ({"hidden_states": outs["hidden_states"][active]} if hidden else {}))
         return (outs["logits"], outs["hidden_states"]) if hidden else outs["logits"]
 
     def run_rows(self, cache: SharedKVCache, rows, ids: np.ndarray) -> np.ndarray:
