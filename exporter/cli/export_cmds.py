@@ -15,16 +15,6 @@ from bridge_export.exporter.cli.common import (PRESET, deprecated_alias, friendl
 DIRECT = ("fp16", "int8-cpu", "int4-cpu")  # the streamed exporter writes these at --out, with no fp32 bundle first
 
 
-def _check_target_supported(fn, precision: str, target: str) -> None:
-    """--target onnxruntime for fp32/fp16 needs an exporter that writes the fused operators (a `target` parameter)."""
-    import inspect
-
-    if target == "onnxruntime" and precision in ("fp32", "fp16") \
-            and "target" not in inspect.signature(fn).parameters:
-        raise click.ClickException(f"--precision {precision} --target onnxruntime (fused operators) is not "
-                                   "available in this version: drop --target for portable ONNX")
-
-
 @main.command("onnx", section="export")
 @click.option("--checkpoint", help="the model to export: a directory in the published layout, or a Hugging Face "
                                    "repo id (e.g. OpenGVLab/InternVL-14B-224px; needs huggingface_hub)")
@@ -78,12 +68,11 @@ def onnx_cmd(checkpoint, preset, seed, out, precision, target, opset, max_batch,
     if exporter == "stream":
         from bridge_export.exporter.export.stream_export import export_checkpoint, export_model
 
-        fn = export_checkpoint if checkpoint is not None and preset is None else export_model
-        _check_target_supported(fn, precision, target)
+        # fp32 and the direct precisions are written for the chosen target; int8/fp8 convert an fp32 bundle
+        # of the default target below, and make_precision_bundle applies theirs
         common = dict(precision=precision if direct else "fp32", tokenizer=tokenizer, opset=opset, limits=limits,
-                      overwrite=overwrite, int4=int4 if precision == "int4-cpu" else None)
-        if target == "onnxruntime" and precision in ("fp32", "fp16"):
-            common["target"] = target
+                      overwrite=overwrite, int4=int4 if precision == "int4-cpu" else None,
+                      target=target if direct or precision == "fp32" else None)
         if checkpoint is not None and preset is None:  # streamed from the files, never loaded whole
             path = export_checkpoint(checkpoint, out, **common)
         else:
@@ -143,18 +132,10 @@ def precision(bundle, precision, legacy, target, block_size, symmetric, accuracy
     if precision is None:
         raise click.ClickException("choose a precision: --precision " + "|".join(p for p in PRECISIONS if p != "fp32"))
     target = resolve_precision(precision, target)
-    kwargs = {}
-    if target == "onnxruntime" and precision in ("fp16", "int8"):  # int8: 7-bit weights for onnxruntime CPUs
-        import inspect
-
-        if "target" not in inspect.signature(make_precision_bundle).parameters:
-            raise click.ClickException("--precision fp16 --target onnxruntime (fused operators) is not available "
-                                       "in this version: drop --target for portable ONNX")
-        kwargs["target"] = target
     make_precision_bundle(bundle, out, precision, calib=calib, calib_texts=calib_texts, method=method,
                           exclude=[s for s in exclude.split(",") if s] or None, overwrite=overwrite,
                           target_cosine=target_cosine, int4=int4_settings(block_size, symmetric, accuracy_level),
-                          **kwargs)
+                          target=target)
 
 
 @main.command("random-checkpoint", section="export")
