@@ -207,7 +207,12 @@ class TestBadInput:
 
     def test_overwrite_replaces_atomically(self, tmp_path, tiny_model):
         out = export_bundle(tiny_model, tmp_path / "b", progress=lambda s: None)
-        (out / "marker").write_text("old")
+        (out / "marker").write_text("the user's")  # a file the manifest does not list: not ours to delete
+        with pytest.raises(ExportError, match=r"also holds files bridge-export did not write there \(marker\)"):
+            export_bundle(tiny_model, out, overwrite=True, progress=lambda s: None)
+        assert (out / "marker").read_text() == "the user's"
+        (out / "marker").unlink()
+        old = (out / "manifest.json").stat().st_ino
         export_bundle(tiny_model, out, overwrite=True, progress=lambda s: None)
-        assert not (out / "marker").exists() and (out / "manifest.json").is_file()
+        assert (out / "manifest.json").stat().st_ino != old  # replaced by the new bundle
         assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
