@@ -56,6 +56,12 @@ TOOLS = {
                    "INT4 settings side by side: block size, symmetric or not, lm_head and embeddings"),
     "train-demo": ("bridge_export.reference_model.train_demo",
                    "Train the shipped demo digits model (about an hour on 2 cores)"),
+    "load-bench": ("bridge_export.runtime.serve.load_bench",
+                   "Load generator for serve: step-level against static batching, side by side ([serve] venv)"),
+    "fused-bench": ("bridge_export.exporter.bench.fused",
+                    "Fused against portable text decoder on onnxruntime: decode tokens/s side by side"),
+    "integrity-cost": ("bridge_export.exporter.bench.integrity_cost",
+                       "What the default integrity checks cost at load, cold and warm cache, side by side"),
 }
 
 
@@ -67,10 +73,17 @@ def tools():
 def _tool(name: str, module: str, description: str) -> click.Command:
     @click.pass_context
     def run(ctx):
+        import inspect
+        import sys
+
         entry = importlib.import_module(module).main
         if isinstance(entry, click.Command):  # a click tool: run it with its own parser
             entry.main(list(ctx.args), prog_name=f"bridge-export tools {name}")
-        code = entry(list(ctx.args))
+        if inspect.signature(entry).parameters:
+            code = entry(list(ctx.args))
+        else:  # a tool that reads sys.argv itself
+            sys.argv = [f"bridge-export tools {name}", *ctx.args]
+            code = entry()
         ctx.exit(code if isinstance(code, int) else 0)
 
     return click.Command(name, callback=run, help=description, add_help_option=False,
