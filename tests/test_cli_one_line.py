@@ -57,10 +57,23 @@ CASES = [
     ("a FIFO among the images", None, "embed {b} {t}/pipe.png", 1, r"is a named pipe \(FIFO\)"),
     ("only a FIFO in --calib", lambda m, e: _calib_fifo(e), "precision {b} --precision int8 --calib {t}/calib "
      "--out {t}/p", 1, r"none of its 1 images could be read"),
+    ("onnx while another run writes --out", lambda m, e: _held(e, "o"), "onnx --preset tiny --out {t}/o", 1,
+     r"another bridge-export run \(pid \d+ on .*\) is writing .*o: wait for it"),
+    ("embed while another run writes --out", lambda m, e: _held(e, "e.npz"), "embed {b} {img} --out {t}/e.npz", 1,
+     "another bridge-export run .* is writing .*e.npz"),
+    ("triton-repo while another run writes --out", lambda m, e: _held(e, "r"),
+     "triton-repo {b} --out {t}/r --backend python --cpu", 1, "another bridge-export run .* is writing"),
     ("--calib-texts not UTF-8", lambda m, e: (e["t"] / "texts.txt").write_bytes(b"a cat\n\xff\xfe\n"),
      "precision {b} --precision int8 --calib {img} --calib-texts {t}/texts.txt --out {t}/p", 1,
      r"texts.txt is not UTF-8 text \(byte 6\)"),
 ]
+
+
+def _held(env, name):
+    """Another run (here: this process, alive) is writing {t}/name."""
+    from bridge_export.runtime.write_guard import OutputLock
+
+    OutputLock(env["t"] / name).acquire()
 
 
 def _calib_fifo(env):
