@@ -73,6 +73,7 @@ def report(bundle, times) -> str:
 
 
 def main() -> None:
+    """The command line: print the table for one bundle."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--repeats", type=int, default=5)
