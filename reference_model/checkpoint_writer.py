@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from bridge_export.runtime.errors import UserError
+from bridge_export.runtime.write_guard import OutputLock, abandoned, temp_prefix
 
 from bridge_export.reference_model.config import InternVLConfig, preset_config
 from bridge_export.reference_model.loading import DTYPES, init_rule
@@ -206,33 +207,73 @@ def checkpoint_specs(config: InternVLConfig, dtype: torch.dtype) -> list[TensorS
     return specs
 
 
+_LOCKS: dict[Path, OutputLock] = {}  # temporary directory -> the lock on its output, held until commit or discard
+
+
+def _foreign(out: Path) -> list[str]:
+    """Entries of an existing `out` that a checkpoint this writer makes never holds (the user's files)."""
+    ours = re.compile(r"(config\.json|model\.safetensors\.index\.json|model(-\d+-of-\d+)?\.safetensors)")
+    return sorted(p.name for p in out.iterdir() if not ours.fullmatch(p.name))
+
+
 def prepare_directory(out: Path, overwrite: bool) -> Path:
-    """A fresh temporary sibling of `out` to write into (renamed into place by `commit_directory`)."""
+    """A fresh temporary sibling of `out` to write into (renamed into place by `commit_directory`).
+
+    `overwrite` replaces only a checkpoint folder holding nothing but what this writer writes; one
+    other run writes `out` at a time (write_guard.OutputLock), and temporaries of killed runs are
+    removed when their owner is provably gone.
+    """
     out = Path(out).absolute()
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise CheckpointWriteError(f"{out} exists and is not a folder: choose another --out")
     if out.exists() and not overwrite:
         raise CheckpointWriteError(f"{out} already exists: choose another --out or pass --overwrite")
+    if out.exists() and _foreign(out):
+        extra = _foreign(out)
+        raise CheckpointWriteError(f"{out} holds files a random checkpoint does not ({', '.join(extra[:8])}): "
+                                   "--overwrite would delete them; move them out or choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CheckpointWriteError(f"cannot create {out.parent}: {e.strerror}; choose a writable --out") from e
     if not os.access(out.parent, os.W_OK):
         raise CheckpointWriteError(f"{out.parent} is not writable: choose a writable --out")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    lock = OutputLock(out).acquire()
+    for left in abandoned(out):
+        shutil.rmtree(left, ignore_errors=True) if left.is_dir() else left.unlink(missing_ok=True)
+    tmp = out.parent / (temp_prefix(out, "partial") + "ckpt")
+    try:
+        tmp.mkdir()
+    except BaseException:
+        lock.release()
+        raise
+    _LOCKS[tmp] = lock
     return tmp
+
+
+def discard_directory(tmp: Path) -> None:
+    """Remove a temporary directory after a failure and release its output's lock (never raises)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    lock = _LOCKS.pop(tmp, None)
+    if lock:
+        lock.release()
 
 
 def commit_directory(tmp: Path, out: Path) -> None:
     """Rename the finished `tmp` to `out`, replacing an old `out` only after the new one is complete."""
     out = Path(out).absolute()
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    try:
+        if out.exists():
+            old = out.parent / (temp_prefix(out, "old") + "ckpt")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        lock = _LOCKS.pop(tmp, None)
+        if lock:
+            lock.release()
 
 
 def write_sharded(directory: Path, specs: list[TensorSpec],
@@ -291,7 +332,7 @@ def write_random_checkpoint(out, preset: str | None = None, *, config: InternVLC
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         commit_directory(tmp, Path(out))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_directory(tmp)
         raise
     log.info("wrote %s: %d tensors, %.2f GB", out, len(specs), total / 1e9)
     return Path(out)
