@@ -50,6 +50,8 @@ def linked(tiny_text_bundle, tmp_path_factory):
     src.chmod(0o555)  # refuses writes unless the tests run as root; the snapshot below checks either way
     yield {"b": src, "img": d / "img"}
     src.chmod(0o755)
+    for f in src.iterdir():  # the same inodes as the shared tiny bundle's files: give their mode back
+        f.chmod(0o644)
 
 
 @pytest.mark.parametrize("argv", [c[1] for c in COMMANDS], ids=[c[0] for c in COMMANDS])
