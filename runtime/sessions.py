@@ -156,8 +156,10 @@ def ort_session_options(threads: int | None = None, session_config: dict[str, st
     `threads` intra-op threads (checked), and the given config entries."""
     import onnxruntime as ort
 
+    from bridge_export.runtime.progress import is_verbose
+
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 2 if is_verbose() else 3  # onnxruntime's warnings only with --verbose
     if threads is not None:
         check_threads(threads)
         opts.intra_op_num_threads = threads
