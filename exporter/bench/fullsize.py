@@ -402,7 +402,7 @@ def run(work: Path, preset: str, threads: int, keep: bool = False,
             print(json.dumps({precision: entry}), flush=True)
             if all(p in made for p in PAIR) and "decode" not in table:
                 d = _timed(py + ["bridge_export.exporter.bench.fullsize", "decode"] + [str(made[p]) for p in PAIR]
-                           + ["--threads", str(threads)], work / "decode.log", lock=True)
+                           + ["--threads", str(threads), "--gemv-gib", str(gemv_gib)], work / "decode.log", lock=True)
                 table["decode"] = json.loads(d["stdout"].strip().splitlines()[-1])
                 table["decode"]["peak_rss_gb"] = d["peak_rss_gb"]
                 print(json.dumps({"decode": table["decode"]}), flush=True)
