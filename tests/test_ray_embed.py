@@ -47,7 +47,7 @@ def test_ray_option_errors(tiny_bundle, tmp_path):
 
     img = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(img)
-    r = CliRunner().invoke(main, ["embed", str(tiny_bundle), str(img), "--ray", "--out", str(tmp_path / "x.npy")])
+    r = CliRunner().invoke(main, ["embed", str(tiny_bundle), str(img), "--ray", "--out", str(tmp_path / "x.npz")])
     assert r.exit_code != 0 and "--out OUT.parquet" in r.output
     r = CliRunner().invoke(main, ["embed", str(tiny_bundle), str(img), "--ray", "--texts", "a cat",
                                   "--out", str(tmp_path / "x.parquet")])
