@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bridge_export.runtime.errors import MissingDependency
 from bridge_export.runtime.progress import is_verbose
+from bridge_export.runtime.write_guard import OutputLock, abandoned, temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,16 @@ class RayOptions:
     batch_size: int = 8
 
 
+def _check_replaceable(out: Path) -> None:
+    """ValueError unless an existing `out` is what this job writes: a Parquet file or a folder of Parquet parts."""
+    if not out.exists() or (out.is_file() and out.suffix == ".parquet"):
+        return
+    extra = sorted(p.name for p in out.iterdir() if not p.name.endswith(".parquet")) if out.is_dir() else [out.name]
+    if extra:
+        raise ValueError(f"{out} holds files this job did not write ({', '.join(extra[:8])}): --overwrite would delete "
+                         "them; move them out or choose another --out")
+
+
 def embed_with_ray(bundle, paths, out, mode: str = "C", opts: RayOptions | None = None,
                    overwrite: bool = False) -> dict:
     """Embed images at `paths` with Ray Data into Parquet at `out`; returns counts and timing."""
@@ -105,6 +116,10 @@ def embed_with_ray(bundle, paths, out, mode: str = "C", opts: RayOptions | None 
         raise ValueError(f"--workers must be >= 1, got {opts.workers}")
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists: choose another --out or pass --overwrite")
+    _check_replaceable(out)
+    lock = OutputLock(out).acquire()  # one writer per --out; released in the finally below
+    for left in abandoned(out):  # a killed run's temporary (same host, PID gone)
+        shutil.rmtree(left, ignore_errors=True) if left.is_dir() else left.unlink(missing_ok=True)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-stage chatter; errors still surface
     verbose = is_verbose()
     if not verbose:
@@ -112,11 +127,11 @@ def embed_with_ray(bundle, paths, out, mode: str = "C", opts: RayOptions | None 
         # raise in Python. --verbose shows it.
         logging.getLogger("ray").setLevel(logging.ERROR)
     started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=opts.address, include_dashboard=False,
-                 logging_level=logging.INFO if verbose else logging.ERROR,
-                 log_to_driver=verbose, configure_logging=True)
     try:
+        if started_here:
+            ray.init(address=opts.address, include_dashboard=False,
+                     logging_level=logging.INFO if verbose else logging.ERROR,
+                     log_to_driver=verbose, configure_logging=True)
         cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         threads = opts.threads or max(1, cpus // opts.workers)
         ctx = ray.data.DataContext.get_current()
@@ -129,8 +144,7 @@ def embed_with_ray(bundle, paths, out, mode: str = "C", opts: RayOptions | None 
                             batch_size=opts.batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=opts.workers),
                             num_cpus=min(threads, cpus), num_gpus=opts.gpus_per_worker or None)
-        tmp = out.with_name(out.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = out.with_name(temp_prefix(out, "partial") + "parquet")
         t0 = time.perf_counter()
         try:
             ds.write_parquet(str(tmp))
@@ -139,10 +153,12 @@ def embed_with_ray(bundle, paths, out, mode: str = "C", opts: RayOptions | None 
             raise
         seconds = time.perf_counter() - t0
         if out.exists():
+            _check_replaceable(out)  # still only Parquet now that the new one is ready
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)
     finally:
-        if started_here:
+        lock.release()
+        if started_here and ray.is_initialized():
             ray.shutdown()
     import pyarrow.parquet as pq
 
