@@ -612,7 +612,10 @@ def read_manifest(bundle, verify_checksums: bool = False) -> Manifest:
         raise BundleError(f"{mpath} was edited after export (its digest does not match its content): "
                           "restore it or re-export the bundle")
     for what, rel in named_files(man):
-        confined(root, rel, what)
+        path = confined(root, rel, what)
+        if path.exists() and not path.is_file():  # a FIFO or device would block or never end when read
+            raise BundleError(f"{path} ({what}) is not a regular file: the bundle was tampered with; re-copy or "
+                              "re-export it")
     missing = [f for f in man.files if not (root / f).is_file()]
     if missing:
         raise BundleError(f"{root} is incomplete: missing {missing}; copy the whole bundle or re-export it")

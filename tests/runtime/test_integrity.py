@@ -73,6 +73,12 @@ def _symlinked_folder(d, b):
     _rename_file("weights.bin", "sub/weights.bin")(d, b)
 
 
+def _fifo_tokenizer(d, b):
+    """A tokenizer the manifest names but does not list: reading a FIFO would block forever."""
+    os.mkfifo(b / "tokenizer.json")
+    d.update(tokenizer={"file": "tokenizer.json"})
+
+
 # (id, edit(manifest dict, bundle dir), message regex)
 CONFINEMENT = [
     ("absolute file name", _rename_file("logit_scale.npy", "/etc/hostname"), "outside the bundle"),
@@ -91,6 +97,7 @@ CONFINEMENT = [
     ("folder a link out", _symlinked_folder, "'sub/weights.bin', which lies outside"),
     ("external data ../", _outside_weights(lambda p: "../outside.bin"), "vision_encoder.onnx's external data"),
     ("external data absolute", _outside_weights(str), "vision_encoder.onnx's external data"),
+    ("tokenizer a FIFO", _fifo_tokenizer, r"tokenizer.json \(tokenizer\) is not a regular file"),
 ]
 
 
