@@ -277,7 +277,8 @@ class Scheduler:
             lo, hi = min(span), max(span) + 1
             if int(self.cache.lengths[lo:hi].max()) + width <= self.cache.capacity:
                 return [entries]
-            return [[e for e in entries if e[0].pending is not None], [e for e in entries if e[0].pending is None]]
+            split = [[e for e in entries if e[0].pending is not None], [e for e in entries if e[0].pending is None]]
+            return [g for g in split if g]
         steps = [e for e in entries if e[2].shape[1] == 1 and e[0].pending is not None]
         prompts = sorted((e for e in entries if e[0].pending is None), key=lambda e: -e[2].shape[1])
         calls = [steps] if steps else []

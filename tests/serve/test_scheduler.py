@@ -17,27 +17,31 @@ OPTS = [dict(max_new_tokens=7), dict(max_new_tokens=12, num_beams=3), dict(max_n
 
 
 @pytest.fixture(scope="module")
-def fused_bundle(tmp_path_factory):
-    """The tiny model with head_dim 16 (GroupQueryAttention's minimum multiple of 8), fused decoder."""
+def model16():
+    """The tiny model with head_dim 16 (GroupQueryAttention's minimum multiple of 8)."""
     import dataclasses
 
-    from bridge_export.exporter.export.stream_export import export_model
     from bridge_export.reference_model import InternVLModel, preset_config
     from bridge_export.reference_model.loading import init_weights
 
     c = preset_config("tiny")
     c.qllama = dataclasses.replace(c.qllama, num_attention_heads=3)
-    model = init_weights(InternVLModel(c), 0).eval()
-    return export_model(model, tmp_path_factory.mktemp("sched") / "fused", precision="fp32", target="onnxruntime",
-                        progress=lambda s: None)
+    return init_weights(InternVLModel(c), 0).eval()
 
 
-@pytest.fixture(scope="module", params=["portable", "fused"])
-def pipe(request, tiny_bundle):
-    """The portable decoder (per-row masks) and the fused one (GroupQueryAttention, per-row seqlens_k)."""
-    bundle = tiny_bundle if request.param == "portable" else request.getfixturevalue("fused_bundle")
+@pytest.fixture(scope="module", params=["portable", "fused", "fused-int4"])
+def pipe(request, tiny_bundle, tmp_path_factory):
+    """The portable decoder (per-row masks), the fused one (GroupQueryAttention, per-row seqlens_k) in fp32,
+    and int4-cpu (MatMulNBits, whose batched results a request must not feel either)."""
+    from bridge_export.exporter.export.stream_export import export_model
+
+    bundle = tiny_bundle
+    if request.param != "portable":
+        kw = dict(precision="fp32", target="onnxruntime") if request.param == "fused" else dict(precision="int4-cpu")
+        bundle = export_model(request.getfixturevalue("model16"), tmp_path_factory.mktemp("sched") / request.param,
+                              progress=lambda s: None, **kw)
     with runtime.load(bundle) as p:
-        assert (p.fused_step is not None) == (request.param == "fused")
+        assert (p.fused_step is not None) == (request.param != "portable")
         yield p
 
 

@@ -134,15 +134,15 @@ def _check(report, bundle, images, per_request_errors: bool):
     assert report["metrics_success"] >= 8 * (len(files) * 4 + len(TEXTS))
 
 
-@pytest.mark.parametrize("instances", [1, 2])
-def test_pytriton_serve(tiny_text_bundle, tmp_path, images, instances):
+@pytest.mark.parametrize("instances,scheduler", [(1, "step"), (2, "step"), (1, "static")])
+def test_pytriton_serve(tiny_text_bundle, tmp_path, images, instances, scheduler):
     def cmd(http, grpc, metrics):
         return [str(SERVE_PYTHON), "-m", "bridge_export.exporter.cli", "serve", str(tiny_text_bundle), "--http-port", str(http),
                 "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--max-batch", "4", "--threads", "1",
-                "--instances", str(instances)]
+                "--instances", str(instances), "--scheduler", scheduler, "--scheduler-metrics-port", "0"]
 
     report, rc, stopped, log = _run(cmd, tmp_path, images, tiny_text_bundle)
-    print(f"PyTriton serve, {instances} instance(s): SIGTERM -> exit in {stopped:.1f}s")
+    print(f"PyTriton serve, {instances} instance(s), {scheduler} scheduler: SIGTERM -> exit in {stopped:.1f}s")
     _check(report, tiny_text_bundle, images, per_request_errors=False)
     assert rc == 0 and stopped < 30, (rc, stopped)
     assert "server stopped" in log.read_text()
