@@ -128,16 +128,10 @@ def write_ours(preset: str, precision: str, out: Path, target: str | None = None
                portable_decoder: bool = False) -> Path:
     """The streamed exporter on the preset's seeded reference model (int4 at its defaults: block 32,
     asymmetric, accuracy level 4, the settings genai's builder is given)."""
-    import inspect
-
     from bridge_export.exporter.export.bundle import load_source
-    from bridge_export.exporter.export.stream_export import export_model, export_streamed
+    from bridge_export.exporter.export.stream_export import export_model
 
-    kw = {}
-    if target is not None:
-        if "target" not in inspect.signature(export_streamed).parameters:
-            raise UserError("this exporter has no operator target choice yet: leave --target out")
-        kw["target"] = target
+    kw = {"target": target} if target is not None else {}
     if portable_decoder:
         kw["fused_decoder"] = False
     model, source = load_source(None, preset, 0)
