@@ -1,8 +1,8 @@
 """FP8 (E4M3) Q/DQ graphs for TensorRT on GPUs with FP8 tensor cores (compute capability >= 8.9).
 
-The same MatMul/Conv/Gemm nodes as INT8 (`precision.int8_nodes`, same exclusions) get
+The same MatMul/Conv/Gemm nodes as INT8 (`qdq_common.int8_nodes`, same exclusions) get
 QuantizeLinear/DequantizeLinear pairs with float8e4m3fn zero points (opset 19): activations per
-tensor, scale = calibrated max|x| / 448 (the same calibration as INT8: `precision.histogram_ranges`,
+tensor, scale = calibrated max|x| / 448 (the same calibration as INT8: `qdq_common.histogram_ranges`,
 same feeds and method), weights per tensor too, scale = max|w| / 448, stored as float8e4m3fn.
 Per-tensor weight scales because TensorRT runs FP8 GEMMs with per-channel weight scales only from
 10.6 and on Hopper, while per-tensor ones run on every FP8 GPU (Ada and Hopper) from TensorRT 10.0;
@@ -133,7 +133,7 @@ def to_fp8_qdq(src: Path, dst: Path, feeds: list[dict], method: str, exclude, pr
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import load_tensors_data
 
-    from bridge_export.exporter.quantize.precision import DEFAULT_INT8_EXCLUDE, histogram_ranges, int8_nodes, toposort
+    from bridge_export.exporter.quantize.qdq_common import DEFAULT_INT8_EXCLUDE, histogram_ranges, int8_nodes, toposort
 
     methods = {"max": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}

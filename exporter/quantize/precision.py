@@ -32,6 +32,8 @@ from bridge_export.exporter.export.checks import check_graph
 from bridge_export.exporter.export.graph_builder import QUANTIZED
 from bridge_export.exporter.export.onnx_export import relink_weights
 from bridge_export.exporter.output import OutputError, check_output_dir, output_dir
+from bridge_export.exporter.quantize.qdq_common import (
+    DEFAULT_INT8_EXCLUDE, QUANT_OPS, histogram_ranges, int8_nodes, toposort)
 from bridge_export.exporter.quantize.source_view import load_with_weights, source_view
 
 MODES = ("fp16", "int8", "int8-cpu", "int4-cpu", "fp8")
@@ -43,8 +45,6 @@ Q_DQ_MODES = ("int8", "fp8")  # static Q/DQ graphs, calibrated on the user's ima
 # bundles are measured this way.
 FLOAT_QDQ = {"session.disable_quant_qdq": "1"}
 ONNXRUNTIME_ONLY = QUANTIZED  # contrib / integer ops TensorRT does not parse
-# Sensitive ops kept out of INT8 by default: names matched against node names / op types.
-DEFAULT_INT8_EXCLUDE = ["norm", "Softmax", "lm_head", "clip_projector"]
 
 
 log = get_logger(__name__)
@@ -84,39 +84,6 @@ def fp16_block_list(model: onnx.ModelProto) -> set[str]:
     return block
 
 
-def int8_nodes(model: onnx.ModelProto, exclude: list[str] | None = None) -> tuple[list[str], list[str]]:
-    """(nodes to quantize, nodes excluded): MatMul/Conv/Gemm with a constant weight, minus `exclude` matches."""
-    exclude = DEFAULT_INT8_EXCLUDE if exclude is None else exclude
-    inits = {t.name for t in model.graph.initializer}
-    quant, skipped = [], []
-    for n in model.graph.node:
-        if n.op_type not in ("MatMul", "Conv", "Gemm") or len(n.input) < 2 or n.input[1] not in inits:
-            continue
-        if any(x.lower() in n.name.lower() or x == n.op_type for x in exclude):
-            skipped.append(n.name)
-        else:
-            quant.append(n.name)
-    return quant, skipped
-
-
-def toposort(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Reorder nodes topologically (onnxruntime's float16 converter appends its input Casts last)."""
-    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
-    pending, ordered = list(model.graph.node), []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            raise ValueError("graph has a cycle or a dangling input; cannot sort it")
-        ids = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in ids]
-        for n in ready:
-            ordered.append(n)
-            available.update(n.output)
-    del model.graph.node[:]
-    model.graph.node.extend(ordered)
-    return model
-
-
 # -- conversions ---------------------------------------------------------------------------------
 def to_fp16(src: Path, dst: Path) -> dict:
     """Write an fp16 copy of graph `src` to `dst` (fp32 I/O); returns what was kept fp32."""
@@ -130,31 +97,6 @@ def to_fp16(src: Path, dst: Path) -> dict:
     # the names let `engine` pin these layers to fp32 where TensorRT cannot build strongly typed
     return {"method": "onnxruntime.transformers.float16 (keep_io_types)", "fp32_nodes": len(block),
             "fp32_node_names": sorted(block)}
-
-
-QUANT_OPS = ["MatMul", "Conv", "Gemm"]
-
-
-def histogram_ranges(src: Path, feeds: list[dict], method, cache: Path, progress) -> None:
-    """Entropy/percentile tensor ranges with onnxruntime's calibrator, one collect per feed shape.
-
-    The histograms merge across collect_data calls; the ranges go to `cache` (onnxruntime's
-    calibration cache), which quantize_static then reads instead of calibrating again.
-    """
-    import tempfile
-
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-
-    from bridge_export.exporter.quantize.calibration import FeedReader, shape_groups
-
-    with tempfile.TemporaryDirectory(prefix="bridge-export-calib-") as tmp:
-        cal = create_calibrator(src, QUANT_OPS, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                calibrate_method=method, use_external_data_format=True,
-                                extra_options={"symmetric": True})
-        for group in shape_groups(feeds):
-            cal.collect_data(FeedReader(group, progress, src.stem))
-            cal.clear_collected_data()
-        save_tensors_data(cal.compute_data(), cache)
 
 
 def to_int8_qdq(src: Path, dst: Path, feeds: list[dict], method: str, exclude, progress,
