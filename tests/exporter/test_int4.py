@@ -158,8 +158,8 @@ def test_streamed_int4_equals_the_quantizer_on_an_fp32_bundle(tiny_checkpoint, i
     ref, new = runtime.load(int4_bundle), runtime.load(out)
     s = ref.preprocessing.image_size
     x = np.random.default_rng(5).standard_normal((2, 3, s, s), dtype=np.float32)
-    for mode in ("InternVL-C", "InternVL-G"):
-        np.testing.assert_array_equal(ref.encode_image(x, mode), new.encode_image(x, mode))
+    for mode in ("InternVL-C", "InternVL-G"):  # the streamed bundle's vision graphs are fused (onnxruntime target)
+        np.testing.assert_allclose(new.encode_image(x, mode), ref.encode_image(x, mode), atol=1e-6, rtol=0)
     ids = np.array([[1, 9, 33, 17, 2]])
     np.testing.assert_array_equal(ref.encode_text(ids), new.encode_text(ids))
     np.testing.assert_array_equal(ref.generate(x[:1], ids[:, :2], max_new_tokens=4),
