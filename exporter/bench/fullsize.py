@@ -12,8 +12,8 @@ int8-cpu bundles (exports measured with /usr/bin/time -v), each measured (load, 
 text embedding, a 20-token greedy caption, decode tokens/s against the bandwidth a large GEMV
 reaches in the same process) -> their decoders timed against each other in one process -> both
 deleted -> fp16 bundle (export measured) -> delete everything. It prints one table and writes it as JSON.
-The run step (~15 GB at 14B) takes /work/coord/bigmem.lock when that file exists (one big-memory job
-at a time); exports stay under ~2 GB and do not.
+The run step (~15 GB at 14B) holds the lock file named by $BRIDGE_EXPORT_BIGMEM_LOCK, when set and
+present (one big-memory job at a time on a shared machine); exports stay under ~2 GB and do not.
 """
 from __future__ import annotations
 
@@ -28,15 +28,18 @@ import tempfile
 import time
 from pathlib import Path
 
-LOCK = Path("/work/coord/bigmem.lock")
+# Machines shared by several big-memory jobs can serialise them with flock(1) on a file named in
+# this environment variable (unset: no lock).
+LOCK_ENV = "BRIDGE_EXPORT_BIGMEM_LOCK"
 
 
 # -- helpers ---------------------------------------------------------------------------------------
 def _timed(cmd: list[str], log: Path, lock: bool = False) -> dict:
     """Run `cmd` under /usr/bin/time -v (and the big-memory lock if asked); returns wall s, peak RSS GB, output."""
     full = ["/usr/bin/time", "-v"] + cmd
-    if lock and LOCK.exists():
-        full = ["flock", str(LOCK)] + full
+    lock_file = os.environ.get(LOCK_ENV)
+    if lock and lock_file and Path(lock_file).exists():
+        full = ["flock", lock_file] + full
     p = subprocess.run(full, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     log.write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
     if p.returncode != 0:
