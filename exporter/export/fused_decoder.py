@@ -19,60 +19,21 @@ Contract (`fused_decoder_spec`; the runtime drives it in bridge_export.runtime.k
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import onnx
 from onnx import TensorProto
 
 from bridge_export.reference_model.config import InternVLConfig
 
 from bridge_export.exporter.export.graph_builder import QUANTIZED, GraphBuilder
-from bridge_export.exporter.export.specs import GraphSpec, TensorSpec, decoder_spec, kv_layout
+from bridge_export.exporter.export.rope import rope_tables
+from bridge_export.exporter.export.specs import kv_layout
 
 F32, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
 _NPDT = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
 
-def fused_unsupported(config: InternVLConfig) -> str | None:
-    """Why GroupQueryAttention cannot run this model's decoder (None when it can)."""
-    if config.qllama.head_dim % 8:
-        return (f"head_dim {config.qllama.head_dim} is not a multiple of 8 (onnxruntime's GroupQueryAttention "
-                "needs one)")
-    return None
-
-
-def fused_decoder_spec(config: InternVLConfig, precision: str = "fp32") -> GraphSpec:
-    """Spec of the onnxruntime-target text_decoder.onnx (see the module docstring); the KV buffer is
-    float16 in an fp16 bundle, float32 otherwise."""
-    kvt = "float16" if precision == "fp16" else "float32"
-    q = config.qllama
-    H, Dh = q.num_attention_heads, q.head_dim
-    kv = kv_layout(config)
-    portable = decoder_spec(config)
-
-    def no_trace(c):
-        raise NotImplementedError("the fused decoder is written by the graph builder, never traced")
-
-    return GraphSpec(
-        name="text_decoder", module=portable.module,
-        inputs=[TensorSpec("input_ids", "int64", ["batch", "seq"]),
-                TensorSpec("seqlens_k", "int32", ["batch"]),
-                TensorSpec("query_seqlens", "int32", ["batch"]),
-                TensorSpec("total_sequence_length", "int32", [])]
-        + [TensorSpec(nm, kvt, ["batch", H, "capacity", Dh]) for nm in kv.names("past")],
-        outputs=[TensorSpec("logits", "float32", ["batch", q.vocab_size]),
-                 TensorSpec("hidden_states", "float32", ["batch", "seq", q.hidden_size])]
-        + [TensorSpec(nm, kvt, ["batch", H, "capacity", Dh]) for nm in kv.names("present")],
-        dummy=no_trace, tolerance=dict(portable.tolerance),
-        profiles=lambda c, lim: [],  # onnxruntime only: no TensorRT profiles
-    )
-
-
 def _rope_caches(head_dim: int, positions: int) -> tuple[np.ndarray, np.ndarray]:
     """GroupQueryAttention's plain cos/sin caches [positions, Dh/2] (rotate-half layout), fp32."""
-    from bridge_export.exporter.export.internvl_graphs import rope_tables
-
     t = rope_tables(head_dim, positions)
     h = head_dim // 2
     return np.ascontiguousarray(t["cos_k"][:, :h]), np.ascontiguousarray(t["sin_k"][:, h:])  # sin_k: [-sin, sin]
@@ -141,35 +102,3 @@ def build_fused_decoder(config: InternVLConfig, precision: str, int4=None) -> Gr
     n = 2 * L
     b.outputs[:] = b.outputs[n:] + b.outputs[:n]
     return b
-
-
-def bundle_keys(src_manifest, precision: str, int4=None) -> tuple[InternVLConfig, GraphBuilder, list[str]]:
-    """(config, the fused decoder's builder, the checkpoint keys it reads) for a rebuild from `src_manifest`;
-    ExportError in one line when that fp32 bundle does not hold them by name (a traced export)."""
-    from bridge_export.exporter.export.bundle_source import decoder_source
-
-    config = InternVLConfig.from_dict(src_manifest.model)
-    b = build_fused_decoder(config, precision, int4)
-    keys = sorted({k for r in b.weights.values() for k in (r.parts or (r.key,))})
-    decoder_source(src_manifest, keys)  # refuses before any work
-    return config, b, keys
-
-
-def write_from_bundle(src_manifest, precision: str, folder: Path, int4=None) -> Path:
-    """The fused decoder of `precision` rebuilt from an fp32 streamed bundle's weights (`bridge-export
-    precision`), written with its own weights.bin into the new `folder`; returns the graph's path."""
-    from bridge_export.exporter.export.bundle_source import decoder_source
-    from bridge_export.exporter.export.internvl_graphs import check_against_spec
-    from bridge_export.exporter.export.onnx_export import WEIGHTS_FILE
-    from bridge_export.exporter.export.stream_export import stream_weights
-
-    config, b, keys = bundle_keys(src_manifest, precision, int4)
-    check_against_spec(b, fused_decoder_spec(config, precision))
-    source, mapping = decoder_source(src_manifest, keys)
-    model = b.model(int(src_manifest.versions.get("opset", 17)), {k: source.shape(k) for k in keys})
-    folder.mkdir(parents=True)
-    stream_weights({"text_decoder": model}, {"text_decoder": b.weights}, source, mapping, folder / WEIGHTS_FILE,
-                   show_progress=False)
-    path = folder / "text_decoder.onnx"
-    onnx.save_model(model, str(path))
-    return path

@@ -5,18 +5,13 @@ each other.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from bridge_export.runtime.manifest import (MANIFEST, CaptionPrompt, FileEntry, GraphInfo, Limits, Manifest, Preprocessing,
                               PrecisionInfo, Prompts, SpecialTokens, TensorInfo, TextEmbeddingPrompt,
                               TokenizerInfo, sample_sha256, sha256_file)
 from bridge_export.runtime.progress import get_logger
 
-from bridge_export.exporter.export.checks import check_graph
 from bridge_export.exporter.errors import ExportError
 from bridge_export.exporter.export.onnx_export import DEFAULT_OPSET, SUPPORTED_OPSETS, WEIGHTS_FILE
 from bridge_export.exporter.tensorrt.profiles import to_json as profiles_json

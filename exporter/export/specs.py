@@ -134,7 +134,40 @@ def all_specs(config: InternVLConfig, target: str = "tensorrt", precision: str =
     """The bundle's graphs in run order; the onnxruntime target's decoder is the fused one
     (bridge_export.exporter.export.fused_decoder)."""
     if target == "onnxruntime":
-        from bridge_export.exporter.export.fused_decoder import fused_decoder_spec
-
         return [vision_spec(config), bridge_spec(config), fused_decoder_spec(config, precision)]
     return [vision_spec(config), bridge_spec(config), decoder_spec(config)]
+
+
+def fused_unsupported(config: InternVLConfig) -> str | None:
+    """Why GroupQueryAttention cannot run this model's decoder (None when it can)."""
+    if config.qllama.head_dim % 8:
+        return (f"head_dim {config.qllama.head_dim} is not a multiple of 8 (onnxruntime's GroupQueryAttention "
+                "needs one)")
+    return None
+
+
+def fused_decoder_spec(config: InternVLConfig, precision: str = "fp32") -> GraphSpec:
+    """Spec of the onnxruntime-target text_decoder.onnx (see the module docstring); the KV buffer is
+    float16 in an fp16 bundle, float32 otherwise."""
+    kvt = "float16" if precision == "fp16" else "float32"
+    q = config.qllama
+    H, Dh = q.num_attention_heads, q.head_dim
+    kv = kv_layout(config)
+    portable = decoder_spec(config)
+
+    def no_trace(c):
+        raise NotImplementedError("the fused decoder is written by the graph builder, never traced")
+
+    return GraphSpec(
+        name="text_decoder", module=portable.module,
+        inputs=[TensorSpec("input_ids", "int64", ["batch", "seq"]),
+                TensorSpec("seqlens_k", "int32", ["batch"]),
+                TensorSpec("query_seqlens", "int32", ["batch"]),
+                TensorSpec("total_sequence_length", "int32", [])]
+        + [TensorSpec(nm, kvt, ["batch", H, "capacity", Dh]) for nm in kv.names("past")],
+        outputs=[TensorSpec("logits", "float32", ["batch", q.vocab_size]),
+                 TensorSpec("hidden_states", "float32", ["batch", "seq", q.hidden_size])]
+        + [TensorSpec(nm, kvt, ["batch", H, "capacity", Dh]) for nm in kv.names("present")],
+        dummy=no_trace, tolerance=dict(portable.tolerance),
+        profiles=lambda c, lim: [],  # onnxruntime only: no TensorRT profiles
+    )

@@ -25,7 +25,7 @@ from bridge_export.exporter.export.manifest_build import (build_manifest, captio
 from bridge_export.exporter.errors import ExportError
 from bridge_export.exporter.output import output_dir
 from bridge_export.exporter.export.checks import check_graph
-from bridge_export.exporter.export.fused_decoder import fused_unsupported
+from bridge_export.exporter.export.specs import fused_unsupported
 from bridge_export.exporter.export.graph_builder import INLINE_BYTES, QUANTIZED, WeightRef
 from bridge_export.exporter.export.internvl_graphs import build_graphs, check_against_spec
 from bridge_export.exporter.export.onnx_export import DEFAULT_OPSET, WEIGHTS_FILE

@@ -236,7 +236,7 @@ def _convert_graphs(src, tmp: Path, manifest, mode: str, progress, *, feeds=None
 
 def _fusable(manifest) -> bool:
     """The decoder can be GroupQueryAttention's (head_dim a multiple of 8); else it is quantized as written."""
-    from bridge_export.exporter.export.fused_decoder import fused_unsupported
+    from bridge_export.exporter.export.specs import fused_unsupported
     from bridge_export.reference_model.config import InternVLConfig
 
     return fused_unsupported(InternVLConfig.from_dict(manifest.model)) is None
@@ -245,8 +245,9 @@ def _fusable(manifest) -> bool:
 def _fused_decoder(src, tmp: Path, manifest, mode: str, int4) -> tuple[Path, dict]:
     """int8-cpu/int4-cpu decoders are the fused one (onnxruntime target), rebuilt from the fp32 bundle's
     weights by the streamed exporter's own path; the manifest entry takes its inputs and outputs."""
-    from bridge_export.exporter.export.bundle import graph_info
-    from bridge_export.exporter.export.fused_decoder import fused_decoder_spec, write_from_bundle
+    from bridge_export.exporter.export.manifest_build import graph_info
+    from bridge_export.exporter.export.fused_rebuild import write_from_bundle
+    from bridge_export.exporter.export.specs import fused_decoder_spec
     from bridge_export.exporter.export.stream_export import HOW
     from bridge_export.exporter.quantize.int4 import Int4Options
     from bridge_export.reference_model.config import InternVLConfig
@@ -327,7 +328,7 @@ def make_precision_bundle(bundle, out, mode: str, calib=None, calib_texts=None, 
         raise ValueError(f"{bundle} has the fused onnxruntime decoder: make precision bundles from the portable fp32 "
                          "bundle (exported without --target onnxruntime)")
     if mode in ONNXRUNTIME_ONLY and _fusable(src):  # the fused decoder is rebuilt from the weights' key names
-        from bridge_export.exporter.export.fused_decoder import bundle_keys
+        from bridge_export.exporter.export.fused_rebuild import bundle_keys
 
         bundle_keys(src, mode)
     if mode in Q_DQ_MODES and calib is None:
