@@ -325,7 +325,6 @@ def run(s: Settings, work: Path | None = None, keep: bool = False, rebuild_ours:
     {"settings", "shapes", "rows"}. A temporary `work` is deleted afterwards unless `keep`."""
     from bridge_export.reference_model.config import preset_config
 
-    require_genai()
     for p in s.precisions:
         if p not in PRECISIONS:
             raise UserError(f"precision {p!r} is not benchmarked against genai: use {' or '.join(PRECISIONS)}")
@@ -339,6 +338,7 @@ def run(s: Settings, work: Path | None = None, keep: bool = False, rebuild_ours:
     if max(top, preset_config(s.preset).num_query_token + 1) + s.tokens > q.max_position_embeddings or min(s.pasts, default=0) < 1:
         raise UserError(f"pasts must be >= 1 and past + tokens within preset {s.preset!r}'s "
                         f"{q.max_position_embeddings} positions, got pasts {list(s.pasts)}, tokens {s.tokens}")
+    require_genai()  # after the arguments: a bad one is reported whether or not the extra is installed
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="genai-bench-")) if own else Path(work).absolute()
     work.mkdir(parents=True, exist_ok=True)
