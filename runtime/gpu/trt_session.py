@@ -99,7 +99,7 @@ class TrtSession(Session):
         return self.finite(result)
 
     def close(self) -> None:
-        """Free the device buffers (and the memory's stream if this session made it); idempotent."""
+        """Free the device buffers (and the memory's stream when it was created here); idempotent."""
         for b in self.buffers.values():
             self.memory.release(b)
         self.buffers.clear()
