@@ -94,7 +94,8 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
     decode step was 3.5x slower in int8-cpu and 100x in int4-cpu), so the decoder always keeps it.
     """
     from bridge_export.runtime.backends import open_session, tensorrt_available
-    from bridge_export.runtime.sessions import NO_PREPACK, BackendUnavailable, check_threads, prepacking_plan
+    from bridge_export.runtime.sessions import (NO_PREPACK, BackendUnavailable, check_threads,
+                                                default_session_config, prepacking_plan)
 
     if backend not in ("onnxruntime", "tensorrt"):
         raise ValueError(f"unknown backend {backend!r}: use 'onnxruntime' or 'tensorrt'")
@@ -123,8 +124,9 @@ def load(bundle, backend: str = "onnxruntime", providers=None, threads: int | No
             path = manifest.graph_path(name)
             if backend == "tensorrt":
                 path = Path(bundle) / "engines" / f"{name}.engine"
+            config = configs.get(name) if backend == "tensorrt" else default_session_config(name, configs.get(name))
             sessions[name] = open_session(path, backend, providers=providers, threads=threads, memory=memory,
-                                          session_config=configs.get(name))
+                                          session_config=config)
             sessions[name].check_against(manifest.graph(name), manifest.root)
         text_codec = codec.result()
     except BaseException:

@@ -38,3 +38,24 @@ def test_graph_name_with_none_does_not_abort_the_interpreter(tiny_bundle):
             "    print('refused:', e)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "refused:" in r.stdout, (r.returncode, r.stderr[-300:])
+
+
+def _spins(session) -> str:
+    return session.sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_only_the_decoder_spins_by_default(tiny_bundle):
+    """The image graphs' threads sleep after their run (their spinning took the cores from the decoder's
+    first steps); the decoder keeps onnxruntime's default."""
+    with runtime.load(tiny_bundle) as pipe:
+        assert _spins(pipe.sessions["vision_encoder"]) == "0"
+        assert _spins(pipe.sessions["query_bridge"]) == "0"
+        with pytest.raises(Exception):  # not set: onnxruntime's default (spin)
+            _spins(pipe.sessions["text_decoder"])
+
+
+def test_a_callers_spinning_entry_is_kept(tiny_bundle):
+    cfg = {"vision_encoder": {"session.intra_op.allow_spinning": "1"}}
+    with runtime.load(tiny_bundle, session_config=cfg) as pipe:
+        assert _spins(pipe.sessions["vision_encoder"]) == "1"
+        assert _spins(pipe.sessions["query_bridge"]) == "0"
