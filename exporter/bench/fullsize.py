@@ -34,6 +34,11 @@ LOCK_ENV = "BRIDGE_EXPORT_BIGMEM_LOCK"
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def _sig3(x: float) -> float:
+    """`x` to three significant digits (tiny test models read fractions far below 0.001)."""
+    return float(f"{x:.3g}")
+
+
 def _timed(cmd: list[str], log: Path, lock: bool = False) -> dict:
     """Run `cmd` under /usr/bin/time -v (and the big-memory lock if asked); returns wall s, peak RSS GB, output."""
     full = ["/usr/bin/time", "-v"] + cmd
@@ -289,8 +294,8 @@ def decode_compare(bundles: list[Path], threads: int, steps: int = 8, rounds: in
                      "decode_tokens_per_s": round(1 / best[name], 3), "vs_first": round(best[first] / best[name], 3),
                      "weight_bytes_per_token": wb, "weight_bytes_per_token_gb": round(wb / 1e9, 4),
                      "weights_read_gb_s": round(read, 2),
-                     "fraction_of_fp32_gemv": round(read / gbs["fp32 GEMV"], 3),
-                     "fraction_of_int4_gemv": round(read / gbs["int4 GEMV"], 3)}
+                     "fraction_of_fp32_gemv": _sig3(read / gbs["fp32 GEMV"]),
+                     "fraction_of_int4_gemv": _sig3(read / gbs["int4 GEMV"])}
         pipe.close()
     return out
 
