@@ -38,14 +38,22 @@ class RowKVCache:
         self.mask[rows, :q] = 1
         self.lengths[rows] = q
 
-    def past(self, rows) -> list[np.ndarray]:
-        """The past K/V feeds of `rows`: a slice is a view of the buffers (no copy), an index array a copy."""
-        return [buf[rows] for buf in self.buffers]
+    def filled(self, rows) -> int:
+        """Slots a step over `rows` must read: their longest length (every slot past it is masked in all of
+        them, so a step fed only these slots attends to exactly the same keys)."""
+        return int(self.lengths[rows].max())
 
-    def attention_feed(self, rows, step_mask: np.ndarray) -> np.ndarray:
+    def past(self, rows, upto: int | None = None) -> list[np.ndarray]:
+        """The past K/V feeds of `rows` (their first `upto` slots, default all): a row slice of the full
+        capacity is a view of the buffers (no copy); an index array, or fewer slots, a copy of what is fed."""
+        if upto is None:
+            return [buf[rows] for buf in self.buffers]
+        return [buf[rows][:, :, :upto] for buf in self.buffers]
+
+    def attention_feed(self, rows, step_mask: np.ndarray, upto: int | None = None) -> np.ndarray:
         """The decoder's attention mask for `rows` feeding a step whose own mask is `step_mask` [rows, T]
-        (0 for left padding): their slots' mask, then the step's."""
-        return np.concatenate([self.mask[rows], step_mask], axis=1)
+        (0 for left padding): their (first `upto`) slots' mask, then the step's."""
+        return np.concatenate([self.mask[rows][:, :upto], step_mask], axis=1)
 
     def positions(self, rows, step_mask: np.ndarray) -> np.ndarray:
         """Position ids [rows, T]: a token's position counts the real (unmasked) slots before it, as the

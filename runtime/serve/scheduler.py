@@ -382,9 +382,12 @@ class Scheduler:
         for i, x in enumerate(ids):
             feed[i, width - len(x):], step_mask[i, width - len(x):] = x, 1
         sel = slice(int(rows[0]), int(rows[-1]) + 1) if np.array_equal(rows, np.arange(rows[0], rows[-1] + 1)) else rows
+        # Only the slots some selected row has filled: a lone short request does not read (and attend over
+        # masked) slots up to the server's --max-length every step.
+        upto = c.filled(sel)
         feeds = {"input_ids": feed, "position_ids": c.positions(sel, step_mask),
-                 "attention_mask": c.attention_feed(sel, step_mask)}
-        for (pk, pv, _, _), k, v in zip(self.kv_names, *[iter(c.past(sel))] * 2):
+                 "attention_mask": c.attention_feed(sel, step_mask, upto)}
+        for (pk, pv, _, _), k, v in zip(self.kv_names, *[iter(c.past(sel, upto))] * 2):
             feeds[pk], feeds[pv] = k, v
         out = self.pipe._run("text_decoder", feeds)
         c.write(sel, [out[n] for names in self.kv_names for n in names[2:]], step_mask)
