@@ -41,6 +41,8 @@ import numpy as np
 
 from bridge_export.runtime.errors import UserError
 
+from bridge_export.exporter.bench.throughput import interleaved_best
+
 PRECISIONS = ("int4-cpu", "fp32")
 GENAI_PRECISION = {"int4-cpu": "int4", "fp32": "fp32"}
 # our int4-cpu defaults (exporter.cli int4_options), spelled as genai's builder takes them
@@ -181,19 +183,6 @@ def _step_feeds(sess, batch: int, past: int, heads: int, head_dim: int, past_nam
     return feeds
 
 
-def _interleaved(fns: dict, rounds: int) -> dict:
-    """Best seconds of each callable, called in turn `rounds` times (after one warm-up each)."""
-    for fn in fns.values():
-        fn()
-    best = {k: math.inf for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
-
-
 def graph_rates(ours: Path, genai: Path, batches, pasts, threads: int, steps: int, rounds: int) -> list[dict]:
     """Tokens/s of one decode step run by bare sessions of each side's decoder graph."""
     import onnxruntime as ort
@@ -216,7 +205,7 @@ def graph_rates(ours: Path, genai: Path, batches, pasts, threads: int, steps: in
         for p in pasts:
             feeds = {s: _step_feeds(sess[s], b, p, kv.num_heads, kv.head_dim, names[s]) for s in sess}
             fns = {s: (lambda s=s: [sess[s].run(None, feeds[s]) for _ in range(steps)]) for s in sess}
-            best = _interleaved(fns, rounds)
+            best = dict(zip(fns, interleaved_best(list(fns.values()), rounds)))
             rows.append(_row("graph", man.precision.mode, b, p, b * steps / best["ours"], b * steps / best["genai"]))
     return rows
 

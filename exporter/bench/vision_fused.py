@@ -16,22 +16,11 @@ import argparse
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-
-def _best(fns: dict, rounds: int) -> dict:
-    for fn in fns.values():
-        fn()
-    best = {k: float("inf") for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
+from bridge_export.exporter.bench.throughput import interleaved_best
 
 
 def _ort_optimized(bundle: Path, graph: str, out: Path, heads: int, hidden: int) -> Path:
@@ -69,7 +58,7 @@ def measure(preset: str, batch: int, rounds: int, threads: int, work: Path, ort_
         emb = {k: {m: p.encode_image(x, m) for m in ("C", "G")} for k, p in pipes.items()}
         res["max_abs_diff"] = {m: float(np.abs(emb["fused"][m] - emb["portable"][m]).max()) for m in ("C", "G")}
         for mode in ("C", "G"):
-            best = _best({k: (lambda p=p: p.encode_image(x, mode)) for k, p in pipes.items()}, rounds)
+            best = dict(zip(pipes, interleaved_best([lambda p=p: p.encode_image(x, mode) for p in pipes.values()], rounds)))
             res["rows"].append({"what": f"encode_image {mode}", **{k: batch / t for k, t in best.items()}})
         hidden = pipes["portable"].vision(x)[0]
         feeds = {"vision_encoder": {"pixel_values": x}, "query_bridge": {"vision_hidden": hidden}}
@@ -86,7 +75,8 @@ def measure(preset: str, batch: int, rounds: int, threads: int, work: Path, ort_
                     str(_ort_optimized(paths["portable"], g, d, heads, width)), ort_session_options(threads),
                     providers=["CPUExecutionProvider"])
         for g, by_side in sess.items():
-            best = _best({k: (lambda s=s: s.run(None, feeds[g])) for k, s in by_side.items()}, rounds)
+            best = dict(zip(by_side, interleaved_best([lambda s=s: s.run(None, feeds[g]) for s in by_side.values()],
+                                                       rounds)))
             res["rows"].append({"what": f"{g} alone", **{k: batch / t for k, t in best.items()}})
     finally:
         for p in pipes.values():
