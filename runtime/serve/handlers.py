@@ -226,9 +226,8 @@ class Handlers:
                 continue
             texts[(r, k)] = self.pipe._caption(res.tokens[0], res.scores[0]).text
 
-    async def caption_stream_steps(self, request: Request) -> AsyncIterator[Response]:
-        """`caption_stream` from the scheduler's shared batch: one response per new piece of text, as the
-        steps that decode it (together with every other active request) produce them."""
+    def _stream_item(self, request: Request) -> tuple:
+        """(image, options without num_beams) of a streamed caption request: one image, greedy."""
         items = self._caption_items(request)
         if len(items) != 1:
             raise RequestError(f"streaming captions one image per request, got {len(items)}")
@@ -236,6 +235,12 @@ class Handlers:
         if opts.pop("num_beams", 1) != 1:
             raise RequestError("streaming yields tokens as they are chosen, which beam search cannot: "
                                "leave num_beams unset (or 1), or use the `caption` model")
+        return image, opts
+
+    async def caption_stream_steps(self, request: Request) -> AsyncIterator[Response]:
+        """`caption_stream` from the scheduler's shared batch: one response per new piece of text, as the
+        steps that decode it (together with every other active request) produce them."""
+        image, opts = self._stream_item(request)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         opts["num_beams"] = 1
         fut = self._submit(image, opts, lambda tok: loop.call_soon_threadsafe(queue.put_nowait, int(tok[0])))
@@ -251,13 +256,7 @@ class Handlers:
 
     def caption_stream(self, request: Request) -> Iterator[Response]:
         """One image's caption as it is generated (greedy): one response per new piece of text."""
-        items = self._caption_items(request)
-        if len(items) != 1:
-            raise RequestError(f"streaming captions one image per request, got {len(items)}")
-        image, opts = items[0]
-        if opts.pop("num_beams", 1) != 1:
-            raise RequestError("streaming yields tokens as they are chosen, which beam search cannot: "
-                               "leave num_beams unset (or 1), or use the `caption` model")
+        image, opts = self._stream_item(request)
         try:
             stream = self.pipe.caption_stream(image, **opts)
             first = next(stream, None)  # surface option errors before the first response
