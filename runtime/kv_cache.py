@@ -78,7 +78,23 @@ class KVCache:
         """Nothing to free explicitly (host memory); here for the device cache's interface."""
 
 
-class CachedDecoder:
+class _OwnsCache:
+    """A decoder that owns its cache: `close()` (or leaving `with`) frees it (device memory for a device cache)."""
+
+    cache: KVCache
+
+    def close(self) -> None:
+        """Free the cache (device memory for a device cache)."""
+        self.cache.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class CachedDecoder(_OwnsCache):
     """`bridge_export.runtime.search.Decoder` over the text_decoder session and a KVCache."""
 
     def __init__(self, session: Session, names: list[tuple[str, str, str, str]], cache: KVCache,
@@ -100,15 +116,6 @@ class CachedDecoder:
         c.write(present, step_mask)
         return out["logits"]
 
-    def close(self) -> None:
-        """Free the cache (device memory for a device cache)."""
-        self.cache.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def prefill(self) -> np.ndarray:
         """Run the prompt after the visual prefix; logits of the last position [rows, V]."""
@@ -336,7 +343,7 @@ def pack_right(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return out, lens
 
 
-class FusedCachedDecoder:
+class FusedCachedDecoder(_OwnsCache):
     """`bridge_export.runtime.search.Decoder` over the fused decoder: the prompt prefill and decode steps
     append to one SharedKVCache in place; beams are repeated and reordered inside it."""
 
@@ -362,16 +369,6 @@ class FusedCachedDecoder:
         if self._ones is None or len(self._ones) != self.n:
             self._ones = np.ones(self.n, np.int32)
         return self.step_fn.run(self.cache, tokens.reshape(self.n, 1), self._ones)
-
-    def close(self) -> None:
-        """Free the cache."""
-        self.cache.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def fused_text_hidden(step: FusedStep, ids: np.ndarray, mask: np.ndarray, layout, dtype=np.float32) -> np.ndarray:
