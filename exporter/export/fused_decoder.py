@@ -24,7 +24,7 @@ from onnx import TensorProto
 
 from bridge_export.reference_model.config import InternVLConfig
 
-from bridge_export.exporter.export.graph_builder import QUANTIZED, GraphBuilder
+from bridge_export.exporter.export.graph_builder import GraphBuilder, lm_head
 from bridge_export.exporter.export.rope import rope_tables
 from bridge_export.exporter.export.specs import kv_layout
 
@@ -91,11 +91,7 @@ def build_fused_decoder(config: InternVLConfig, precision: str, int4=None) -> Gr
         idx = b.op("Expand", [b.op("Reshape", [last, b.ints([-1, 1, 1])]),
                               b.op("Concat", [b.op("Shape", ["input_ids"], start=0, end=1), b.ints([1, D])], axis=0)])
         x_last = b.op("Reshape", [b.op("GatherElements", [h, idx], axis=1), b.ints([0, D])])  # (B, D)
-        x_last = b.to_f32(x_last)
-        if precision in QUANTIZED:
-            logits = b.linear(x_last, "qllama.lm_head.weight", quantize=b.int4 is None or b.int4.lm_head)
-        else:
-            logits = b.op("MatMul", [x_last, b.weight("qllama.lm_head.weight", transpose=True, storage="float32")])
+        logits = lm_head(b, b.to_f32(x_last), precision)
     b.output(logits, "logits", F32, ["batch", q.vocab_size])
     b.output(b.to_f32(h), "hidden_states", F32, ["batch", "seq", q.hidden_size])
     # outputs in the spec's order: logits, hidden_states, then every layer's present

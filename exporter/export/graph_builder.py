@@ -315,6 +315,14 @@ class GraphBuilder:
                                  ir_version=min(onnx.IR_VERSION, 10))
 
 
+def lm_head(b: GraphBuilder, x: str, precision: str) -> str:
+    """Logits of `x` (B, D) fp32 through QLLaMA's lm_head: integer weights in the onnxruntime CPU precisions
+    (int4 unless the int4 options keep lm_head), else an fp32 MatMul (the logits stay fp32 in fp16 bundles)."""
+    if precision in QUANTIZED:
+        return b.linear(x, "qllama.lm_head.weight", quantize=b.int4 is None or b.int4.lm_head)
+    return b.op("MatMul", [x, b.weight("qllama.lm_head.weight", transpose=True, storage="float32")])
+
+
 def stored_shape(ref: WeightRef, name: str, shape: tuple) -> tuple:
     """Shape of initializer `name` made from a checkpoint tensor of `shape` by `ref`."""
     full = tuple(reversed(shape)) if ref.transpose else tuple(shape)

@@ -18,7 +18,7 @@ from onnx import TensorProto
 
 from bridge_export.reference_model.config import InternVLConfig
 
-from bridge_export.exporter.export.graph_builder import QUANTIZED, GraphBuilder
+from bridge_export.exporter.export.graph_builder import GraphBuilder, lm_head
 from bridge_export.exporter.export.rope import rope_tables
 from bridge_export.exporter.export.specs import GraphSpec, all_specs
 
@@ -232,10 +232,7 @@ def build_decoder(config: InternVLConfig, precision: str, int4=None) -> GraphBui
         x = b.rms_norm(x, "qllama.model.norm.weight", q.rms_norm_eps)
     with b.scope("lm_head"):
         last = b.to_f32(b.op("Gather", [x, b.ints(-1)], axis=1))  # (B, D): logits of the last position only
-        if precision in QUANTIZED:
-            logits = b.linear(last, "qllama.lm_head.weight", quantize=b.int4 is None or b.int4.lm_head)
-        else:
-            logits = b.op("MatMul", [last, b.weight("qllama.lm_head.weight", transpose=True, storage="float32")])
+        logits = lm_head(b, last, precision)
     b.output(logits, "logits", F32, ["batch", q.vocab_size])
     b.output(b.to_f32(x), "hidden_states", F32, ["batch", "seq", q.hidden_size])
     for val, name in present:
