@@ -5,6 +5,8 @@ maximum length. The query bridge's visual prefix fills slots 0..Q-1 once; every 
 reads the whole buffer in place (masked slots are ignored) and its new K/V are written at the
 current slot: only the step's own positions are copied. Beam search reorders the text slots only.
 bridge_export.runtime.gpu.kv_cache.DeviceKVCache is the same cache in device memory; CachedDecoder drives either.
+The fused decoder's SharedKVCache (below) has its device twin in bridge_export.runtime.gpu.shared_kv
+(DeviceSharedKVCache); FusedStep drives either.
 """
 from __future__ import annotations
 
@@ -250,12 +252,16 @@ class FusedStep:
     Per call: the cache's buffers are bound as both past and present (no copy of the cache), and
     the feeds and outputs are arrays kept per (rows, width, cache), so a decode step allocates
     nothing but onnxruntime's own scratch.
+
+    On a device session (`session.memory`, bridge_export.runtime.gpu.ort_session.OrtDeviceSession) the
+    cache is a bridge_export.runtime.gpu.shared_kv.DeviceSharedKVCache: its blocks are bound in device
+    memory (`memory.ort_device`), the small feeds (input_ids, seqlens_k, query_seqlens) are staged in
+    one device buffer kept per binding and go up in one copy per step, and only the logits come down
+    (hidden_states too when asked). The host path below is untouched by this: one check of
+    `cache.device_resident` per call.
     """
 
     def __init__(self, session, layout):
-        if getattr(session, "memory", None) is not None:
-            raise ValueError("the fused decoder runs on an onnxruntime CPU session (device sessions keep the "
-                             "portable decoder's cache)")
         self.session = session
         self.layers = [layout.past(i) + layout.present(i) for i in range(layout.num_layers)]
 
@@ -298,6 +304,8 @@ class FusedStep:
             start: int = 0):
         """Append each row's `query_lens[r]` tokens of `ids` [n, width] to rows start..start+n-1 of
         `cache`; returns logits [n, vocab] (and hidden_states [n, width, D] with `hidden`)."""
+        if cache.device_resident:
+            return self._run_device(cache, ids, query_lens, hidden, start)
         ort = self._ort()
         n, width = ids.shape
         lengths = cache.lengths[start:start + n]
@@ -316,6 +324,85 @@ class FusedStep:
             self.session.finite({"logits": outs["logits"][active]} |
                                 ({"hidden_states": outs["hidden_states"][active]} if hidden else {}))
         return (outs["logits"], outs["hidden_states"]) if hidden else outs["logits"]
+
+    # -- device sessions (a DeviceSharedKVCache) -------------------------------------------------------
+    # onnxruntime's CUDA GroupQueryAttention kernel (contrib_ops/cuda/bert/group_query_attention.cc, its
+    # kernel registration) declares one input in CPU memory: total_sequence_length (input 6,
+    # `InputMemoryType(OrtMemTypeCPUInput, 6)`), which it reads on the host to size the launch. Every
+    # other input, seqlens_k and query_seqlens included, is read on the device, and past/present share
+    # one buffer when bound to the same pointer (`MayInplace(3, 1)`, `MayInplace(4, 2)`). So
+    # total_sequence_length is bound as "cpu" and the rest in the cache's memory. That registration
+    # covers fp16 and bf16 only: an fp32 graph's GroupQueryAttention falls back to the CPU provider, and
+    # onnxruntime then copies each layer's K/V between the devices inside the run (correct, not fast).
+    def _device_binding(self, ort, cache, start: int, n: int, width: int):
+        key = (id(ort), start, n, width)
+        entry = cache.bindings.get(key)
+        if entry is not None:
+            return entry
+        if len(cache.bindings) > 8:  # as the host path: keep the decode step's, not every prefill's
+            cache.clear_bindings()
+        mem = cache.memory
+        dev, dev_id = mem.ort_device, mem.device_id
+        out = {o.name: o for o in ort.get_outputs()}
+        vocab, hidden = out["logits"].shape[1], out["hidden_states"].shape[2]
+        ids_bytes = n * width * 8
+        host = np.zeros(ids_bytes + 8 * n, np.uint8)  # input_ids | seqlens_k | query_seqlens: one upload a step
+        feeds = {"input_ids": host[:ids_bytes].view(np.int64).reshape(n, width),
+                 "seqlens_k": host[ids_bytes:ids_bytes + 4 * n].view(np.int32),
+                 "query_seqlens": host[ids_bytes + 4 * n:].view(np.int32)}
+        bufs = []
+        try:
+            staged = mem.empty(host.shape, np.uint8)
+            bufs.append(staged)
+            outs = {"logits": mem.empty((n, vocab), np.float32), "hidden_states": mem.empty((n, width, hidden),
+                                                                                           np.float32)}
+            bufs += list(outs.values())
+        except BaseException:  # out of device memory: nothing of this binding stays allocated
+            for buf in bufs:
+                mem.release(buf)
+            raise
+        b = ort.io_binding()
+        for k, off in (("input_ids", 0), ("seqlens_k", ids_bytes), ("query_seqlens", ids_bytes + 4 * n)):
+            b.bind_input(k, dev, dev_id, feeds[k].dtype, list(feeds[k].shape), staged.ptr + off)
+        total = np.zeros((), np.int32)
+        b.bind_input("total_sequence_length", "cpu", 0, total.dtype, [], total.ctypes.data)
+        shape = cache.block_shape(n)
+        for i, (pk, pv, ok, ov) in enumerate(self.layers):
+            for j, (src, dst) in enumerate(((pk, ok), (pv, ov))):
+                ptr = cache.block_ptr(i, j, start)
+                b.bind_input(src, dev, dev_id, cache.dtype, shape, ptr)
+                b.bind_output(dst, dev, dev_id, cache.dtype, shape, ptr)
+        for k, buf in outs.items():
+            b.bind_output(k, dev, dev_id, buf.dtype, list(buf.shape), buf.ptr)
+        # the device buffers last: DeviceSharedKVCache.clear_bindings frees them with the binding
+        cache.bindings[key] = (b, host, feeds, total, staged, outs, ort, bufs)
+        return cache.bindings[key]
+
+    def _run_device(self, cache, ids: np.ndarray, query_lens: np.ndarray, hidden: bool, start: int):
+        """`run` on a DeviceSharedKVCache: the feeds go up in one copy, the logits come down."""
+        ort = self._ort()
+        n, width = ids.shape
+        lengths = cache.lengths[start:start + n]
+        total = lengths + query_lens
+        if int(lengths.max()) + width > cache.capacity:
+            raise ValueError(f"KV cache full ({cache.capacity} slots): raise the request's maximum length")
+        b, host, feeds, tsl, staged, outs, _, _ = self._device_binding(ort, cache, start, n, width)
+        feeds["input_ids"][...] = ids
+        feeds["query_seqlens"][...] = query_lens
+        feeds["seqlens_k"][...] = total - 1
+        tsl[...] = max(int(total.max()), width)
+        mem = cache.memory
+        mem.upload(host, into=staged)
+        mem.sync()  # the upload and any row moves (our stream) done before onnxruntime reads them
+        b.synchronize_inputs()
+        ort.run_with_iobinding(b, getattr(self.session, "run_options", None))  # returns with its outputs complete
+        lengths[...] = total
+        logits = mem.download(outs["logits"])
+        states = mem.download(outs["hidden_states"]) if hidden else None
+        if hasattr(self.session, "finite"):  # damaged weights: refused, never returned (idle rows' logits are not read)
+            active = np.asarray(query_lens) > 0
+            self.session.finite({"logits": logits[active]} | ({"hidden_states": states[active]} if hidden else {}))
+        return (logits, states) if hidden else logits
 
     def run_rows(self, cache: SharedKVCache, rows, ids: np.ndarray) -> np.ndarray:
         """RowKVCache's step for the scheduler: rows `rows` (a slice or index array) each feed all of
@@ -371,10 +458,15 @@ class FusedCachedDecoder(_OwnsCache):
         return self.step_fn.run(self.cache, tokens.reshape(self.n, 1), self._ones)
 
 
-def fused_text_hidden(step: FusedStep, ids: np.ndarray, mask: np.ndarray, layout, dtype=np.float32) -> np.ndarray:
+def fused_text_hidden(step: FusedStep, ids: np.ndarray, mask: np.ndarray, layout, dtype=np.float32,
+                      cache=None) -> np.ndarray:
     """hidden_states [n, T, D] of right-padded texts through the fused decoder with an empty past
-    (a cache of capacity T; each row's `query_seqlens` is its token count)."""
+    (a cache of capacity T; each row's `query_seqlens` is its token count).
+
+    `cache`: an empty cache of n rows and T slots to run in, which the caller frees (a
+    DeviceSharedKVCache on a device session); default a host SharedKVCache."""
     n, T = ids.shape
-    cache = SharedKVCache(layout.num_layers, n, layout.num_heads, T, layout.head_dim, dtype)
+    if cache is None:
+        cache = SharedKVCache(layout.num_layers, n, layout.num_heads, T, layout.head_dim, dtype)
     _, hidden = step.run(cache, ids, mask.sum(1).astype(np.int32), hidden=True)
-    return hidden.copy()
+    return hidden if cache.device_resident else hidden.copy()  # a device run's is a fresh download

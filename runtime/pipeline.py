@@ -9,6 +9,7 @@ from typing import Iterator
 import numpy as np
 
 from bridge_export.runtime.gpu.kv_cache import DeviceKVCache
+from bridge_export.runtime.gpu.shared_kv import DeviceSharedKVCache
 from bridge_export.runtime.errors import SessionClosed, UserError
 from bridge_export.runtime.kv_cache import (CachedDecoder, FusedCachedDecoder, FusedStep, KVCache, SharedKVCache,
                                             fused_text_hidden)
@@ -252,8 +253,11 @@ class Pipeline:
         B, T = ids.shape
         if self.fused_step is not None:
             self._check_open()
-            kv_dtype = self._session("text_decoder").inputs[self.kv_names[0][0]].dtype
-            hidden = fused_text_hidden(self.fused_step, ids, mask, self.manifest.kv_layout, kv_dtype)
+            cache = self._fused_cache(B, T)
+            try:
+                hidden = fused_text_hidden(self.fused_step, ids, mask, self.manifest.kv_layout, cache=cache)
+            finally:
+                cache.close()
             return hidden[np.arange(B), last] @ self.text_projection
         feeds = {"input_ids": ids, "position_ids": np.ascontiguousarray(np.broadcast_to(np.arange(T), (B, T))),
                  "attention_mask": mask}
@@ -262,6 +266,14 @@ class Pipeline:
         stay = (*self.manifest.kv_layout.names("present"), "logits")  # only hidden_states comes down
         hidden = self._run("text_decoder", feeds, stay)["hidden_states"]
         return hidden[np.arange(B), last] @ self.text_projection
+
+    def _fused_cache(self, rows: int, capacity: int):
+        """An empty shared KV buffer for the fused decoder: in the decoder session's device memory on a
+        device session (DeviceSharedKVCache), else a host SharedKVCache; in the graph's KV dtype."""
+        dec = self._session("text_decoder")
+        kv, memory = self.manifest.kv_layout, getattr(dec, "memory", None)
+        shape = (kv.num_layers, rows, kv.num_heads, capacity, kv.head_dim, dec.inputs[self.kv_names[0][0]].dtype)
+        return DeviceSharedKVCache(memory, *shape) if memory is not None else SharedKVCache(*shape)
 
     def _decoder(self, pixel_values, input_ids, attention_mask, max_new_tokens, num_beams: int = 1) -> CachedDecoder:
         self._check_open()
@@ -292,10 +304,12 @@ class Pipeline:
         out = self._run("query_bridge", {"vision_hidden": hidden}, keep)  # once per image, for every beam and step
         prefix = [out[n] for n in self.prefix_names]
         if self.fused_step is not None:  # one buffer for every beam, the prefix written once per image
-            kv = self.manifest.kv_layout
-            cache = SharedKVCache(kv.num_layers, rows, kv.num_heads, need, kv.head_dim,
-                                  dec.inputs[self.kv_names[0][0]].dtype)
-            cache.write_prefix(prefix)
+            cache = self._fused_cache(rows, need)  # device sessions: the prefix is copied device to device
+            try:
+                cache.write_prefix(prefix)
+            except BaseException:
+                cache.close()
+                raise
             return FusedCachedDecoder(self.fused_step, cache, ids, mask)
         cache = DeviceKVCache(prefix, need, memory) if memory is not None else KVCache(prefix, capacity=need)
         return CachedDecoder(dec, self.kv_names, cache, ids, mask)

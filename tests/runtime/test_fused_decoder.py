@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bridge_export import runtime
-from bridge_export.runtime.kv_cache import FusedStep, SharedKVCache
+from bridge_export.runtime.kv_cache import SharedKVCache
 from bridge_export.runtime.numeric import row_cosines
 
 
@@ -199,15 +199,6 @@ def test_fused_step_refuses_a_full_cache(fused):
     cache = SharedKVCache(kv.num_layers, 1, kv.num_heads, 4, kv.head_dim)
     with pytest.raises(ValueError, match="KV cache full"):
         fused.fused_step.run(cache, np.array([[1, 5, 6, 7, 8]]), np.array([5], np.int32))
-
-
-def test_fused_step_needs_a_cpu_session():
-    class _Device:
-        memory = object()
-        sess = object()
-
-    with pytest.raises(ValueError, match="onnxruntime CPU session"):
-        FusedStep(_Device(), None)
 
 
 def test_run_rows_matches_rowwise_runs(fused):
