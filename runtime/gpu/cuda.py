@@ -144,6 +144,12 @@ class CudaMemory(DeviceMemory):
     def sync(self) -> None:
         check(self.rt.cudaStreamSynchronize(self.stream))
 
+    def free_bytes(self) -> int:
+        """Free memory on this device now (cudaMemGetInfo, which reports the calling thread's current device)."""
+        check(self.rt.cudaSetDevice(self.device_id))
+        free, _total = check(self.rt.cudaMemGetInfo())
+        return int(free)
+
     def close(self) -> None:
         if getattr(self, "stream", None) is not None:
             self.sync()

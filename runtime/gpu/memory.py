@@ -102,6 +102,11 @@ class DeviceMemory:
         """Wait until every operation issued so far has finished."""
         raise NotImplementedError
 
+    def free_bytes(self) -> int | None:
+        """Bytes the device has free now, or None where this memory cannot tell (callers then keep their
+        host-memory bounds)."""
+        return None
+
     def close(self) -> None:
         """Release the stream and anything else the memory object holds (idempotent)."""
 

@@ -14,6 +14,15 @@ Memory is bounded by the rows: the cache is allocated once (N x max_length posit
 front when it would not fit. Drive it from one thread: `start()` runs the loop on a thread of its own
 (the server), or call `run(futures)` to step until they are done (`Pipeline.captions`).
 No torch, no Triton here.
+
+Where the cache lives: on a device session (`--device cuda:N`) a fused bundle's buffer is a
+DeviceSharedKVCache in the device's memory (each request's visual prefix goes up once, row moves are
+device-to-device copies, a decode step sends only the ids and lengths up and the logits down), and
+its size is checked against the device's free memory when the DeviceMemory can tell
+(`free_bytes()`, CUDA's cudaMemGetInfo), else against half the host's memory as on the CPU. A
+portable bundle keeps RowKVCache in host memory on either device: its rows are fed to the decoder
+as numpy arrays, so with `--device cuda:N` each step uploads the active rows' slots (correct, not
+fast; `--scheduler static` keeps the portable decoder's cache on the device).
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bridge_export.runtime.errors import UserError
+from bridge_export.runtime.gpu.shared_kv import DeviceSharedKVCache
 from bridge_export.runtime.kv_cache import SharedKVCache
 from bridge_export.runtime.preprocess import preprocess
 from bridge_export.runtime.search import SearchConfig, SearchResult, stepper
@@ -96,17 +106,26 @@ class Scheduler:
         # onnxruntime-target bundles: the fused decoder (GroupQueryAttention) appends in place to one shared
         # buffer whose per-row seqlens_k are these rows' lengths; else the portable graph's per-row masks
         self.fused = pipe.fused_step
+        memory = getattr(dec, "memory", None) if self.fused is not None else None  # the device cache's memory
         shape = (rows, kv.num_layers, kv.num_heads, kv.head_dim, max_length)
         if self.fused is not None:
             dtype = np.dtype(dec.inputs[pipe.kv_names[0][0]].dtype)
             size = SharedKVCache.nbytes(*shape, itemsize=dtype.itemsize)
         else:
             size = RowKVCache.nbytes(*shape)
-        if size > memory_bytes() // 2:
+        free = memory.free_bytes() if memory is not None else None
+        if free is not None and size > free * 0.9:  # the rest for onnxruntime's activations and workspace
+            raise ValueError(f"{rows} rows x {max_length} positions need {size / 2**30:.1f} GiB of KV cache, more "
+                             f"than 90% of the device's free memory ({free / 2**30:.1f} GiB): use fewer rows or a "
+                             "smaller max_length")
+        if free is None and size > memory_bytes() // 2:
             raise ValueError(f"{rows} rows x {max_length} positions need {size / 2**30:.1f} GiB of KV cache, more "
                              "than half this machine's memory: use fewer rows or a smaller max_length")
         self.pipe, self.max_length = pipe, max_length
-        if self.fused is not None:
+        if memory is not None:
+            self.cache = DeviceSharedKVCache(memory, kv.num_layers, rows, kv.num_heads, max_length, kv.head_dim,
+                                             dtype, q)
+        elif self.fused is not None:
             self.cache = SharedKVCache(kv.num_layers, rows, kv.num_heads, max_length, kv.head_dim, dtype, q)
         else:
             self.cache = RowKVCache(*shape)
@@ -173,7 +192,7 @@ class Scheduler:
 
     def close(self) -> None:
         """Stop the loop, fail every waiting and decoding request with SchedulerClosed (idempotent) and
-        release the cache's bindings."""
+        release the cache's bindings (and its device memory, for a device cache)."""
         with self._lock:
             self.closed = True
             self._lock.notify_all()

@@ -191,3 +191,55 @@ def test_close_frees_every_byte(dev, mem):
     assert mem.live_bytes == start
     staging = {b.ptr for s in dev.sessions.values() for b in s.staging.values()}
     assert set(mem.blocks) == staging
+
+
+def test_scheduler_keeps_its_buffer_on_the_device(host, dev, mem):
+    """Rows joining and leaving mid-decode on the device buffer: each request's tokens and scores are what it
+    gets alone (on the device and on the host); closing the scheduler frees the buffer."""
+    from bridge_export.runtime.serve.scheduler import Scheduler
+
+    opts = [dict(max_new_tokens=7), dict(max_new_tokens=10, num_beams=3), dict(max_new_tokens=5),
+            dict(max_new_tokens=8, num_beams=2), dict(max_new_tokens=9, do_sample=True, seed=4, top_k=20)]
+    rng = np.random.default_rng(6)
+    s = dev.preprocessing.image_size
+    images = [rng.normal(size=(1, 3, s, s)).astype(np.float32) for _ in opts]
+    prompts = [rng.integers(3, dev.vocab_size, size=(1, t)) for t in (3, 5, 2, 4, 3)]
+    alone = [dev.generate(im, p, return_scores=True, **o) for im, p, o in zip(images, prompts, opts)]
+    for (t, sc), im, p, o in zip(alone, images, prompts, opts):
+        ht, hs = host.generate(im, p, return_scores=True, **o)
+        np.testing.assert_array_equal(t, ht)
+        np.testing.assert_array_equal(sc, hs)
+    sch = Scheduler(dev, rows=5, max_length=40)
+    assert isinstance(sch.cache, DeviceSharedKVCache)
+    futures = []
+    for im, p, o in zip(images, prompts, opts):
+        futures.append(sch.submit(im, p, dev._search_config(**o)))
+        sch.step()  # one arrival per step: rows join while others decode, and leave when done
+    sch.run(futures)
+    for f, (tokens, scores) in zip(futures, alone):
+        np.testing.assert_array_equal(f.result().tokens, tokens)
+        np.testing.assert_array_equal(f.result().scores, scores)
+    assert sch.stats.step_rows_total > sch.stats.steps  # steps really ran several rows together
+    sch.close()
+    staging = {b.ptr for s in dev.sessions.values() for b in s.staging.values()}
+    assert set(mem.blocks) == staging  # all that is left: the sessions' staging (batches of images differ)
+
+
+class _SmallDevice(HostMemory):
+    """A device that reports 1 GiB free."""
+
+    def free_bytes(self) -> int:
+        return 2**30
+
+
+def test_scheduler_bound_is_the_device_free_memory(bundle, dev):
+    """A device buffer is bounded by the device's free memory when the memory can tell, else by half the
+    host's (HostMemory cannot tell: it is host memory)."""
+    from bridge_export.runtime.serve.scheduler import Scheduler
+
+    with runtime.load(bundle, device=_SmallDevice()) as small:
+        with pytest.raises(ValueError, match=r"1.8 GiB of KV cache, more than 90% of the device's free memory \(1.0 GiB"):
+            Scheduler(small, rows=10**4, max_length=small.max_positions)
+        Scheduler(small, rows=2, max_length=40).close()
+    with pytest.raises(ValueError, match="more than half this machine's memory"):
+        Scheduler(dev, rows=10**7, max_length=dev.max_positions)
