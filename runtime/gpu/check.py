@@ -17,7 +17,11 @@ per item (these are copies: any difference is a bug):
   prints the bytes that crossed between host and device inside the cache's own calls (must be 0).
 
 With `--bundle DIR` and onnxruntime's CUDA provider present, it also decodes a bundle with
-device="cuda:0" against device="cpu" and prints the host<->device bytes per decode step.
+device="cuda:0" against device="cpu" and prints the host<->device bytes per decode step. A bundle with
+the fused decoder (onnxruntime target) is decoded through bridge_export.runtime.gpu.shared_kv.
+DeviceSharedKVCache against the host SharedKVCache (GroupQueryAttention reading and appending to the
+cudaMalloc'd buffer in place, beam repeat and reorder on the device); fp16 is the precision whose
+GroupQueryAttention runs on CUDA (onnxruntime has no fp32 CUDA kernel for it).
 `--time-limit` (default 540 s) stops the run with FAIL when exceeded; the full-shape run takes a
 minute or two on a data-center GPU, most of it numpy on the host side. Exit status 0 only on PASS.
 """
@@ -230,7 +234,8 @@ def run_items(memory, layers: int, heads: int, head_dim: int, beams: int, querie
 
 def check_bundle(bundle: str, device: str, beams: int, max_new: int) -> dict:
     """Teacher-forced decode of a bundle on `device` and on the CPU (same tokens and beam reorders fed to
-    both): the largest logits difference over all steps, and the host<->device bytes of each GPU step."""
+    both): the largest logits difference over all steps, and the host<->device bytes of each GPU step.
+    A fused-decoder bundle runs its device shared cache against the host one (`fused` in the result)."""
     from bridge_export import runtime
 
     rng = np.random.default_rng(0)
@@ -246,12 +251,18 @@ def check_bundle(bundle: str, device: str, beams: int, max_new: int) -> dict:
             b.expand(beams)
             for tokens, src in feeds:
                 worst, scale = max(worst, float(np.max(np.abs(la - lb)))), max(scale, float(np.max(np.abs(la))))
-                past, snap = b.cache.length, gpu.memory.traffic.snapshot()
+                past, snap = _past(b.cache), gpu.memory.traffic.snapshot()
                 la, lb = a.step(tokens, src), b.step(tokens, src)
                 d = gpu.memory.traffic - snap
                 per_step.append((past, d.up, d.down))
             worst = max(worst, float(np.max(np.abs(la - lb))))
-    return {"max_logits_diff": worst, "logits_scale": scale, "per_step": per_step}
+        fused = gpu.fused_step is not None
+    return {"max_logits_diff": worst, "logits_scale": scale, "per_step": per_step, "fused": fused}
+
+
+def _past(cache) -> int:
+    """Slots filled before a step: the portable cache's `length`, the fused cache's longest row."""
+    return cache.length if hasattr(cache, "length") else int(cache.lengths.max())
 
 
 def main(argv=None) -> int:
@@ -320,9 +331,10 @@ def _run(args) -> int:
             same_bytes = len({(u, d) for _, u, d in r["per_step"]}) == 1
             good = r["max_logits_diff"] <= 1e-3 * max(1.0, r["logits_scale"]) and same_bytes
             ok &= good
-            log.info("%s bundle decode on %s vs cpu: max |logits diff| %g (logits up to %g); bytes per step the "
-                     "same at every past length: %s", "PASS" if good else "FAIL", args.device, r["max_logits_diff"],
-                     r["logits_scale"], same_bytes)
+            what = "fused decoder, device shared cache vs host shared cache" if r["fused"] else "portable decoder"
+            log.info("%s bundle decode on %s vs cpu (%s): max |logits diff| %g (logits up to %g); bytes per step "
+                     "the same at every past length: %s", "PASS" if good else "FAIL", args.device, what,
+                     r["max_logits_diff"], r["logits_scale"], same_bytes)
             for past, up, down in r["per_step"]:
                 log.info("  past %4d: %d bytes up, %d bytes down", past, up, down)
     log.info("checked in %.0f s", time.perf_counter() - t0)

@@ -243,3 +243,13 @@ def test_scheduler_bound_is_the_device_free_memory(bundle, dev):
         Scheduler(small, rows=2, max_length=40).close()
     with pytest.raises(ValueError, match="more than half this machine's memory"):
         Scheduler(dev, rows=10**7, max_length=dev.max_positions)
+
+
+def test_gpu_check_bundle_item_on_the_fused_bundle(bundle):
+    """`gpu.check --bundle` on a fused bundle decodes through the device buffer against the host one."""
+    from bridge_export.runtime.gpu.check import check_bundle
+
+    r = check_bundle(str(bundle), HostMemory(), beams=3, max_new=6)
+    assert r["fused"] and r["max_logits_diff"] == 0.0 and r["logits_scale"] > 0
+    assert {(up, down) for _, up, down in r["per_step"]} == {(3 * 16, 3 * 4 * runtime.read_manifest(bundle)
+                                                              .dims.vocab_size)}
