@@ -21,7 +21,9 @@ device="cuda:0" against device="cpu" and prints the host<->device bytes per deco
 the fused decoder (onnxruntime target) is decoded through bridge_export.runtime.gpu.shared_kv.
 DeviceSharedKVCache against the host SharedKVCache (GroupQueryAttention reading and appending to the
 cudaMalloc'd buffer in place, beam repeat and reorder on the device); fp16 is the precision whose
-GroupQueryAttention runs on CUDA (onnxruntime has no fp32 CUDA kernel for it).
+GroupQueryAttention runs on CUDA (onnxruntime has no fp32 CUDA kernel for it). It also runs the step
+scheduler's mixed call on both buffers (rows feeding 3, 1 and 0 tokens in one step, right-padded by
+`query_seqlens`): the active rows' logits and every row's filled slots must agree.
 `--time-limit` (default 540 s) stops the run with FAIL when exceeded; the full-shape run takes a
 minute or two on a data-center GPU, most of it numpy on the host side. Exit status 0 only on PASS.
 """
@@ -257,7 +259,38 @@ def check_bundle(bundle: str, device: str, beams: int, max_new: int) -> dict:
                 per_step.append((past, d.up, d.down))
             worst = max(worst, float(np.max(np.abs(la - lb))))
         fused = gpu.fused_step is not None
-    return {"max_logits_diff": worst, "logits_scale": scale, "per_step": per_step, "fused": fused}
+        ragged = _ragged_fused_step(cpu, gpu, x) if fused else {}
+    return {"max_logits_diff": worst, "logits_scale": scale, "per_step": per_step, "fused": fused, **ragged}
+
+
+def _ragged_fused_step(cpu, gpu, x) -> dict:
+    """The step scheduler's mixed call on the host and the device buffer: rows feeding 3, 1 and 0 tokens
+    (right-padded by `query_seqlens`, the third row idle), then one token on the first two at their
+    different lengths. The largest difference of the active rows' logits, and of every row's filled slots
+    afterwards (an idle row's prefix must be untouched), with the buffer's scale."""
+    _, prefix = cpu.bridge(cpu.vision(x)[0])
+    prefix = [np.repeat(p[:1], 3, 0) for p in prefix]
+    cap = prefix[0].shape[2] + 8
+    host, dev = cpu._fused_cache(3, cap), gpu._fused_cache(3, cap)
+    try:
+        for c in (host, dev):
+            c.load_prefix(np.arange(3), prefix)
+        worst = 0.0
+        for ids, lens in ((np.array([[5, 6, 7], [8, 0, 0], [0, 0, 0]]), [3, 1, 0]),
+                          (np.array([[9], [10], [0]]), [1, 1, 0])):
+            lens = np.array(lens, np.int32)
+            la = cpu.fused_step.run(host, ids, lens)[:2]
+            lb = gpu.fused_step.run(dev, ids, lens)[:2]
+            worst = max(worst, float(np.max(np.abs(la - lb))))
+        got, want = dev.download().astype(np.float32), host.data.astype(np.float32)
+        slots = max((float(np.max(np.abs(got[:, :, r, :, :n] - want[:, :, r, :, :n])))
+                     for r, n in enumerate(host.lengths)), default=0.0)
+        same_lengths = bool(np.array_equal(dev.lengths, host.lengths))
+        return {"ragged_logits_diff": worst if same_lengths else float("inf"), "ragged_slots_diff": slots,
+                "kv_scale": float(np.max(np.abs(want)))}
+    finally:
+        dev.close()
+        host.close()
 
 
 def _past(cache) -> int:
@@ -329,7 +362,14 @@ def _run(args) -> int:
         else:
             r = check_bundle(args.bundle, memory if args.device == "host" else args.device, args.beams, 10)
             same_bytes = len({(u, d) for _, u, d in r["per_step"]}) == 1
-            good = r["max_logits_diff"] <= 1e-3 * max(1.0, r["logits_scale"]) and same_bytes
+            tol = 1e-3 * max(1.0, r["logits_scale"])
+            good = r["max_logits_diff"] <= tol and same_bytes
+            if r["fused"]:  # rows of different lengths and an idle row in one call: what the scheduler runs
+                ragged = r["ragged_logits_diff"] <= tol and r["ragged_slots_diff"] <= 1e-2 * max(1.0, r["kv_scale"])
+                log.info("%s fused step over rows feeding 3, 1 and 0 tokens, device vs host buffer: max |logits "
+                         "diff| %g, max |filled slots diff| %g (K/V up to %g)", "PASS" if ragged else "FAIL",
+                         r["ragged_logits_diff"], r["ragged_slots_diff"], r["kv_scale"])
+                good &= ragged
             ok &= good
             what = "fused decoder, device shared cache vs host shared cache" if r["fused"] else "portable decoder"
             log.info("%s bundle decode on %s vs cpu (%s): max |logits diff| %g (logits up to %g); bytes per step "

@@ -251,5 +251,6 @@ def test_gpu_check_bundle_item_on_the_fused_bundle(bundle):
 
     r = check_bundle(str(bundle), HostMemory(), beams=3, max_new=6)
     assert r["fused"] and r["max_logits_diff"] == 0.0 and r["logits_scale"] > 0
+    assert r["ragged_logits_diff"] == 0.0 and r["ragged_slots_diff"] == 0.0 and r["kv_scale"] > 0
     assert {(up, down) for _, up, down in r["per_step"]} == {(3 * 16, 3 * 4 * runtime.read_manifest(bundle)
                                                               .dims.vocab_size)}
