@@ -328,10 +328,13 @@ class FusedStep:
     # -- device sessions (a DeviceSharedKVCache) -------------------------------------------------------
     # onnxruntime's CUDA GroupQueryAttention kernel (contrib_ops/cuda/bert/group_query_attention.cc, its
     # kernel registration) declares one input in CPU memory: total_sequence_length (input 6,
-    # `InputMemoryType(OrtMemTypeCPUInput, 6)`), which it reads on the host to size the launch. Every
-    # other input, seqlens_k and query_seqlens included, is read on the device, and past/present share
-    # one buffer when bound to the same pointer (`MayInplace(3, 1)`, `MayInplace(4, 2)`). So
-    # total_sequence_length is bound as "cpu" and the rest in the cache's memory. That registration
+    # `InputMemoryType(OrtMemTypeCPUInput, 6)`), which it reads on the host to size the launch; every
+    # other input (seqlens_k included) is device memory, and past/present share one buffer when bound
+    # to the same pointer (`MayInplace(3, 1)`, `MayInplace(4, 2)`). So total_sequence_length is bound
+    # as "cpu" and the rest in the cache's memory. query_seqlens (input 16 in onnxruntime 1.32's schema)
+    # is not named in the CUDA source read for this; it is bound in device memory like seqlens_k, and
+    # `python -m bridge_export.runtime.gpu.check --bundle` runs a ragged step to show the kernel honours
+    # it (an idle row's slots untouched). That registration
     # covers fp16 and bf16 only: an fp32 graph's GroupQueryAttention falls back to the CPU provider, and
     # onnxruntime then copies each layer's K/V between the devices inside the run (correct, not fast).
     def _device_binding(self, ort, cache, start: int, n: int, width: int):
