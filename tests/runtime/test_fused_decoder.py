@@ -76,7 +76,8 @@ def test_graph_and_manifest(bundles):
     ops = [n.op_type for n in onnx.load(str(man.graph_path("text_decoder")), load_external_data=False).graph.node]
     layers = man.kv_layout.num_layers
     assert ops.count("GroupQueryAttention") == layers and ops.count("SkipSimplifiedLayerNormalization") == layers * 2
-    assert ops.count("MatMul") == 5 * layers + 1  # one q/k/v, o, gate, up, down per layer; lm_head
+    assert ops.count("MatMul") == 4 * layers + 1  # one q/k/v, o, gate/up, down per layer; lm_head
+    assert ops.count("Split") == layers
     assert "Softmax" not in ops and "Transpose" not in ops
     int4 = runtime.read_manifest(bundles["int4-cpu", True])
     assert int4.graph("text_decoder").fused and all(g.target == "onnxruntime" for g in int4.graphs.values())
