@@ -112,6 +112,9 @@ def gemv_probe(threads: int, gib: float = 1.0, int4: bool = False):
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    # threads that spin after a probe run take the cores from whatever is timed next (the first bundle of
+    # decode_compare's rounds: 0.7x its rate in the second place on a 2-core machine)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     s = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     del m, g, inits
     x = np.ones((1, k), np.float32)
@@ -278,6 +281,10 @@ def decode_compare(bundles: list[Path], threads: int, steps: int = 8, rounds: in
     tasks = [(name, step, steps) for name, _, _, step in runs] + [(k, run, 3) for k, (run, _) in probes.items()]
     for r in range(rounds):
         for name, fn, n in tasks:
+            # the first call after another task's runs pays for the switch (the other session's threads, cold
+            # caches: whichever bundle came second in a round ran at 0.6-0.8x of the same bundle timed first
+            # on 2 cores), so each task's turn starts with one untimed call, as a decode loop is warm
+            fn()
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
