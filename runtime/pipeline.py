@@ -253,6 +253,10 @@ class Pipeline:
         B, T = ids.shape
         if self.fused_step is not None:
             self._check_open()
+            if ((ids[:, :-1] == 0) & (ids[:, 1:] > 0)).any():  # the tokenizer never writes one (byte fallback)
+                log.warning("input_ids hold the pad id 0 before a later token: the original masks that slot, the "
+                            "fused decoder attends to it, so these text embeddings differ from the original's; "
+                            "drop the 0s or use a bundle exported with --target tensorrt")
             cache = self._fused_cache(B, T)
             try:
                 hidden = fused_text_hidden(self.fused_step, ids, mask, self.manifest.kv_layout, cache=cache)

@@ -221,6 +221,25 @@ def summary(phases: list[Phase], count_tokens) -> dict:
             "batch": sum(p.step_rows for p in phases) / steps if steps else float("nan")}
 
 
+def start_server(bundle: Path, scheduler: str, rows: int, threads: int | None, max_length: int | None,
+                 log_dir: Path, attempts: int = 3) -> Server:
+    """A ready Server; one that exits while starting is started again, up to `attempts` times (PyTriton's
+    proxy gives its model a fixed handshake time, which a busy machine can miss), then its error is raised."""
+    for attempt in range(1, attempts + 1):
+        server = Server(bundle, scheduler, rows, threads, max_length, log_dir)
+        try:
+            server.wait_ready()
+            return server
+        except RuntimeError as e:
+            exited = server.proc.poll() is not None  # still running but never ready: no retry
+            server.stop()
+            if attempt == attempts or not exited:
+                raise
+            print(f"{scheduler} server exited while starting (attempt {attempt}/{attempts}), starting it again: "
+                  f"{str(e).splitlines()[-1][:200]}", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
 def main(argv=None) -> int:
     """Run the comparison and print the table; exit status 1 if a request failed or the texts differ."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -253,8 +272,7 @@ def main(argv=None) -> int:
     phases: dict[str, list[Phase]] = {s: [] for s in names}
     try:
         for s in names:  # one after the other: starting two Tritons at once slows both model loads
-            servers[s] = Server(args.bundle, s, args.rows, args.threads, args.max_length, log_dir)
-            servers[s].wait_ready()
+            servers[s] = start_server(args.bundle, s, args.rows, args.threads, args.max_length, log_dir)
         warm = workload(2, 1, 0, (lo, hi), 0.5, args.seed + 999)
         for s in servers.values():  # first requests pay one-off costs (sessions' first runs, the stream channel)
             asyncio.run(drive(s, warm, 1))

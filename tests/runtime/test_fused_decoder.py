@@ -84,8 +84,8 @@ def test_graph_and_manifest(bundles):
     assert not runtime.read_manifest(bundles["int4-cpu", False]).graph("text_decoder").fused
 
 
-def test_int4_fused_qkv_bytes_equal_the_three_projections(bundles):
-    """The concatenated q/k/v weight packs to exactly the three projections' MatMulNBits blocks."""
+def test_int4_fused_qkv_and_gate_up_bytes_equal_the_projections(bundles):
+    """The concatenated q/k/v (and gate/up) weights pack to exactly the projections' MatMulNBits blocks."""
     import onnx
     from onnx import numpy_helper
 
@@ -96,6 +96,8 @@ def test_int4_fused_qkv_bytes_equal_the_three_projections(bundles):
     f, p = inits(bundles["int4-cpu", True]), inits(bundles["int4-cpu", False])
     key = "qllama.model.layers.1.self_attn.{}_proj.weight.T_Q4"
     np.testing.assert_array_equal(f[key.format("qkv")], np.concatenate([p[key.format(n)] for n in "qkv"]))
+    mlp = "qllama.model.layers.1.mlp.{}_proj.weight.T_Q4"
+    np.testing.assert_array_equal(f[mlp.format("gate_up")], np.concatenate([p[mlp.format(n)] for n in ("gate", "up")]))
 
 
 def test_encode_text_with_padding(fused, model16):
@@ -104,6 +106,15 @@ def test_encode_text_with_padding(fused, model16):
     got = fused.encode_text(ids)
     assert row_cosines(ref, got).min() >= 0.99999
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_pad_inside_text_is_said(fused, caplog):
+    with caplog.at_level("WARNING"):
+        fused.encode_text(np.array([[1, 5, 9, 2, 0, 0]]))
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        fused.encode_text(np.array([[1, 5, 0, 9, 2, 0]]))
+    assert any("pad id 0 before a later token" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("beams", [1, 3])
