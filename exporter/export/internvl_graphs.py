@@ -12,6 +12,7 @@ rotate-half is one Gather with a sign folded into the sin table.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 from onnx import TensorProto
@@ -33,10 +34,17 @@ def _rope(b: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
     return b.op("Add", [b.op("Mul", [x, cos]), b.op("Mul", [b.op("Gather", [x, perm], axis=3), sin])])
 
 
-def _mlp_swiglu(b: GraphBuilder, x: str, p: str) -> str:
-    gate = b.linear(x, f"{p}.gate_proj.weight")
+def _mlp_swiglu(b: GraphBuilder, x: str, p: str, packed: int | None = None) -> str:
+    """SwiGLU MLP; `packed` (the MLP width): gate and up as one linear over the two weights concatenated
+    (the fused decoder's `gate_up_proj`, so a bundle stores that weight once for the bridge and the decoder)."""
+    if packed:
+        width = packed
+        gate_up = b.linear(x, f"{p}.gate_up_proj.weight", parts=(f"{p}.gate_proj.weight", f"{p}.up_proj.weight"))
+        gate, up = b.op("Split", [gate_up, b.ints([width, width])], n_out=2, axis=-1)
+    else:
+        gate, up = b.linear(x, f"{p}.gate_proj.weight"), b.linear(x, f"{p}.up_proj.weight")
     act = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
-    return b.linear(b.op("Mul", [act, b.linear(x, f"{p}.up_proj.weight")]), f"{p}.down_proj.weight")
+    return b.linear(b.op("Mul", [act, up]), f"{p}.down_proj.weight")
 
 
 def _pooling_head(b: GraphBuilder, x: str, p: str, dim: int, num_heads: int, out_dim: int) -> str:
@@ -107,13 +115,19 @@ def build_vision(config: InternVLConfig, precision: str, int4=None) -> GraphBuil
 
 # -- QLLaMA layers -------------------------------------------------------------------------------
 def _self_attention(b: GraphBuilder, cfg, x: str, p: str, rope: tuple, mask: str | None, past=None,
-                    split=None) -> tuple[str, str, str]:
-    """Returns (attention output (B, T, D), K after RoPE (B, H, T, Dh), V (B, H, T, Dh))."""
+                    split=None, packed: bool = False) -> tuple[str, str, str]:
+    """Returns (attention output (B, T, D), K after RoPE (B, H, T, Dh), V (B, H, T, Dh)); `packed`: q, k, v
+    from one linear over the three weights concatenated (the fused decoder's `qkv_proj`, stored once)."""
     D, H, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
     cos_q, sin_q, cos_k, sin_k = rope
-    q = _rope(b, b.heads(b.linear(x, f"{p}.q_proj.weight"), H, Dh, [0, 2, 1, 3]), cos_q, sin_q, Dh)  # (B, H, T, Dh)
-    k = _rope(b, b.heads(b.linear(x, f"{p}.k_proj.weight"), H, Dh, [0, 2, 1, 3]), cos_k, sin_k, Dh)  # cache layout
-    v = b.heads(b.linear(x, f"{p}.v_proj.weight"), H, Dh, [0, 2, 1, 3])
+    if packed:
+        qkv = b.linear(x, f"{p}.qkv_proj.weight", parts=tuple(f"{p}.{n}_proj.weight" for n in "qkv"))
+        xq, xk, xv = b.op("Split", [qkv, b.ints([D, D, D])], n_out=3, axis=-1)
+    else:
+        xq, xk, xv = (b.linear(x, f"{p}.{n}_proj.weight") for n in "qkv")
+    q = _rope(b, b.heads(xq, H, Dh, [0, 2, 1, 3]), cos_q, sin_q, Dh)  # (B, H, T, Dh)
+    k = _rope(b, b.heads(xk, H, Dh, [0, 2, 1, 3]), cos_k, sin_k, Dh)  # cache layout
+    v = b.heads(xv, H, Dh, [0, 2, 1, 3])
     # q carries 1/sqrt(Dh) (from its tables); a last-two-axes Transpose right before a MatMul is
     # fused by onnxruntime (FusedMatMul transB)
     scores = b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])])  # (B, H, T, T)
@@ -142,8 +156,10 @@ def _cross_attention(b: GraphBuilder, cfg, x: str, vision: str, p: str) -> str:
     return b.linear(b.merge_heads(o, D), f"{p}.o_proj.weight")
 
 
-def build_bridge(config: InternVLConfig, precision: str, int4=None) -> GraphBuilder:
-    """vision_hidden -> image_embeds_g and the visual prefix (per layer K, V of the query rows)."""
+def build_bridge(config: InternVLConfig, precision: str, int4=None, packed: bool = False) -> GraphBuilder:
+    """vision_hidden -> image_embeds_g and the visual prefix (per layer K, V of the query rows). `packed`
+    (bundles with the fused decoder): QLLaMA's q/k/v and gate/up weights are read as the fused decoder
+    concatenates them, so the bundle stores each once for both graphs."""
     q = config.qllama
     Q, Dh = config.num_query_token, q.head_dim
     b = GraphBuilder("query_bridge", precision, int4)
@@ -158,7 +174,7 @@ def build_bridge(config: InternVLConfig, precision: str, int4=None) -> GraphBuil
         with b.scope(f"qllama/layers.{i}"):
             with b.scope("self_attn"):
                 h = b.rms_norm(x, f"{p}.input_layernorm.weight", q.rms_norm_eps)
-                o, k, v = _self_attention(b, q, h, f"{p}.self_attn", rope, None)
+                o, k, v = _self_attention(b, q, h, f"{p}.self_attn", rope, None, packed=packed)
                 x = b.op("Add", [x, o])
             b.output(b.to_f32(k), f"prefix.{i}.key", F32, ["batch", q.num_attention_heads, Q, Dh])
             b.output(b.to_f32(v), f"prefix.{i}.value", F32, ["batch", q.num_attention_heads, Q, Dh])
@@ -167,7 +183,7 @@ def build_bridge(config: InternVLConfig, precision: str, int4=None) -> GraphBuil
                     x = b.op("Add", [x, _cross_attention(b, q, x, vision, f"{p}.cross_attn")])
             with b.scope("mlp"):
                 h = b.rms_norm(x, f"{p}.post_attention_layernorm.weight", q.rms_norm_eps)
-                x = b.op("Add", [x, _mlp_swiglu(b, h, f"{p}.mlp")])
+                x = b.op("Add", [x, _mlp_swiglu(b, h, f"{p}.mlp", q.intermediate_size if packed else None)])
     with b.scope("qllama/norm"):
         x = b.rms_norm(x, "qllama.model.norm.weight", q.rms_norm_eps)
     g = _pooling_head(b, x, "clip_projector2", q.hidden_size, config.attn_pool_num_heads, config.clip_embed_dim)
@@ -252,6 +268,7 @@ def build_graphs(config: InternVLConfig, precision: str, int4=None, target: str 
         from bridge_export.exporter.export.fused_decoder import build_fused_decoder
 
         builders["text_decoder"] = build_fused_decoder
+        builders["query_bridge"] = partial(build_bridge, packed=True)  # shares the decoder's packed weights
     return {spec.name: builders[spec.name](config, precision, int4) for spec in all_specs(config)}
 
 
