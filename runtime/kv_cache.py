@@ -300,6 +300,21 @@ class FusedStep:
         cache.bindings[key] = (b, feeds, outs, ort)  # lives as long as the buffer its pointers point into
         return cache.bindings[key]
 
+    @staticmethod
+    def _fill(cache, ids: np.ndarray, query_lens: np.ndarray, start: int, feeds: dict, total_feed: np.ndarray):
+        """Write one call's feeds (ids, query_seqlens, seqlens_k, total_sequence_length into `total_feed`)
+        after checking the rows' capacity; returns (the rows' lengths view, their lengths after the call)."""
+        n, width = ids.shape
+        lengths = cache.lengths[start:start + n]
+        if int(lengths.max()) + width > cache.capacity:
+            raise ValueError(f"KV cache full ({cache.capacity} slots): raise the request's maximum length")
+        total = lengths + query_lens
+        feeds["input_ids"][...] = ids
+        feeds["query_seqlens"][...] = query_lens
+        feeds["seqlens_k"][...] = total - 1
+        total_feed[...] = max(int(total.max()), width)
+        return lengths, total
+
     def run(self, cache: SharedKVCache, ids: np.ndarray, query_lens: np.ndarray, hidden: bool = False,
             start: int = 0):
         """Append each row's `query_lens[r]` tokens of `ids` [n, width] to rows start..start+n-1 of
@@ -308,15 +323,8 @@ class FusedStep:
             return self._run_device(cache, ids, query_lens, hidden, start)
         ort = self._ort()
         n, width = ids.shape
-        lengths = cache.lengths[start:start + n]
-        total = lengths + query_lens
-        if int(lengths.max()) + width > cache.capacity:
-            raise ValueError(f"KV cache full ({cache.capacity} slots): raise the request's maximum length")
         b, feeds, outs, _ = self._binding(ort, cache, start, n, width)
-        feeds["input_ids"][...] = ids
-        feeds["query_seqlens"][...] = query_lens
-        feeds["seqlens_k"][...] = total - 1
-        feeds["total_sequence_length"][...] = max(int(total.max()), width)
+        lengths, total = self._fill(cache, ids, query_lens, start, feeds, feeds["total_sequence_length"])
         ort.run_with_iobinding(b)
         lengths[...] = total
         if hasattr(self.session, "finite"):  # damaged weights: refused, never returned (idle rows' logits are not read)
@@ -385,15 +393,8 @@ class FusedStep:
         """`run` on a DeviceSharedKVCache: the feeds go up in one copy, the logits come down."""
         ort = self._ort()
         n, width = ids.shape
-        lengths = cache.lengths[start:start + n]
-        total = lengths + query_lens
-        if int(lengths.max()) + width > cache.capacity:
-            raise ValueError(f"KV cache full ({cache.capacity} slots): raise the request's maximum length")
         b, host, feeds, tsl, staged, outs, _, _ = self._device_binding(ort, cache, start, n, width)
-        feeds["input_ids"][...] = ids
-        feeds["query_seqlens"][...] = query_lens
-        feeds["seqlens_k"][...] = total - 1
-        tsl[...] = max(int(total.max()), width)
+        lengths, total = self._fill(cache, ids, query_lens, start, feeds, tsl)
         mem = cache.memory
         mem.upload(host, into=staged)
         mem.sync()  # the upload and any row moves (our stream) done before onnxruntime reads them

@@ -11,6 +11,9 @@ prompts and max_new_tokens (`--max-new LO-HI`), greedy, and a share are streamed
 time to first piece). Prints per scheduler requests/s, tokens/s, p50/p95 latency, p50/p95 time to
 first streamed piece, the step scheduler's mean decode batch, the step/static ratios, and whether
 both servers returned the same text for every request (they must: greedy, same model).
+With one client the servers are paired request by request instead (`--interleave request`, the
+default there): each request goes to one server and then the other, the order rotating, so the
+single-request latencies compare like for like however the machine's speed drifts.
 Tokens are counted by the bundle's tokenizer on the returned text (the same count on both sides).
 
 Runs where tritonclient's gRPC client and PyTriton are installed (the [serve] venv: PyTriton pins
@@ -179,15 +182,20 @@ async def _one(client, job: Job, phase: Phase, i: int) -> None:
     phase.texts[i] = text
 
 
-async def drive(server: Server, jobs: list[Job], clients: int) -> Phase:
-    """K clients, client k sending jobs k, k+K, ... one at a time, each after its pause."""
+def _client(port: int):
+    """An asynchronous gRPC client of the server on `port`."""
     import tritonclient.grpc.aio as tga
 
+    return tga.InferenceServerClient(f"127.0.0.1:{port}")
+
+
+async def drive(server: Server, jobs: list[Job], clients: int) -> Phase:
+    """K clients, client k sending jobs k, k+K, ... one at a time, each after its pause."""
     phase = Phase(server.scheduler)
     steps0 = server.step_counters()
 
     async def client_loop(k: int):
-        client = tga.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+        client = _client(server.grpc)
         try:
             for i in range(k, len(jobs), clients):
                 await asyncio.sleep(jobs[i].pause)
@@ -201,6 +209,30 @@ async def drive(server: Server, jobs: list[Job], clients: int) -> Phase:
     steps1 = server.step_counters()
     phase.steps, phase.step_rows = steps1[0] - steps0[0], steps1[1] - steps0[1]
     return phase
+
+
+async def drive_paired(servers: list[Server], jobs: list[Job], first: int = 0) -> list[Phase]:
+    """One client sending each job to every server in turn (the order rotating job by job, starting at
+    server `first`), each send after the job's pause: paired requests, so a slow patch of the machine
+    hits every server alike. A server's wall time is its own pauses and latencies."""
+    phases = [Phase(s.scheduler) for s in servers]
+    steps0 = [s.step_counters() for s in servers]
+    clients = [_client(s.grpc) for s in servers]
+    try:
+        for i, job in enumerate(jobs):
+            for k in range(len(servers)):
+                j = (first + i + k) % len(servers)
+                t0 = time.perf_counter()
+                await asyncio.sleep(job.pause)
+                await _one(clients[j], job, phases[j], i)
+                phases[j].wall += time.perf_counter() - t0
+    finally:
+        for c in clients:
+            await c.close()
+    for p, s, (st0, rows0) in zip(phases, servers, steps0):
+        st1, rows1 = s.step_counters()
+        p.steps, p.step_rows = st1 - st0, rows1 - rows0
+    return phases
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -257,7 +289,14 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", default=",".join(PROMPTS), help="comma-separated prompts to mix (empty: the "
                     "bundle's default prompt)")
     ap.add_argument("--schedulers", default="step,static")
+    ap.add_argument("--interleave", choices=("auto", "round", "request"), default="auto",
+                    help="request: one client sends each request to every server in turn (paired, the order "
+                    "rotating); round: each server gets the whole round, the order alternating by round; auto: "
+                    "request with one client, else round")
     args = ap.parse_args(argv)
+    interleave = args.interleave if args.interleave != "auto" else ("request" if args.clients == 1 else "round")
+    if interleave == "request" and args.clients != 1:
+        ap.error("--interleave request pairs one client's requests: use it with --clients 1")
     lo, hi = (int(x) for x in args.max_new.split("-"))
     from tokenizers import Tokenizer
 
@@ -279,6 +318,13 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             jobs = workload(args.requests, args.clients, args.rate, (lo, hi), args.stream_share, args.seed + r,
                             args.prompts.split(","))
+            if interleave == "request":
+                done = asyncio.run(drive_paired([servers[n] for n in names], jobs, first=r % len(names)))
+                for name, p in zip(names, done):
+                    phases[name].append(p)
+                    print(f"round {r + 1} {name:6s}: {len(p.texts)}/{len(jobs)} answered in {p.wall:.2f} s "
+                          "(paired)", file=sys.stderr)
+                continue
             for name in (names if r % 2 == 0 else names[::-1]):
                 phases[name].append(asyncio.run(drive(servers[name], jobs, args.clients)))
                 p = phases[name][-1]
@@ -291,8 +337,9 @@ def main(argv=None) -> int:
     cpu = sorted({f for f in ("avx512_vnni", "avx2") if f in Path("/proc/cpuinfo").read_text()}) \
         if Path("/proc/cpuinfo").exists() else []
     print(f"bundle {args.bundle.name}: {args.clients} clients, {args.rate:g} req/s offered, {args.requests} requests "
-          f"x {args.rounds} rounds per scheduler (interleaved), max_new_tokens {lo}-{hi}, "
-          f"{args.stream_share:.0%} streamed, greedy, {args.rows} rows; {os.cpu_count()} CPUs {' '.join(cpu)}")
+          f"x {args.rounds} rounds per scheduler, max_new_tokens {lo}-{hi}, "
+          f"{args.stream_share:.0%} streamed, greedy, {args.rows} rows, interleaved by {interleave}; "
+          f"{os.cpu_count()} CPUs {' '.join(cpu)}")
     print(f"{'scheduler':10s} {'req/s':>7s} {'tok/s':>8s} {'p50 s':>7s} {'p95 s':>7s} {'TTFT p50':>9s} "
           f"{'TTFT p95':>9s} {'batch':>6s} {'failed':>6s}")
     for s in names:
