@@ -165,17 +165,46 @@ def check_threads(threads) -> None:
                          f"got {threads!r}")
 
 
+_shared_pool: list[int] = []  # the process-wide intra-op pool's size once share_threads() ran (0: the cores)
+
+
+def share_threads(threads: int | None = None) -> None:
+    """Run every onnxruntime session this process opens from now on on one process-wide intra-op thread pool
+    (onnxruntime's global thread pools) of `threads` threads (default: the cores).
+
+    Per-session pools (onnxruntime's default) give each graph its own threads: a server that runs the
+    image graphs between decode steps then has the decoder's threads spinning on the cores the image
+    graphs need. One pool serves every graph with the same threads. It is a property of the process
+    (onnxruntime refuses a per-session pool once the global one exists), so `serve` sets it at start;
+    a library user opts in the same way, before loading. Calling it again with the same size does
+    nothing; another size is a ValueError (the pool cannot be resized)."""
+    check_threads(threads)
+    size = int(threads or 0)
+    if _shared_pool:
+        if _shared_pool[0] != size:
+            raise ValueError(f"this process already shares one pool of {_shared_pool[0] or 'all the cores'} "
+                             f"threads: it cannot become {size or 'all the cores'}; start another process")
+        return
+    from onnxruntime.capi import _pybind_state
+
+    _pybind_state.set_global_thread_pool_sizes(size, 1)  # intra-op, inter-op (sequential graphs: unused)
+    _shared_pool.append(size)
+
+
 def ort_session_options(threads: int | None = None, session_config: dict[str, str] | None = None):
     """The onnxruntime SessionOptions every runtime session uses: quiet, all graph optimisations,
-    `threads` intra-op threads (checked), and the given config entries."""
+    `threads` intra-op threads (checked; after share_threads() the process-wide pool, and `threads` is not
+    used), and the given config entries."""
     import onnxruntime as ort
 
     from bridge_export.runtime.progress import is_verbose
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 2 if is_verbose() else 3  # onnxruntime's warnings only with --verbose
-    if threads is not None:
-        check_threads(threads)
+    check_threads(threads)
+    if _shared_pool:
+        opts.use_per_session_threads = False
+    elif threads is not None:
         opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     for key, value in (session_config or {}).items():

@@ -19,6 +19,9 @@ server stays up (PyTriton stops the server on PyTritonUnrecoverableError, never 
 their text is one line without the server's traceback (runtime.serve.client_errors), though
 PyTriton answers every error with Triton's INTERNAL status (triton-repo's models answer 400).
 SIGTERM and SIGINT stop it; requests still decoding then get an error.
+Every onnxruntime session of the server runs on one process-wide intra-op thread pool
+(runtime.sessions.share_threads): the step scheduler runs new requests' image graphs between decode
+steps, and with a pool per graph the decoder's spinning threads held the cores the image graphs needed.
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ class ServeOptions:
     max_batch: int = 8  # Triton's max_batch_size for the batched models
     instances: int = 1  # inference callables per model (they share one pipeline: onnxruntime runs them concurrently)
     queue_delay_us: int = 2000  # dynamic batcher's wait for more requests
-    threads: int | None = None  # onnxruntime intra-op threads (default: all cores)
+    threads: int | None = None  # onnxruntime intra-op threads, one pool every graph shares (default: all cores)
     device: str = "cpu"  # cpu | cuda:N
     backend: str = "onnxruntime"  # onnxruntime | tensorrt
     models: tuple[str, ...] = field(default_factory=lambda: MODELS)  # which entry points to serve
@@ -192,10 +195,12 @@ def serve(bundle, opts: ServeOptions | None = None) -> None:
     use_own_libpython()
     from bridge_export import runtime
     from bridge_export.runtime.serve.handlers import Handlers
+    from bridge_export.runtime.sessions import share_threads
 
     opts = opts or ServeOptions()
     check_options(opts)
     graphs = runtime.graphs_for(*dict.fromkeys(TASKS[m] for m in opts.models))
+    share_threads(opts.threads)  # one pool for every graph: no graph's idle threads spin on the cores another needs
     pipe = runtime.load(bundle, backend=opts.backend, device=opts.device, threads=opts.threads, graphs=graphs)
     scheduler = metrics = None
     try:
