@@ -36,7 +36,7 @@ from bridge_export.exporter.cli.common import deprecated_alias, friendly, thread
 @click.option("--scheduler-metrics-port", default=8003, show_default=True, type=click.IntRange(0, 65535),
               help="--scheduler step: port of the scheduler's Prometheus metrics (queue, rows, step batch, time "
                    "to first token) at /metrics; 0: none")
-@threads_option
+@lambda f: threads_option(f, "onnxruntime threads, one pool that every graph of the server shares")
 @friendly
 def serve(bundle, http_port, grpc_port, metrics_port, max_batch, instances, device, backend, models, scheduler, rows,
           max_length, scheduler_metrics_port, threads):
