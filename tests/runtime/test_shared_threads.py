@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 CHILD = r"""
 import json, sys
@@ -13,7 +14,6 @@ import numpy as np
 from bridge_export import runtime
 from bridge_export.runtime.sessions import ort_session_options, share_threads
 bundle, out = sys.argv[1], {}
-x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
 if sys.argv[2] == "per-session":
     pipe = runtime.load(bundle, threads=1)
 else:
@@ -49,8 +49,6 @@ def test_shared_pool_gives_the_per_session_results(tiny_text_bundle):
 
 
 def test_bad_size_is_refused_before_onnxruntime_sees_it():
-    import pytest
-
     from bridge_export.runtime.sessions import share_threads
 
     with pytest.raises(ValueError, match="threads must be an integer"):
