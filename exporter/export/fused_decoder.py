@@ -2,8 +2,9 @@
 
 Per layer: SkipSimplifiedLayerNormalization (residual add + RMSNorm), one q/k/v MatMul (MatMulNBits
 / MatMulInteger in the CPU precisions) over the checkpoint's three projections concatenated while
-streaming, one gate/up MatMul made the same way, GroupQueryAttention (RoPE inside, past and present one preallocated buffer of the
-request's capacity, appended in place), o_proj, the SwiGLU MLP. The layout follows what
+streaming, GroupQueryAttention (RoPE inside, past and present one preallocated buffer of the
+request's capacity, appended in place), o_proj, the SwiGLU MLP with gate/up as one MatMul made the
+same way (graph_builder.swiglu_mlp, which the bridge of such a bundle shares). The layout follows what
 onnxruntime-genai's model builder writes for LLaMA (its `make_group_query_attention`), written
 here from our config; the portable decoder (internvl_graphs.build_decoder) stays for TensorRT.
 
@@ -24,7 +25,7 @@ from onnx import TensorProto
 
 from bridge_export.reference_model.config import InternVLConfig
 
-from bridge_export.exporter.export.graph_builder import GraphBuilder, lm_head
+from bridge_export.exporter.export.graph_builder import GraphBuilder, lm_head, swiglu_mlp
 from bridge_export.exporter.export.rope import rope_tables
 from bridge_export.exporter.export.specs import kv_layout
 
@@ -43,7 +44,6 @@ def build_fused_decoder(config: InternVLConfig, precision: str, int4=None) -> Gr
     """The onnxruntime-target decoder step (fp32, fp16, int8-cpu, int4-cpu) as fused_decoder_spec says."""
     q = config.qllama
     D, H, Dh, L, eps = q.hidden_size, q.num_attention_heads, q.head_dim, q.num_hidden_layers, q.rms_norm_eps
-    I = q.intermediate_size
     b = GraphBuilder("text_decoder", precision, int4)
     b.input("input_ids", I64, ["batch", "seq"])
     b.input("seqlens_k", I32, ["batch"])
@@ -80,11 +80,7 @@ def build_fused_decoder(config: InternVLConfig, precision: str, int4=None) -> Gr
                 h, residual = b.skip_norm(o, residual, f"{p}.post_attention_layernorm.weight", eps)
                 # gate and up as one MatMul over the two projections concatenated (as q/k/v): one
                 # weight stream and, in int4, one quantization of `h` instead of two
-                gate_up = b.linear(h, f"{p}.mlp.gate_up_proj.weight",
-                                   parts=(f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"))
-                gate, up = b.op("Split", [gate_up, b.ints([I, I])], n_out=2, axis=-1)
-                act_ = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
-                m = b.linear(b.op("Mul", [act_, up]), f"{p}.mlp.down_proj.weight")
+                m = swiglu_mlp(b, h, f"{p}.mlp", packed=q.intermediate_size)
         nxt = f"qllama.model.layers.{i + 1}.input_layernorm.weight" if i + 1 < L else "qllama.model.norm.weight"
         with b.scope(f"qllama/layers.{i + 1}" if i + 1 < L else "qllama/norm"):
             h, residual = b.skip_norm(m, residual, nxt, eps)

@@ -359,3 +359,15 @@ def placeholder(name: str, ref: WeightRef, shape: tuple) -> onnx.TensorProto:
     t.data_type = stored_dtype(ref, name)
     t.dims.extend(stored_shape(ref, name, shape))
     return t
+
+
+def swiglu_mlp(b: GraphBuilder, x: str, p: str, packed: int | None = None) -> str:
+    """SwiGLU MLP; `packed` (the MLP width): gate and up as one linear over the two weights concatenated
+    (the fused decoder's `gate_up_proj`, so a bundle stores that weight once for the bridge and the decoder)."""
+    if packed:
+        gate_up = b.linear(x, f"{p}.gate_up_proj.weight", parts=(f"{p}.gate_proj.weight", f"{p}.up_proj.weight"))
+        gate, up = b.op("Split", [gate_up, b.ints([packed, packed])], n_out=2, axis=-1)
+    else:
+        gate, up = b.linear(x, f"{p}.gate_proj.weight"), b.linear(x, f"{p}.up_proj.weight")
+    act = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
+    return b.linear(b.op("Mul", [act, up]), f"{p}.down_proj.weight")

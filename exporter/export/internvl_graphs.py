@@ -19,7 +19,7 @@ from onnx import TensorProto
 
 from bridge_export.reference_model.config import InternVLConfig
 
-from bridge_export.exporter.export.graph_builder import GraphBuilder, lm_head
+from bridge_export.exporter.export.graph_builder import GraphBuilder, lm_head, swiglu_mlp
 from bridge_export.exporter.export.rope import rope_tables
 from bridge_export.exporter.export.specs import GraphSpec, all_specs
 
@@ -32,19 +32,6 @@ def _rope(b: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
     h = head_dim // 2
     perm = b.ints(list(range(h, head_dim)) + list(range(h)))
     return b.op("Add", [b.op("Mul", [x, cos]), b.op("Mul", [b.op("Gather", [x, perm], axis=3), sin])])
-
-
-def _mlp_swiglu(b: GraphBuilder, x: str, p: str, packed: int | None = None) -> str:
-    """SwiGLU MLP; `packed` (the MLP width): gate and up as one linear over the two weights concatenated
-    (the fused decoder's `gate_up_proj`, so a bundle stores that weight once for the bridge and the decoder)."""
-    if packed:
-        width = packed
-        gate_up = b.linear(x, f"{p}.gate_up_proj.weight", parts=(f"{p}.gate_proj.weight", f"{p}.up_proj.weight"))
-        gate, up = b.op("Split", [gate_up, b.ints([width, width])], n_out=2, axis=-1)
-    else:
-        gate, up = b.linear(x, f"{p}.gate_proj.weight"), b.linear(x, f"{p}.up_proj.weight")
-    act = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
-    return b.linear(b.op("Mul", [act, up]), f"{p}.down_proj.weight")
 
 
 def _pooling_head(b: GraphBuilder, x: str, p: str, dim: int, num_heads: int, out_dim: int) -> str:
@@ -183,7 +170,7 @@ def build_bridge(config: InternVLConfig, precision: str, int4=None, packed: bool
                     x = b.op("Add", [x, _cross_attention(b, q, x, vision, f"{p}.cross_attn")])
             with b.scope("mlp"):
                 h = b.rms_norm(x, f"{p}.post_attention_layernorm.weight", q.rms_norm_eps)
-                x = b.op("Add", [x, _mlp_swiglu(b, h, f"{p}.mlp", q.intermediate_size if packed else None)])
+                x = b.op("Add", [x, swiglu_mlp(b, h, f"{p}.mlp", q.intermediate_size if packed else None)])
     with b.scope("qllama/norm"):
         x = b.rms_norm(x, "qllama.model.norm.weight", q.rms_norm_eps)
     g = _pooling_head(b, x, "clip_projector2", q.hidden_size, config.attn_pool_num_heads, config.clip_embed_dim)
@@ -242,7 +229,7 @@ def build_decoder(config: InternVLConfig, precision: str, int4=None) -> GraphBui
                 x = b.op("Add", [x, o])
             with b.scope("mlp"):
                 h = b.rms_norm(x, f"{p}.post_attention_layernorm.weight", q.rms_norm_eps)
-                x = b.op("Add", [x, _mlp_swiglu(b, h, f"{p}.mlp")])
+                x = b.op("Add", [x, swiglu_mlp(b, h, f"{p}.mlp")])
         present += [(k, f"present.{i}.key"), (v, f"present.{i}.value")]
     with b.scope("qllama/norm"):
         x = b.rms_norm(x, "qllama.model.norm.weight", q.rms_norm_eps)
